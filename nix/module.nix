@@ -1,0 +1,608 @@
+# NixOS module for immich-ml: `services.immich-ml`.
+#
+# The package is the switch between CPU and GPU builds (`packages.<system>.cuda` from the flake);
+# this module never rebuilds the package behind the user's back. `gpu.enable` only opens the
+# NVIDIA devices, sets the provider and checks that the host and the package can do CUDA.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+
+let
+  inherit (lib)
+    mkOption
+    mkEnableOption
+    mkIf
+    types
+    ;
+
+  cfg = config.services.immich-ml;
+  gpu = cfg.gpu.enable;
+  tensorrt = gpu && cfg.gpu.provider == "tensorrt";
+  toolkit = config.hardware.nvidia-container-toolkit.enable or false;
+  datacenter = config.hardware.nvidia.datacenter.enable or false;
+
+  loopbackHosts = [
+    "127.0.0.1"
+    "::1"
+    "localhost"
+  ];
+  isLoopback = lib.elem cfg.host loopbackHosts || lib.hasPrefix "127." cfg.host;
+
+  # What a client on this machine dials: a wildcard bind is reachable on loopback.
+  localHost =
+    if
+      lib.elem cfg.host [
+        "0.0.0.0"
+        "::"
+        ""
+      ]
+    then
+      "127.0.0.1"
+    else if lib.hasInfix ":" cfg.host then
+      "[${cfg.host}]"
+    else
+      cfg.host;
+  localUrl = "http://${localHost}:${toString cfg.port}";
+
+  credentialsDir = "/run/credentials/immich-ml.service";
+
+  toEnvValue = v: if lib.isBool v then lib.boolToString v else toString v;
+  commaList = lib.concatMapStringsSep "," toString;
+
+  preloadEnv = lib.filterAttrs (_: v: v != "") {
+    MACHINE_LEARNING_PRELOAD__CLIP__VISUAL = lib.concatStringsSep "," cfg.preload.clip.visual;
+    MACHINE_LEARNING_PRELOAD__CLIP__TEXTUAL = lib.concatStringsSep "," cfg.preload.clip.textual;
+    MACHINE_LEARNING_PRELOAD__FACIAL_RECOGNITION__DETECTION = lib.concatStringsSep "," cfg.preload.facialRecognition.detection;
+    MACHINE_LEARNING_PRELOAD__FACIAL_RECOGNITION__RECOGNITION = lib.concatStringsSep "," cfg.preload.facialRecognition.recognition;
+    MACHINE_LEARNING_PRELOAD__OCR__DETECTION = lib.concatStringsSep "," cfg.preload.ocr.detection;
+    MACHINE_LEARNING_PRELOAD__OCR__RECOGNITION = lib.concatStringsSep "," cfg.preload.ocr.recognition;
+  };
+
+  # Typed options first; `settings` last, so a key set there wins.
+  environment =
+    {
+      IMMICH_HOST = cfg.host;
+      IMMICH_PORT = toString cfg.port;
+      IMMICH_LOG_LEVEL = cfg.logLevel;
+      NO_COLOR = "1"; # the journal does not render ANSI colours
+      MACHINE_LEARNING_CACHE_FOLDER = cfg.cacheDir;
+      MACHINE_LEARNING_MODEL_TTL = toString cfg.modelTTL;
+      MACHINE_LEARNING_WORKERS = toString cfg.workers;
+      MACHINE_LEARNING_PROVIDER = if gpu then cfg.gpu.provider else "cpu";
+      MACHINE_LEARNING_PROVIDER_STRICT = lib.boolToString (gpu && cfg.gpu.strict);
+      # Libraries that write caches under $HOME or ~/.cache: keep them in the writable cache dir.
+      XDG_CACHE_HOME = cfg.cacheDir;
+      HF_HOME = "${cfg.cacheDir}/huggingface";
+    }
+    // lib.optionalAttrs (cfg.threads.request != null) {
+      MACHINE_LEARNING_REQUEST_THREADS = toString cfg.threads.request;
+    }
+    // lib.optionalAttrs (cfg.threads.interOp != null) {
+      MACHINE_LEARNING_MODEL_INTER_OP_THREADS = toString cfg.threads.interOp;
+    }
+    // lib.optionalAttrs (cfg.threads.intraOp != null) {
+      MACHINE_LEARNING_MODEL_INTRA_OP_THREADS = toString cfg.threads.intraOp;
+    }
+    // lib.optionalAttrs (cfg.allowedClients != [ ]) {
+      MACHINE_LEARNING_ALLOWED_CLIENTS = lib.concatStringsSep "," cfg.allowedClients;
+    }
+    // lib.optionalAttrs gpu {
+      MACHINE_LEARNING_DEVICE_IDS = commaList cfg.gpu.deviceIds;
+      # CUDA's PTX JIT cache; the default (~/.nv/ComputeCache) is read-only under ProtectSystem.
+      CUDA_CACHE_PATH = "${cfg.cacheDir}/cuda";
+    }
+    // lib.optionalAttrs (gpu && cfg.gpu.memoryLimit != null) {
+      MACHINE_LEARNING_GPU_MEM_LIMIT = toString cfg.gpu.memoryLimit;
+    }
+    // lib.optionalAttrs tensorrt {
+      MACHINE_LEARNING_TENSORRT_CACHE_PATH = "${cfg.cacheDir}/tensorrt";
+      MACHINE_LEARNING_TENSORRT_FP16 = lib.boolToString cfg.tensorrt.fp16;
+    }
+    // lib.optionalAttrs (cfg.tls.certFile != null) {
+      MACHINE_LEARNING_TLS_CERT = "${credentialsDir}/tls-cert";
+      MACHINE_LEARNING_TLS_KEY = "${credentialsDir}/tls-key";
+    }
+    // preloadEnv
+    // lib.mapAttrs (_: toEnvValue) cfg.settings;
+
+  modelList =
+    description:
+    mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "ViT-B-32__openai" ];
+      description = "${description} models to load (and warm up) before the daemon reports ready.";
+    };
+
+  absolute = path: lib.hasPrefix "/" (toString path);
+in
+{
+  options.services.immich-ml = {
+    enable = mkEnableOption "immich-ml, a drop-in replacement for Immich's machine-learning service";
+
+    package = lib.mkPackageOption pkgs "immich-ml" {
+      extraDescription = ''
+        The flake's module sets this to `packages.''${system}.default` (CPU). For an NVIDIA GPU use
+        `packages.''${system}.cuda`: `gpu.enable` checks the package but never rebuilds it.
+      '';
+    };
+
+    host = mkOption {
+      type = types.str;
+      default = "127.0.0.1";
+      example = "0.0.0.0";
+      description = ''
+        Address to listen on. Anything other than loopback exposes the service to the network:
+        set `allowedClients` as well (the daemon has no authentication, and Immich sends it your photos).
+      '';
+    };
+
+    port = mkOption {
+      type = types.port;
+      default = 3003;
+      description = "TCP port to listen on (Immich's default machine-learning port is 3003).";
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Open `port` in the NixOS firewall.";
+    };
+
+    allowedClients = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [
+        "192.168.1.10/32"
+        "fd00::/64"
+      ];
+      description = ''
+        Addresses or CIDR networks allowed to connect. Enforced twice: by the daemon
+        (`MACHINE_LEARNING_ALLOWED_CLIENTS`, it answers 403) and, when `restrictIPAddresses` is on,
+        by systemd's `IPAddressAllow=`/`IPAddressDeny=` (packets from anyone else are dropped).
+        Loopback is always allowed. Empty means everyone who can reach `host`.
+      '';
+    };
+
+    restrictIPAddresses = mkOption {
+      type = types.bool;
+      default = cfg.allowedClients != [ ];
+      defaultText = lib.literalExpression "config.services.immich-ml.allowedClients != [ ]";
+      description = ''
+        Add `IPAddressDeny=any` plus `IPAddressAllow=localhost <allowedClients>` to the unit.
+        This filter applies to outgoing traffic too, so the daemon cannot download models from
+        Hugging Face while it is on: put models in `cacheDir` first (`immich-ml models pull`, run as
+        `user` with `MACHINE_LEARNING_CACHE_FOLDER` set), or turn this off and rely on the daemon's
+        own check of `allowedClients`.
+      '';
+    };
+
+    cacheDir = mkOption {
+      type = types.str;
+      default = "/var/lib/immich/.cache";
+      description = ''
+        Model cache (upstream layout `<task>/<model>/<type>/model.onnx`), with the TensorRT engine
+        cache in `tensorrt/` and CUDA's JIT cache in `cuda/` beneath it. Created with mode 0750,
+        owned by `user`:`group`. Survives restarts.
+      '';
+    };
+
+    user = mkOption {
+      type = types.str;
+      default = "immich";
+      description = ''
+        User the daemon runs as. The default `immich` is shared with nixpkgs' `services.immich` and
+        created when absent; any other user must exist already.
+      '';
+    };
+
+    group = mkOption {
+      type = types.str;
+      default = "immich";
+      description = "Group the daemon runs as; `immich` is created when absent.";
+    };
+
+    logLevel = mkOption {
+      type = types.enum [
+        "debug"
+        "info"
+        "warning"
+        "error"
+      ];
+      default = "info";
+      description = "`IMMICH_LOG_LEVEL`.";
+    };
+
+    settings = mkOption {
+      type = types.attrsOf (
+        types.oneOf [
+          types.str
+          types.int
+          types.bool
+        ]
+      );
+      default = { };
+      example = {
+        MACHINE_LEARNING_MAX_BATCH_SIZE__FACIAL_RECOGNITION = 8;
+        MACHINE_LEARNING_PING_REQUIRES_READY = true;
+      };
+      description = ''
+        Extra environment for the daemon (`MACHINE_LEARNING_*`, `IMMICH_*`); booleans become
+        `true`/`false`. A key set here wins over the value a typed option would give it.
+      '';
+    };
+
+    preload = {
+      clip = {
+        visual = modelList "CLIP image";
+        textual = modelList "CLIP text (smart search)";
+      };
+      facialRecognition = {
+        detection = modelList "Face detection";
+        recognition = modelList "Face recognition";
+      };
+      ocr = {
+        detection = modelList "OCR text detection";
+        recognition = modelList "OCR text recognition";
+      };
+    };
+
+    modelTTL = mkOption {
+      type = types.ints.unsigned;
+      default = 300;
+      description = "Seconds a model may stay idle before it is unloaded (`MACHINE_LEARNING_MODEL_TTL`); 0 keeps models loaded.";
+    };
+
+    threads = {
+      request = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        description = "`MACHINE_LEARNING_REQUEST_THREADS` (pre- and post-processing); null: number of CPUs.";
+      };
+      interOp = mkOption {
+        type = types.nullOr types.ints.unsigned;
+        default = null;
+        description = "`MACHINE_LEARNING_MODEL_INTER_OP_THREADS`; null: ONNX Runtime's choice.";
+      };
+      intraOp = mkOption {
+        type = types.nullOr types.ints.unsigned;
+        default = null;
+        description = "`MACHINE_LEARNING_MODEL_INTRA_OP_THREADS`; null: ONNX Runtime's choice.";
+      };
+    };
+
+    workers = mkOption {
+      type = types.ints.positive;
+      default = 1;
+      description = "`MACHINE_LEARNING_WORKERS`. With several GPUs, one worker per entry in `gpu.deviceIds`.";
+    };
+
+    nice = mkOption {
+      type = types.ints.between (-20) 19;
+      default = if gpu then -10 else 0;
+      defaultText = lib.literalExpression "if config.services.immich-ml.gpu.enable then -10 else 0";
+      description = ''
+        Scheduling priority (systemd `Nice=`). With a GPU a negative value keeps the thread that
+        feeds the GPU from waiting behind Immich's own CPU-heavy jobs (thumbnails, transcoding).
+      '';
+    };
+
+    watchdogSec = mkOption {
+      type = types.ints.unsigned;
+      default = 60;
+      description = "systemd `WatchdogSec=` in seconds; the daemon pings from its event loop. 0 disables.";
+    };
+
+    startTimeout = mkOption {
+      type = types.str;
+      default = if tensorrt then "2h" else "30min";
+      defaultText = lib.literalExpression ''if gpu.provider == "tensorrt" then "2h" else "30min"'';
+      description = ''
+        systemd `TimeoutStartSec=`: the daemon sends READY=1 only after preloaded models are
+        downloaded and warmed up, and a first start with TensorRT builds engines for each model.
+      '';
+    };
+
+    tls = {
+      certFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/var/lib/acme/ml.example.org/cert.pem";
+        description = "TLS certificate; passed with `LoadCredential=`, so it may be readable by root only.";
+      };
+      keyFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/var/lib/acme/ml.example.org/key.pem";
+        description = "TLS private key; passed with `LoadCredential=`.";
+      };
+    };
+
+    gpu = {
+      enable = mkEnableOption "inference on NVIDIA GPUs (needs a CUDA build of the package, e.g. the flake's `cuda`)";
+
+      provider = mkOption {
+        type = types.enum [
+          "cuda"
+          "tensorrt"
+        ];
+        default = "cuda";
+        description = "ONNX Runtime execution provider. `tensorrt` needs an onnxruntime built with TensorRT.";
+      };
+
+      deviceIds = mkOption {
+        type = types.listOf types.ints.unsigned;
+        default = [ 0 ];
+        example = [
+          0
+          1
+        ];
+        description = "CUDA device ordinals to use (`MACHINE_LEARNING_DEVICE_IDS`).";
+      };
+
+      memoryLimit = mkOption {
+        type = types.nullOr (types.either types.ints.positive types.str);
+        default = null;
+        example = "4GiB";
+        description = "Cap on the CUDA memory arena per device (`MACHINE_LEARNING_GPU_MEM_LIMIT`), bytes or with a suffix.";
+      };
+
+      strict = mkOption {
+        type = types.bool;
+        default = true;
+        description = ''
+          Fail instead of silently falling back to the CPU when the GPU provider cannot start
+          (`MACHINE_LEARNING_PROVIDER_STRICT`). The failure is then visible in `systemctl status`.
+        '';
+      };
+
+      suppressDriverAssertion = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Skip the check that an NVIDIA driver is configured, for hosts whose driver NixOS does not
+          manage (WSL: also add `/dev/dxg` to `systemd.services.immich-ml.serviceConfig.DeviceAllow`).
+        '';
+      };
+    };
+
+    tensorrt.fp16 = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Build TensorRT engines in FP16 (`MACHINE_LEARNING_TENSORRT_FP16`).";
+    };
+
+    hardening.memoryDenyWriteExecute = mkOption {
+      type = types.bool;
+      default = !tensorrt;
+      defaultText = lib.literalExpression ''gpu.provider != "tensorrt"'';
+      description = ''
+        systemd `MemoryDenyWriteExecute=`. CPU and CUDA inference generate no host code at run time
+        (CUDA's PTX JIT writes GPU code into device memory), so it stays on. It blocks loading any
+        library marked as needing an executable stack: turn it off if the journal says
+        `cannot enable executable stack as shared object requires: Operation not permitted`
+        (onnxruntime's Python module before nixpkgs PR #482435, TensorRT's builder library).
+      '';
+    };
+
+    immich = {
+      enable = mkEnableOption ''
+        pointing nixpkgs' `services.immich` at this daemon: its own machine-learning service is turned
+        off and `IMMICH_MACHINE_LEARNING_URL` is set to `immich.url`'';
+
+      url = mkOption {
+        type = types.str;
+        default = localUrl;
+        defaultText = lib.literalExpression ''"http://127.0.0.1:''${toString config.services.immich-ml.port}"'';
+        example = "http://gpu-box.lan:3003";
+        description = ''
+          URL Immich uses for machine learning. For a list (remote first, this host as fallback) set
+          `services.immich.settings.machineLearning.urls` instead, see docs/nixos.md.
+        '';
+      };
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = absolute cfg.cacheDir;
+        message = "services.immich-ml.cacheDir must be an absolute path, got \"${cfg.cacheDir}\".";
+      }
+      {
+        assertion = lib.all (f: f == null || absolute f) [
+          cfg.tls.certFile
+          cfg.tls.keyFile
+        ];
+        message = "services.immich-ml.tls.certFile and tls.keyFile must be absolute paths.";
+      }
+      {
+        assertion = (cfg.tls.certFile == null) == (cfg.tls.keyFile == null);
+        message = "services.immich-ml.tls: set both certFile and keyFile, or neither.";
+      }
+      {
+        assertion =
+          gpu
+          -> (
+            (config.hardware.nvidia.enabled or false)
+            || datacenter
+            || lib.elem "nvidia" (config.services.xserver.videoDrivers or [ ])
+            || cfg.gpu.suppressDriverAssertion
+          );
+        message = ''
+          services.immich-ml.gpu.enable needs the NVIDIA driver. Set one of:
+            services.xserver.videoDrivers = [ "nvidia" ];   (also right on headless hosts)
+            hardware.nvidia.datacenter.enable = true;       (data-centre GPUs)
+            services.immich-ml.gpu.suppressDriverAssertion = true;  (WSL, or a driver NixOS does not manage)
+        '';
+      }
+      {
+        assertion =
+          (gpu && !datacenter && !cfg.gpu.suppressDriverAssertion)
+          -> (config.hardware.graphics.enable or (config.hardware.opengl.enable or false));
+        message = ''
+          services.immich-ml.gpu.enable: CUDA finds libcuda.so through /run/opengl-driver/lib, which
+          only exists with `hardware.graphics.enable = true;` (on NixOS before 24.11:
+          `hardware.opengl.enable = true;`). Data-centre drivers (hardware.nvidia.datacenter.enable)
+          do not need it.
+        '';
+      }
+      {
+        assertion = gpu -> (cfg.package.passthru.cudaSupport or false);
+        message = ''
+          services.immich-ml.gpu.enable is set but services.immich-ml.package (${cfg.package.name or "?"})
+          was not built with CUDA, so every model would run on the CPU. Use the flake's CUDA build:
+            services.immich-ml.package = inputs.immich-ml.packages.''${pkgs.system}.cuda;
+          (or pkgs.immich-ml-cuda with the flake's overlay). A package of your own must set
+          passthru.cudaSupport = true.
+        '';
+      }
+      {
+        assertion = tensorrt -> (cfg.package.passthru.tensorrtSupport or false);
+        message = ''
+          services.immich-ml.gpu.provider = "tensorrt" needs an onnxruntime built with the TensorRT
+          execution provider, and services.immich-ml.package does not have one (nixpkgs' onnxruntime
+          builds CUDA only). Use gpu.provider = "cuda", or a package with passthru.tensorrtSupport = true.
+        '';
+      }
+      {
+        assertion = gpu -> cfg.gpu.deviceIds != [ ];
+        message = "services.immich-ml.gpu.deviceIds must name at least one device.";
+      }
+      {
+        assertion = cfg.immich.enable -> (config.services.immich.enable or false);
+        message = "services.immich-ml.immich.enable configures nixpkgs' Immich, but services.immich.enable is false.";
+      }
+    ];
+
+    warnings =
+      lib.optional (!isLoopback && cfg.allowedClients == [ ]) ''
+        services.immich-ml.host = "${cfg.host}" accepts connections from the network, and
+        services.immich-ml.allowedClients is empty: anyone who can reach port ${toString cfg.port} can
+        use the service, and it has no authentication. List your Immich server's address in
+        services.immich-ml.allowedClients.
+      ''
+      ++ lib.optional (cfg.openFirewall && isLoopback) ''
+        services.immich-ml.openFirewall opens port ${toString cfg.port}, but host = "${cfg.host}" only
+        listens on loopback, so nothing outside can connect anyway.
+      '';
+
+    users.users = mkIf (cfg.user == "immich") {
+      immich = {
+        isSystemUser = true;
+        group = cfg.group;
+      };
+    };
+    users.groups = mkIf (cfg.group == "immich") { immich = { }; };
+
+    systemd.tmpfiles.rules = [
+      "d ${cfg.cacheDir} 0750 ${cfg.user} ${cfg.group} - -"
+    ]
+    ++ lib.optional tensorrt "d ${cfg.cacheDir}/tensorrt 0750 ${cfg.user} ${cfg.group} - -";
+
+    # CUDA needs /dev/nvidia-uvm. libcuda would load the module on demand through the setuid
+    # nvidia-modprobe, which NoNewPrivileges forbids; load it at boot instead.
+    boot.kernelModules = mkIf gpu [ "nvidia_uvm" ];
+
+    networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall [ cfg.port ];
+
+    # `immich-ml models …` and `immich-gpu-check` for the administrator.
+    environment.systemPackages = [ cfg.package ];
+
+    services.immich = mkIf cfg.immich.enable {
+      machine-learning.enable = false;
+      # nixpkgs sets this at normal priority to http://localhost:3003.
+      environment.IMMICH_MACHINE_LEARNING_URL = lib.mkForce cfg.immich.url;
+    };
+
+    systemd.services.immich-ml = {
+      description = "Immich machine learning (immich-ml)";
+      wantedBy = [ "multi-user.target" ];
+      # The container toolkit's CDI generator is the nearest thing to "the NVIDIA devices are up".
+      # Ordered after and wanted, never required: hosts without the toolkit must still start.
+      after = [ "network.target" ] ++ lib.optional (gpu && toolkit) "nvidia-container-toolkit-cdi-generator.service";
+      wants = lib.optional (gpu && toolkit) "nvidia-container-toolkit-cdi-generator.service";
+      inherit environment;
+
+      serviceConfig = {
+        Type = "notify";
+        NotifyAccess = "main";
+        ExecStart = "${lib.getExe' cfg.package "immich-ml"} serve";
+        Restart = "on-failure";
+        RestartSec = 5;
+        TimeoutStartSec = cfg.startTimeout;
+        # The daemon drains in-flight requests after STOPPING=1 (30 s by default).
+        TimeoutStopSec = 45;
+        WatchdogSec = cfg.watchdogSec;
+        User = cfg.user;
+        Group = cfg.group;
+        WorkingDirectory = cfg.cacheDir;
+        ReadWritePaths = [ cfg.cacheDir ];
+        UMask = "0027"; # models stay readable by the group, as the 0750 cache dir promises
+        Nice = cfg.nice;
+        LoadCredential = lib.optionals (cfg.tls.certFile != null) [
+          "tls-cert:${cfg.tls.certFile}"
+          "tls-key:${cfg.tls.keyFile}"
+        ];
+
+        IPAddressDeny = lib.optionals cfg.restrictIPAddresses [ "any" ];
+        IPAddressAllow = lib.optionals cfg.restrictIPAddresses ([ "localhost" ] ++ cfg.allowedClients);
+
+        CapabilityBoundingSet = [ "" ];
+        NoNewPrivileges = true;
+        LockPersonality = true;
+        # Decision and evidence: see the option's description and docs/nixos.md ("Hardening").
+        MemoryDenyWriteExecute = cfg.hardening.memoryDenyWriteExecute;
+        PrivateTmp = true;
+        PrivateMounts = true;
+        # PrivateUsers maps supplementary groups to nobody, which would void video/render below.
+        PrivateUsers = !gpu;
+        # PrivateDevices hides /dev/nvidia*; with the GPU, devices are allowed by class instead.
+        PrivateDevices = !gpu;
+        DevicePolicy = "closed";
+        DeviceAllow = lib.optionals gpu [
+          # Major-number classes from /proc/devices also cover nodes created after start.
+          "char-nvidiactl" # /dev/nvidiactl, /dev/nvidia0..N
+          "char-nvidia-frontend" # the per-GPU nodes on newer drivers
+          "char-nvidia-uvm" # /dev/nvidia-uvm, /dev/nvidia-uvm-tools: CUDA memory
+          "char-nvidia-caps" # /dev/nvidia-caps/*: MIG
+        ];
+        SupplementaryGroups = lib.optionals gpu [
+          "video"
+          "render"
+        ];
+        LimitMEMLOCK = mkIf gpu "infinity"; # pinned host buffers for H2D copies
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        ProtectProc = "invisible";
+        ProcSubset = "all"; # onnxruntime reads /proc/cpuinfo and /proc/meminfo
+        ProtectClock = true;
+        ProtectControlGroups = true;
+        ProtectHostname = true;
+        ProtectKernelLogs = true;
+        ProtectKernelModules = true;
+        ProtectKernelTunables = true;
+        RemoveIPC = true;
+        RestrictAddressFamilies = [
+          "AF_INET"
+          "AF_INET6"
+          "AF_UNIX"
+        ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        SystemCallArchitectures = "native";
+        # @system-service includes @ipc (memfd_create, which the CUDA driver needs at init);
+        # @resources stays allowed for NUMA/affinity calls (mbind, sched_setaffinity).
+        SystemCallFilter = [
+          "@system-service @resources"
+          "~@privileged"
+        ];
+        SystemCallErrorNumber = "EPERM";
+      };
+    };
+  };
+}
