@@ -1,0 +1,154 @@
+"""Per-model dynamic batching: concurrent calls for one session are stacked into single runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from immich_ml.errors import Overloaded, ShuttingDown
+
+__all__ = ["Batcher", "BatchStats"]
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+log = logging.getLogger("immich_ml.batcher")
+
+
+@dataclass
+class _Item(Generic[In, Out]):
+    payload: In
+    future: asyncio.Future[Out]
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchStats:
+    """What a batcher has done; read by metrics and the readiness endpoint."""
+
+    batches: int = 0
+    items: int = 0
+    last_batch_size: int = 0
+
+
+class Batcher(Generic[In, Out]):
+    """Stack concurrent calls for one model into single session runs.
+
+    `run` is blocking: it gets a list of inputs and returns one output per input, in order. It runs in
+    the batcher's own thread, so one session never runs two batches at once and the event loop never
+    blocks. Items that arrive while a batch runs, or within `max_delay_s` of the first one, join the
+    next batch, up to `max_batch`. A failed run fails every item in it and nothing else.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[list[In]], Sequence[Out]],
+        *,
+        max_batch: int,
+        max_delay_s: float = 0.002,
+        queue_size: int = 256,
+        on_batch: Callable[[str, int, float], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.max_batch = max(1, max_batch)
+        self.max_delay_s = max_delay_s
+        self.queue_size = queue_size
+        self.stats = BatchStats()
+        self.running_since: float | None = None
+        self._run = run
+        self._on_batch = on_batch
+        self._queue: asyncio.Queue[_Item[In, Out]] = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def depth(self) -> int:
+        """Inputs waiting for a batch (not counting the one running)."""
+        return self._queue.qsize()
+
+    async def submit(self, payload: In) -> Out:
+        """Queue one input and wait for its own output."""
+        (result,) = await self.submit_many([payload])
+        return result
+
+    async def submit_many(self, payloads: Sequence[In]) -> list[Out]:
+        """Queue several inputs at once (all admitted or none) and wait for their outputs, in order."""
+        if self._closing:
+            raise ShuttingDown(f"{self.name} is shutting down")
+        if self._queue.qsize() + len(payloads) > self.queue_size and self._queue.qsize() > 0:
+            raise Overloaded(f"{self.name}: queue full ({self._queue.qsize()} waiting); retry later")
+        self._ensure_started()
+        loop = asyncio.get_running_loop()
+        items = [_Item[In, Out](payload, loop.create_future()) for payload in payloads]
+        for item in items:
+            self._queue.put_nowait(item)
+        return list(await asyncio.gather(*(item.future for item in items)))
+
+    async def close(self) -> None:
+        """Stop admitting, finish everything already queued, then stop the worker thread."""
+        self._closing = True
+        if self._task is not None:
+            await self._queue.join()
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    def _ensure_started(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._serve(), name=f"batcher-{self.name}")
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.max_delay_s
+            while len(batch) < self.max_batch:
+                if self._queue.empty():
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    except TimeoutError:
+                        break
+                else:
+                    batch.append(self._queue.get_nowait())
+            try:
+                await self._run_batch(loop, batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item[In, Out]]) -> None:
+        live = [item for item in batch if not item.future.done()]
+        if not live:
+            return
+        started = time.monotonic()
+        self.running_since = started
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run, [i.payload for i in live])
+            if len(outputs) != len(live):
+                raise RuntimeError(f"{self.name}: {len(outputs)} outputs for {len(live)} inputs. This is a bug.")
+        except Exception as error:  # every caller in the batch gets the error; the batcher lives on
+            log.warning("%s: batch of %d failed: %s", self.name, len(live), error)
+            for item in live:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        finally:
+            self.running_since = None
+        for item, output in zip(live, outputs, strict=True):
+            if not item.future.done():
+                item.future.set_result(output)
+        self.stats.batches += 1
+        self.stats.items += len(live)
+        self.stats.last_batch_size = len(live)
+        if self._on_batch is not None:
+            self._on_batch(self.name, len(live), time.monotonic() - started)

@@ -1,0 +1,119 @@
+"""`immich-ml serve` and `immich-ml models list|pull|import|remove`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from immich_ml import __version__
+from immich_ml.domain import ModelKey, ModelType, Task, clean_name
+from immich_ml.errors import ImmichMLError
+from immich_ml.log import setup_logging
+from immich_ml.settings import ConfigError, Settings
+from immich_ml.store import ModelStore
+
+__all__ = ["main"]
+
+_TYPES = {
+    Task.CLIP: (ModelType.VISUAL, ModelType.TEXTUAL),
+    Task.FACIAL_RECOGNITION: (ModelType.DETECTION, ModelType.RECOGNITION),
+    Task.OCR: (ModelType.DETECTION, ModelType.RECOGNITION),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="immich-ml", description="Machine-learning backend for Immich.")
+    parser.add_argument("--version", action="version", version=f"immich-ml {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the daemon (settings from the environment)")
+    serve.add_argument("--host", help="address to bind (overrides IMMICH_HOST; default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (overrides IMMICH_PORT; default 3003)")
+
+    models = commands.add_parser("models", help="manage the model cache (for air-gapped hosts too)")
+    models.add_argument("--cache", type=Path, help="cache folder (overrides MACHINE_LEARNING_CACHE_FOLDER)")
+    actions = models.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="show cached models and their sizes")
+    pull = actions.add_parser("pull", help="download a model into the cache")
+    pull.add_argument("name", help="model name, e.g. ViT-B-32__openai, buffalo_l, PP-OCRv5_mobile")
+    pull.add_argument("--task", choices=[t.value for t in Task], help="task (guessed from the name if unset)")
+    pull.add_argument("--type", dest="model_type", choices=[t.value for t in ModelType],
+                      help="only this model type (default: all types of the task)")
+    imp = actions.add_parser("import", help="copy models from a folder or tar archive in cache layout")
+    imp.add_argument("source", type=Path)
+    remove = actions.add_parser("remove", help="delete a model from the cache")
+    remove.add_argument("name")
+    remove.add_argument("--task", choices=[t.value for t in Task], help="task (default: every task)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `immich-ml` command."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env().with_overrides(host=getattr(args, "host", None),
+                                                      port=getattr(args, "port", None),
+                                                      cache_folder=getattr(args, "cache", None))
+    except ConfigError as error:
+        print(f"immich-ml: configuration error: {error}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, no_color=settings.no_color)
+    if args.command == "serve":
+        from immich_ml.server import serve
+
+        return asyncio.run(serve(settings))
+    return _models(args, ModelStore(settings))
+
+
+def _models(args: argparse.Namespace, store: ModelStore) -> int:
+    try:
+        if args.action == "list":
+            return _list(store)
+        if args.action == "pull":
+            return _pull(store, args.name, args.task, args.model_type)
+        if args.action == "import":
+            for target in store.import_models(args.source):
+                print(f"imported {target}")
+            return 0
+        tasks = [Task(args.task)] if args.task else list(Task)
+        removed = [task for task in tasks if store.remove(task, clean_name(args.name))]
+        if not removed:
+            print(f"{args.name} is not in {store.root}", file=sys.stderr)
+            return 1
+        for task in removed:
+            print(f"removed {task}/{clean_name(args.name)}")
+        return 0
+    except (ImmichMLError, ValueError, OSError) as error:
+        print(f"immich-ml: {error}", file=sys.stderr)
+        return 1
+
+
+def _list(store: ModelStore) -> int:
+    models = store.list()
+    if not models:
+        print(f"no models in {store.root}")
+        return 0
+    print(f"{'TASK':<20} {'MODEL':<45} {'TYPE':<12} {'SIZE':>10}")
+    for model in models:
+        print(f"{model.task:<20} {model.name:<45} {model.type:<12} {model.size_bytes / 1024**2:>8.1f} MiB")
+    return 0
+
+
+def _guess_task(name: str) -> Task:
+    if "OCR" in name:
+        return Task.OCR
+    if name in {"antelopev2", "buffalo_s", "buffalo_m", "buffalo_l"}:
+        return Task.FACIAL_RECOGNITION
+    return Task.CLIP
+
+
+def _pull(store: ModelStore, name: str, task_name: str | None, type_name: str | None) -> int:
+    task = Task(task_name) if task_name else _guess_task(clean_name(name))
+    types = [ModelType(type_name)] if type_name else _TYPES[task]
+    for model_type in types:
+        key = ModelKey(task, model_type, clean_name(name))
+        print(f"{key}: {store.ensure(key)}")
+    return 0

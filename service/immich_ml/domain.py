@@ -1,0 +1,46 @@
+"""Names from Immich's domain: tasks, model types, and the key that identifies one loaded model."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+__all__ = ["ModelKey", "ModelType", "Task", "clean_name"]
+
+
+class Task(StrEnum):
+    """The `entries` top-level keys the Immich server sends."""
+
+    CLIP = "clip"
+    FACIAL_RECOGNITION = "facial-recognition"
+    OCR = "ocr"
+
+
+class ModelType(StrEnum):
+    """The second-level keys of `entries`: which model of a task to run."""
+
+    VISUAL = "visual"
+    TEXTUAL = "textual"
+    DETECTION = "detection"
+    RECOGNITION = "recognition"
+
+
+_SEPARATORS = re.compile(r"[:\\/]")
+
+
+def clean_name(model_name: str) -> str:
+    """Normalise a model name like upstream: last path part, `:`/`\\`/`/` → `_`, dots removed."""
+    return _SEPARATORS.sub("_", model_name.split("/")[-1]).replace(".", "")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelKey:
+    """Identifies one model: its task, its type within the task and its cleaned name."""
+
+    task: Task
+    type: ModelType
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.task}/{self.name}/{self.type}"

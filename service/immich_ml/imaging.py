@@ -1,0 +1,49 @@
+"""Image decoding like upstream (Pillow, converted to RGB), with size limits against decompression bombs."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from immich_ml.errors import BadImage, PayloadTooLarge
+
+__all__ = ["decode_image", "to_bgr"]
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode encoded image bytes to an RGB Pillow image.
+
+    The header is read first, so an image over `max_pixels` is refused before its pixels are decoded.
+    """
+    if not data:
+        raise BadImage("Image is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise PayloadTooLarge(
+                    f"Image has {width}x{height} pixels, over the limit of {max_pixels} "
+                    "(MACHINE_LEARNING_MAX_IMAGE_PIXELS)")
+            image.load()
+    except PayloadTooLarge:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise PayloadTooLarge(f"Image too large to decode safely: {error}") from None
+    except Exception as error:  # Pillow raises many types for bad input: all mean "undecodable"
+        raise BadImage(f"Could not decode image: {error}") from None
+    if image.width == 0 or image.height == 0:
+        raise BadImage("Image has zero width or height")
+    # Upstream converts every mode with Pillow's own rules (no EXIF rotation; previews are upright).
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def to_bgr(image: Image.Image) -> np.ndarray:
+    """The image as a contiguous uint8 HWC array in BGR order (what OpenCV-style models expect)."""
+    return np.ascontiguousarray(np.asarray(image)[:, :, ::-1])

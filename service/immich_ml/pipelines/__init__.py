@@ -1,0 +1,14 @@
+"""Which model class serves which (task, model type)."""
+
+from __future__ import annotations
+
+from immich_ml.domain import ModelType, Task
+from immich_ml.pipelines.base import InferenceModel
+from immich_ml.pipelines.clip import ClipTextual, ClipVisual
+
+__all__ = ["MODEL_CLASSES", "InferenceModel"]
+
+MODEL_CLASSES: dict[tuple[Task, ModelType], type[InferenceModel]] = {
+    (Task.CLIP, ModelType.VISUAL): ClipVisual,
+    (Task.CLIP, ModelType.TEXTUAL): ClipTextual,
+}

@@ -1,0 +1,119 @@
+"""What every model of every task provides, and the runtime it is given."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+import numpy as np
+from PIL import Image
+
+from immich_ml.batcher import Batcher
+from immich_ml.concurrency import Workers
+from immich_ml.domain import ModelKey, ModelType
+from immich_ml.sessions import OnnxSession, SessionFactory
+from immich_ml.settings import Settings
+
+__all__ = ["InferenceModel", "Payload", "Runtime", "stack"]
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+Payload = Image.Image | str
+"""What a request carries to a model: a decoded RGB image, or query text."""
+
+
+@dataclass
+class Runtime:
+    """Shared services a model uses: settings, session creation, worker threads, batchers."""
+
+    settings: Settings
+    sessions: SessionFactory
+    workers: Workers
+    on_batch: Callable[[str, int, float], None] | None = None
+
+    def batcher(self, name: str, run: Callable[[list[In]], Sequence[Out]], *, max_batch: int) -> Batcher[In, Out]:
+        """A batcher for one session, with the configured delay, queue size and metrics hook."""
+        return Batcher(name, run, max_batch=max_batch, max_delay_s=self.settings.batch_delay_ms / 1000,
+                       queue_size=self.settings.queue_size, on_batch=self.on_batch)
+
+
+class InferenceModel(ABC):
+    """One model of one task and type: its files, its session, and its pre- and post-processing.
+
+    `load` is blocking and runs in a worker thread; `predict` runs on the event loop and sends every
+    blocking step to the workers or to the model's batcher.
+    """
+
+    input_kind: ClassVar[Literal["image", "text"]] = "image"
+    depends_on: ClassVar[ModelType | None] = None
+
+    def __init__(self, key: ModelKey, model_dir: Path, runtime: Runtime) -> None:
+        self.key = key
+        self.model_dir = model_dir
+        self.runtime = runtime
+        self.session: OnnxSession | None = None
+        self.batchers: list[Batcher[Any, Any]] = []
+
+    @property
+    def model_path(self) -> Path:
+        """The ONNX file this model loads."""
+        return self.model_dir / "model.onnx"
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers in use (empty before `load`)."""
+        return self.session.providers if self.session else []
+
+    @property
+    def queue_depth(self) -> int:
+        """Inputs waiting in this model's batchers."""
+        return sum(batcher.depth for batcher in self.batchers)
+
+    def add_batcher(self, run: Callable[[list[In]], Sequence[Out]], *, max_batch: int,
+                    stage: str = "") -> Batcher[In, Out]:
+        """A batcher for one of this model's session runs; closed with the model."""
+        name = f"{self.key}{'/' + stage if stage else ''}"
+        batcher = self.runtime.batcher(name, run, max_batch=max_batch)
+        self.batchers.append(batcher)
+        return batcher
+
+    def load(self) -> None:
+        """Read the model's files and create its session(s). Blocking."""
+        self.session = self.runtime.sessions.create(self.model_path, cache_key=str(self.key))
+        self.configure()
+
+    def configure(self) -> None:
+        """Read side files (configs, tokenisers) once the session exists; override where needed."""
+
+    @abstractmethod
+    async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> Any:
+        """Run the model on one request's input; returns this model's part of the response."""
+
+    @abstractmethod
+    def warmup_payload(self) -> Payload:
+        """A small input that exercises the whole model once (used before reporting ready)."""
+
+    async def warmup(self) -> None:
+        """Run one inference so the first real request does not pay for lazy initialisation."""
+        await self.predict(self.warmup_payload(), {})
+
+    async def close(self) -> None:
+        """Finish queued work and release the session."""
+        for batcher in self.batchers:
+            await batcher.close()
+        self.batchers.clear()
+        self.session = None
+
+    def _require_session(self) -> OnnxSession:
+        if self.session is None:
+            raise RuntimeError(f"{self.key} used before load. This is a bug.")
+        return self.session
+
+
+def stack(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack per-request inputs into one batch array."""
+    return np.stack(rows) if len(rows) > 1 else rows[0][None]

@@ -1,0 +1,73 @@
+"""One predict request end to end: decode the input, run each task's models in order, build the response."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from immich_ml.concurrency import Workers
+from immich_ml.entries import Entry, TaskPlan, parse_entries
+from immich_ml.errors import WrongInput
+from immich_ml.imaging import decode_image
+from immich_ml.registry import ModelRegistry
+
+__all__ = ["PredictInput", "Predictor"]
+
+
+@dataclass(frozen=True)
+class PredictInput:
+    """The raw parts of a predict request."""
+
+    entries: bytes
+    image: bytes | None = None
+    text: str | None = None
+
+    def describe(self) -> str:
+        """A log-safe summary: never the image or the query text."""
+        kind = f"image {len(self.image)} B" if self.image is not None else f"text {len(self.text or '')} chars"
+        return f"{self.entries[:200].decode(errors='replace')} ({kind})"
+
+
+class Predictor:
+    """Runs the models a request asks for and shapes the response like upstream."""
+
+    def __init__(self, registry: ModelRegistry, workers: Workers, *, max_image_pixels: int) -> None:
+        self.registry = registry
+        self.workers = workers
+        self.max_image_pixels = max_image_pixels
+
+    async def predict(self, request: PredictInput) -> dict[str, Any]:
+        """The response body: one key per task, plus the image size for image input."""
+        plans = parse_entries(request.entries)
+        response: dict[str, Any] = {}
+        payload: Image.Image | str
+        if request.image is not None:
+            payload = await self.workers.run(decode_image, request.image, max_pixels=self.max_image_pixels)
+        else:
+            payload = request.text or ""
+        outcomes = await asyncio.gather(*(self._run_task(plan, payload) for plan in plans),
+                                        return_exceptions=True)
+        for plan, outcome in zip(plans, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
+            response[plan.task.value] = outcome
+        if isinstance(payload, Image.Image):
+            response["imageHeight"] = payload.height
+            response["imageWidth"] = payload.width
+        return response
+
+    async def _run_task(self, plan: TaskPlan, payload: Image.Image | str) -> Any:
+        output = await self._run_model(plan.first, payload, None)
+        if plan.second is not None:
+            output = await self._run_model(plan.second, payload, output)
+        return output
+
+    async def _run_model(self, entry: Entry, payload: Image.Image | str, dependency: Any) -> Any:
+        async with self.registry.use(entry.key) as model:
+            wants_image = model.input_kind == "image"
+            if wants_image != isinstance(payload, Image.Image):
+                raise WrongInput(f"{entry.key.task} {entry.key.type} needs {model.input_kind} input")
+            return await model.predict(payload, entry.options, dependency)

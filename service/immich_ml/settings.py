@@ -1,0 +1,283 @@
+"""Settings from `IMMICH_*`, `MACHINE_LEARNING_*` and command-line flags; a bad value names its variable."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import TypeVar
+
+from immich_ml.domain import ModelType, Task
+
+__all__ = ["ConfigError", "Preprocessing", "Provider", "Settings", "parse_size"]
+
+T = TypeVar("T")
+
+_PREFIX = "MACHINE_LEARNING_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is malformed; the message names the variable."""
+
+
+class Provider(StrEnum):
+    """Which ONNX Runtime execution provider to ask for."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+    TENSORRT = "tensorrt"
+
+
+class Preprocessing(StrEnum):
+    """Which upstream pre-processing to reproduce where released and newest upstream differ."""
+
+    RELEASED = "released"
+    LATEST = "latest"
+
+
+_SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Parse `123`, `100MiB`, `4GiB`, `2G` into bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (use bytes or a suffix such as 512MiB or 4GiB)")
+    unit = match.group(2).lower()
+    if unit.endswith("b") and not unit.endswith("ib"):
+        unit = unit[:-1]
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use true or false)")
+
+
+def _parse_names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _parse_ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+def _parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
+
+
+_LOG_LEVELS = {
+    "verbose": "DEBUG", "debug": "DEBUG", "log": "INFO", "info": "INFO", "warn": "WARNING",
+    "warning": "WARNING", "error": "ERROR", "critical": "CRITICAL", "fatal": "CRITICAL",
+}
+
+
+def _parse_log_level(text: str) -> str:
+    try:
+        return _LOG_LEVELS[text.strip().lower()]
+    except KeyError:
+        raise ValueError(f"unknown log level {text!r} (one of {', '.join(_LOG_LEVELS)})") from None
+
+
+def _default_cache_folder() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "immich_ml"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the daemon can be told; defaults are upstream's except `host` (loopback)."""
+
+    host: str = "127.0.0.1"
+    port: int = 3003
+    log_level: str = "INFO"
+    no_color: bool = False
+    cache_folder: Path = field(default_factory=_default_cache_folder)
+    model_ttl_s: float = 300
+    model_ttl_poll_s: float = 10
+    request_threads: int = field(default_factory=lambda: os.cpu_count() or 4)
+    inter_op_threads: int = 0
+    intra_op_threads: int = 0
+    model_arena: bool = True
+    preload: Mapping[tuple[Task, ModelType], tuple[str, ...]] = field(default_factory=dict)
+    workers: int = 1
+    device_ids: tuple[int, ...] = (0,)
+    device_id: int = 0
+    keepalive_s: float = 10
+    max_batch_face_recognition: int = 4
+    max_batch_ocr: int = 6
+    max_batch_clip: int = 16
+    max_batch_face_detection: int = 4
+    batch_delay_ms: float = 2.0
+    queue_size: int = 256
+    provider: Provider = Provider.AUTO
+    provider_strict: bool = False
+    gpu_mem_limit: int | None = None
+    cuda_arena_strategy: str = "kSameAsRequested"
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"
+    tensorrt_cache_path: Path | None = None
+    tensorrt_fp16: bool = True
+    tensorrt_workspace: int = 2 * 1024**3
+    preprocessing: Preprocessing = Preprocessing.RELEASED
+    hf_organization: str = "immich-app"
+    hf_revision: str = "main"
+    max_body_size: int = 128 * 1024**2
+    max_image_pixels: int = 100_000_000
+    allowed_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    ping_requires_ready: bool = False
+    shutdown_timeout_s: float = 30
+
+    def with_overrides(self, **changes: object) -> Settings:
+        """A copy with some fields changed (command-line flags win over the environment)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read settings from the environment; raise `ConfigError` naming the first bad variable."""
+        env = os.environ if env is None else env
+        reader = _EnvReader(env)
+        values: dict[str, object] = {}
+
+        def put(attr: str, var: str, parse: Callable[[str], object]) -> None:
+            if (value := reader.get(var, parse)) is not None:
+                values[attr] = value
+
+        put("host", "IMMICH_HOST", str.strip)
+        put("port", "IMMICH_PORT", _port)
+        put("log_level", "IMMICH_LOG_LEVEL", _parse_log_level)
+        put("no_color", "NO_COLOR", lambda text: text != "" and text.lower() not in {"0", "false"})
+        put("cache_folder", _PREFIX + "CACHE_FOLDER", Path)
+        put("model_ttl_s", _PREFIX + "MODEL_TTL", float)
+        put("model_ttl_poll_s", _PREFIX + "MODEL_TTL_POLL_S", float)
+        put("request_threads", _PREFIX + "REQUEST_THREADS", int)
+        put("inter_op_threads", _PREFIX + "MODEL_INTER_OP_THREADS", _non_negative)
+        put("intra_op_threads", _PREFIX + "MODEL_INTRA_OP_THREADS", _non_negative)
+        put("model_arena", _PREFIX + "MODEL_ARENA", _parse_bool)
+        put("workers", _PREFIX + "WORKERS", _positive)
+        put("device_ids", _PREFIX + "DEVICE_IDS", _parse_ints)
+        put("device_id", _PREFIX + "DEVICE_ID", _non_negative)
+        put("keepalive_s", _PREFIX + "HTTP_KEEPALIVE_TIMEOUT_S", float)
+        put("max_batch_face_recognition", _PREFIX + "MAX_BATCH_SIZE__FACIAL_RECOGNITION", _positive)
+        put("max_batch_ocr", _PREFIX + "MAX_BATCH_SIZE__TEXT_RECOGNITION", _positive)
+        put("max_batch_ocr", _PREFIX + "MAX_BATCH_SIZE__OCR", _positive)
+        put("max_batch_clip", _PREFIX + "MAX_BATCH_SIZE__CLIP", _positive)
+        put("max_batch_face_detection", _PREFIX + "MAX_BATCH_SIZE__FACE_DETECTION", _positive)
+        put("batch_delay_ms", _PREFIX + "BATCH_DELAY_MS", float)
+        put("queue_size", _PREFIX + "QUEUE_SIZE", _positive)
+        put("provider", "ONNXRUNTIME_PROVIDER", Provider)
+        put("provider", _PREFIX + "PROVIDER", Provider)
+        put("provider_strict", _PREFIX + "PROVIDER_STRICT", _parse_bool)
+        put("gpu_mem_limit", _PREFIX + "GPU_MEM_LIMIT", parse_size)
+        put("cuda_arena_strategy", _PREFIX + "CUDA_ARENA_STRATEGY", _one_of("kNextPowerOfTwo", "kSameAsRequested"))
+        put("cudnn_conv_algo_search", _PREFIX + "CUDNN_CONV_ALGO_SEARCH",
+            _one_of("EXHAUSTIVE", "HEURISTIC", "DEFAULT"))
+        put("tensorrt_cache_path", "TENSORRT_CACHE_PATH", Path)
+        put("tensorrt_cache_path", _PREFIX + "TENSORRT_CACHE_PATH", Path)
+        put("tensorrt_fp16", _PREFIX + "TENSORRT_FP16", _parse_bool)
+        put("tensorrt_workspace", _PREFIX + "TENSORRT_WORKSPACE_SIZE", parse_size)
+        put("preprocessing", _PREFIX + "PREPROCESSING", Preprocessing)
+        put("hf_organization", _PREFIX + "MODEL_ORGANIZATION", str.strip)
+        put("hf_revision", _PREFIX + "MODEL_REVISION", str.strip)
+        put("max_body_size", _PREFIX + "MAX_BODY_SIZE", parse_size)
+        put("max_image_pixels", _PREFIX + "MAX_IMAGE_PIXELS", _positive)
+        put("allowed_clients", _PREFIX + "ALLOWED_CLIENTS", _parse_networks)
+        put("tls_cert", _PREFIX + "TLS_CERT", Path)
+        put("tls_key", _PREFIX + "TLS_KEY", Path)
+        put("ping_requires_ready", _PREFIX + "PING_REQUIRES_READY", _parse_bool)
+        put("shutdown_timeout_s", _PREFIX + "SHUTDOWN_TIMEOUT_S", float)
+
+        preload: dict[tuple[Task, ModelType], tuple[str, ...]] = {}
+        for task, model_type in _PRELOADABLE:
+            var = f"{_PREFIX}PRELOAD__{task.name}__{model_type.name}"
+            if names := reader.get(var, _parse_names):
+                preload[(task, model_type)] = names
+        values["preload"] = preload
+        if "device_id" not in values and "device_ids" in values:
+            values["device_id"] = values["device_ids"][0]  # type: ignore[index]
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Reject combinations no single variable can catch."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError(f"{_PREFIX}TLS_CERT and {_PREFIX}TLS_KEY must be set together")
+        if not self.device_ids:
+            raise ConfigError(f"{_PREFIX}DEVICE_IDS: needs at least one device id")
+
+    @property
+    def uses_gpu(self) -> bool:
+        """Whether a GPU provider was asked for (auto counts: it tries CUDA)."""
+        return self.provider is not Provider.CPU
+
+    @property
+    def tensorrt_cache(self) -> Path:
+        """Where TensorRT engines and timing caches live."""
+        return self.tensorrt_cache_path or self.cache_folder / "tensorrt"
+
+
+_PRELOADABLE = (
+    (Task.CLIP, ModelType.VISUAL),
+    (Task.CLIP, ModelType.TEXTUAL),
+    (Task.FACIAL_RECOGNITION, ModelType.DETECTION),
+    (Task.FACIAL_RECOGNITION, ModelType.RECOGNITION),
+    (Task.OCR, ModelType.DETECTION),
+    (Task.OCR, ModelType.RECOGNITION),
+)
+
+
+class _EnvReader:
+    """Looks variables up case-insensitively, as upstream's pydantic settings do."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = {key.upper(): value for key, value in env.items()}
+
+    def get(self, name: str, parse: Callable[[str], T]) -> T | None:
+        raw = self._env.get(name.upper())
+        if raw is None or (raw.strip() == "" and name != "NO_COLOR"):
+            return None
+        try:
+            return parse(raw)
+        except ValueError as error:
+            raise ConfigError(f"{name}={raw!r}: {error}") from None
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        raise ValueError("not a TCP port (1-65535)")
+    return port
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be 1 or more")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"one of {', '.join(choices)}")
+        return text
+
+    return parse
