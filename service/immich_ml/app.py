@@ -12,10 +12,12 @@ from immich_ml.appkeys import PREDICTOR, REGISTRY, SETTINGS, STATE
 from immich_ml.concurrency import Workers
 from immich_ml.domain import ModelKey, clean_name
 from immich_ml.errors import ImmichMLError
+from immich_ml.metrics import METRICS, GaugeCollector, GpuMemory, Metrics, daemon_gauges
 from immich_ml.pipelines.base import Runtime
 from immich_ml.predict import Predictor
 from immich_ml.registry import ModelRegistry
 from immich_ml.routes import json_response, routes
+from immich_ml.security import allowlist_middleware
 from immich_ml.sessions import SessionFactory
 from immich_ml.settings import Settings
 from immich_ml.state import DaemonState
@@ -56,10 +58,18 @@ def preload_keys(settings: Settings) -> list[ModelKey]:
 
 def create_app(settings: Settings, *, sessions: SessionFactory | None = None) -> web.Application:
     """The application; models load in the background after start-up, never at import time."""
-    app = web.Application(client_max_size=settings.max_body_size, middlewares=[error_middleware])
+    metrics = Metrics()
+    middlewares = [metrics.middleware(), error_middleware]
+    if settings.allowed_clients:
+        middlewares.append(allowlist_middleware(settings.allowed_clients))
+    app = web.Application(client_max_size=settings.max_body_size, middlewares=middlewares)
     app[SETTINGS] = settings
     app[STATE] = DaemonState()
-    runtime = Runtime(settings, sessions or SessionFactory(settings), Workers(settings.request_threads))
+    app[METRICS] = metrics
+    metrics.add_collector(GaugeCollector(lambda: daemon_gauges(app)))
+    metrics.add_collector(GaugeCollector(GpuMemory().read))
+    runtime = Runtime(settings, sessions or SessionFactory(settings), Workers(settings.request_threads),
+                      on_batch=metrics.observe_batch)
 
     async def models_context(app: web.Application) -> AsyncIterator[None]:
         registry = ModelRegistry(ModelStore(settings), runtime)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,9 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level, no_color=settings.no_color)
     if args.command == "serve":
-        from immich_ml.server import serve
+        from immich_ml.server import run
 
-        return asyncio.run(serve(settings))
+        return run(settings)
     return _models(args, ModelStore(settings))
 
 

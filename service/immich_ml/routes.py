@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import orjson
@@ -12,7 +13,9 @@ import onnxruntime as ort
 
 from immich_ml.appkeys import PREDICTOR, REGISTRY, SETTINGS, STATE
 from immich_ml.errors import BadRequest, InvalidEntries, PayloadTooLarge, ShuttingDown
+from immich_ml.metrics import CONTENT_TYPE, METRICS, MODELS, request_models
 from immich_ml.predict import PredictInput
+from immich_ml.supervisor import stalled_batchers
 
 __all__ = ["routes"]
 
@@ -47,8 +50,9 @@ async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     settings = request.app[SETTINGS]
     loaded = request.app[REGISTRY].loaded()
+    stalled = stalled_batchers(request.app, settings.watchdog_inference_timeout_s)
     body = {
-        "ready": state.ready and not state.draining,
+        "ready": state.ready and not state.draining and not stalled,
         "draining": state.draining,
         "preloadError": state.preload_error,
         "models": [{"model": str(key), "providers": model.providers} for key, model in loaded.items()],
@@ -56,8 +60,17 @@ async def health(request: web.Request) -> web.Response:
         "device": {"id": settings.device_id},
         "queue": {str(key): model.queue_depth for key, model in loaded.items()},
         "inFlight": state.in_flight,
+        "stalled": stalled,
+        "pid": os.getpid(),
     }
     return json_response(body, status=200 if body["ready"] else 503)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics in the text exposition format."""
+    body = request.app[METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 @routes.post("/predict")
@@ -67,6 +80,7 @@ async def predict(request: web.Request) -> web.Response:
         raise ShuttingDown("Shutting down; send requests to another machine-learning URL")
     started = time.monotonic()
     predict_input = await _read_form(request)
+    request[MODELS] = request_models(predict_input.entries)
     with state.track_request():
         result = await request.app[PREDICTOR].predict(predict_input)
     log.debug("predict %s %.1f ms", predict_input.describe(), (time.monotonic() - started) * 1000)

@@ -3,34 +3,66 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import socket
 
 from aiohttp import web
 
 from immich_ml.app import create_app
 from immich_ml.appkeys import STATE
+from immich_ml.security import tls_context
 from immich_ml.settings import Settings
+from immich_ml.supervisor import Supervisor
+from immich_ml.systemd import Notifier, listen_sockets
 
-__all__ = ["serve"]
+__all__ = ["INHERITED_FDS", "run", "serve"]
 
 log = logging.getLogger("immich_ml.server")
 
+INHERITED_FDS = "IMMICH_ML_INHERITED_FDS"
+"""Listening sockets a worker process gets from its parent: comma-separated file descriptors."""
 
-async def serve(settings: Settings) -> int:
-    """Serve until SIGTERM or SIGINT, then finish in-flight requests and stop. Returns the exit code."""
+
+def run(settings: Settings) -> int:
+    """`immich-ml serve`: one process, or a parent with MACHINE_LEARNING_WORKERS worker processes."""
+    sockets = _inherited_sockets() or listen_sockets()
+    if settings.workers > 1 and INHERITED_FDS not in os.environ:
+        from immich_ml.workers import run_workers
+
+        return run_workers(settings, sockets)
+    return asyncio.run(serve(settings, sockets=sockets))
+
+
+async def serve(settings: Settings, *, sockets: list[socket.socket] | None = None,
+                notifier: Notifier | None = None) -> int:
+    """Serve until SIGTERM or SIGINT, then finish in-flight requests and stop. Returns the exit code.
+
+    `sockets` are already listening (socket activation, or a worker's inherited ones); without them the
+    daemon binds `settings.host`:`settings.port`.
+    """
+    notifier = notifier or Notifier.from_env()
     app = create_app(settings)
+    ssl_context = tls_context(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
     runner = web.AppRunner(app, keepalive_timeout=settings.keepalive_s, access_log=None,
                            shutdown_timeout=settings.shutdown_timeout_s)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
-    log.info("listening on http://%s:%d (models in %s)", settings.host, settings.port, settings.cache_folder)
+    sites: list[web.BaseSite] = [web.SockSite(runner, sock, ssl_context=ssl_context) for sock in sockets or []]
+    if not sites:
+        sites.append(web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context))
+    for site in sites:
+        await site.start()
+    log.info("pid %d (device %d) listening on %s (models in %s)", os.getpid(), settings.device_id,
+             ", ".join(site.name for site in sites), settings.cache_folder)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    supervisor = Supervisor(app, notifier)
+    reporting = asyncio.create_task(supervisor.run(), name="systemd")
     state = app[STATE]
     ready = asyncio.create_task(state.ready_event.wait())
     stopping = asyncio.create_task(stop.wait())
@@ -39,10 +71,21 @@ async def serve(settings: Settings) -> int:
         log.info("ready")
     await stopping
 
+    supervisor.stopping()
+    reporting.cancel()
     state.draining = True
     log.info("stopping: draining %d request(s) in flight", state.in_flight)
     if not await state.wait_idle(settings.shutdown_timeout_s):
         log.warning("%d request(s) still running after %.0f s; stopping anyway",
                     state.in_flight, settings.shutdown_timeout_s)
+    ready.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reporting
     await runner.cleanup()
+    notifier.close()
     return 0
+
+
+def _inherited_sockets() -> list[socket.socket]:
+    fds = os.environ.get(INHERITED_FDS, "")
+    return [socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd.strip()]

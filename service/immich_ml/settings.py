@@ -137,6 +137,7 @@ class Settings:
     tls_key: Path | None = None
     ping_requires_ready: bool = False
     shutdown_timeout_s: float = 30
+    watchdog_inference_timeout_s: float = 300
 
     def with_overrides(self, **changes: object) -> Settings:
         """A copy with some fields changed (command-line flags win over the environment)."""
@@ -196,6 +197,7 @@ class Settings:
         put("tls_key", _PREFIX + "TLS_KEY", Path)
         put("ping_requires_ready", _PREFIX + "PING_REQUIRES_READY", _parse_bool)
         put("shutdown_timeout_s", _PREFIX + "SHUTDOWN_TIMEOUT_S", float)
+        put("watchdog_inference_timeout_s", _PREFIX + "WATCHDOG_INFERENCE_TIMEOUT_S", float)
 
         preload: dict[tuple[Task, ModelType], tuple[str, ...]] = {}
         for task, model_type in _PRELOADABLE:

@@ -1,0 +1,81 @@
+"""The systemd protocols: sd_notify messages and socket activation. Silent when not run by systemd."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Mapping, MutableMapping
+
+__all__ = ["LISTEN_FDS_START", "Notifier", "listen_sockets"]
+
+log = logging.getLogger("immich_ml.systemd")
+
+LISTEN_FDS_START = 3
+"""The first file descriptor systemd passes to a socket-activated service (SD_LISTEN_FDS_START)."""
+
+
+class Notifier:
+    """Sends `KEY=value` lines to `$NOTIFY_SOCKET` (a datagram socket); does nothing when it is unset."""
+
+    def __init__(self, address: str | None, *, watchdog_usec: int | None = None) -> None:
+        self.address = "\0" + address[1:] if address and address.startswith("@") else address
+        self.watchdog_usec = watchdog_usec
+        self._socket: socket.socket | None = None
+        if self.address:
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._socket.setblocking(False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Notifier:
+        """The notifier systemd asked for: `NOTIFY_SOCKET`, and `WATCHDOG_USEC` if meant for this process."""
+        env = os.environ if env is None else env
+        watchdog_usec = None
+        pid = env.get("WATCHDOG_PID")
+        if env.get("WATCHDOG_USEC", "").isdigit() and (not pid or pid == str(os.getpid())):
+            watchdog_usec = int(env["WATCHDOG_USEC"]) or None
+        return cls(env.get("NOTIFY_SOCKET") or None, watchdog_usec=watchdog_usec)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a notification socket was given."""
+        return self._socket is not None
+
+    @property
+    def watchdog_interval_s(self) -> float | None:
+        """How often to send `WATCHDOG=1`: half of `WATCHDOG_USEC`, or None without a watchdog."""
+        return self.watchdog_usec / 2_000_000 if self.enabled and self.watchdog_usec else None
+
+    def send(self, *lines: str) -> None:
+        """Send one message made of `lines` (e.g. `"READY=1"`, `"STATUS=…"`); failures are logged, not raised."""
+        if self._socket is None or not lines:
+            return
+        try:
+            self._socket.sendto("\n".join(lines).encode(), self.address)
+        except OSError as error:
+            log.debug("sd_notify to %s failed: %s", self.address, error)
+
+    def close(self) -> None:
+        """Close the socket; later sends do nothing."""
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+
+def listen_sockets(env: MutableMapping[str, str] | None = None) -> list[socket.socket]:
+    """The listening sockets systemd passed (`LISTEN_FDS` for this `LISTEN_PID`), removing the variables.
+
+    Empty when the service was not socket-activated. The variables are removed, as `sd_listen_fds(1)` does,
+    so processes started later do not try to take the same descriptors.
+    """
+    env = os.environ if env is None else env
+    count, pid = env.get("LISTEN_FDS", ""), env.get("LISTEN_PID", "")
+    for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        env.pop(name, None)
+    if not count.isdigit() or pid != str(os.getpid()):
+        return []
+    sockets = []
+    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + int(count)):
+        os.set_inheritable(fd, False)
+        sockets.append(socket.socket(fileno=fd))
+    return sockets
