@@ -130,6 +130,7 @@ class Settings:
     preprocessing: Preprocessing = Preprocessing.RELEASED
     hf_organization: str = "immich-app"
     hf_revision: str = "main"
+    ocr_model_base_url: str | None = None
     max_body_size: int = 128 * 1024**2
     max_image_pixels: int = 100_000_000
     allowed_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -190,6 +191,7 @@ class Settings:
         put("preprocessing", _PREFIX + "PREPROCESSING", Preprocessing)
         put("hf_organization", _PREFIX + "MODEL_ORGANIZATION", str.strip)
         put("hf_revision", _PREFIX + "MODEL_REVISION", str.strip)
+        put("ocr_model_base_url", _PREFIX + "OCR_MODEL_BASE_URL", str.strip)
         put("max_body_size", _PREFIX + "MAX_BODY_SIZE", parse_size)
         put("max_image_pixels", _PREFIX + "MAX_IMAGE_PIXELS", _positive)
         put("allowed_clients", _PREFIX + "ALLOWED_CLIENTS", _parse_networks)

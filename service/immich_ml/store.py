@@ -12,6 +12,7 @@ file that looks complete.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ from pathlib import Path
 from immich_ml.catalog import cache_name
 from immich_ml.domain import ModelKey, ModelType, Task
 from immich_ml.errors import ModelUnavailable
+from immich_ml.ocr_download import download_ocr_model
 from immich_ml.settings import Settings
 
 __all__ = ["CachedModel", "Downloader", "ModelStore"]
@@ -53,7 +55,8 @@ class ModelStore:
     def __init__(self, settings: Settings, downloaders: dict[Task, Downloader] | None = None) -> None:
         self.root = settings.cache_folder
         self.settings = settings
-        self._downloaders = downloaders or {}
+        ocr = functools.partial(download_ocr_model, base_url=settings.ocr_model_base_url)
+        self._downloaders: dict[Task, Downloader] = {Task.OCR: ocr, **(downloaders or {})}
 
     def model_root(self, key: ModelKey) -> Path:
         """`<cache>/<task>/<name>`: where one model's types and shared config live."""
