@@ -53,6 +53,10 @@ class OnnxSession:
         """The declared shape of an input (symbolic dims are strings or None)."""
         return list(self._session.get_inputs()[index].shape)
 
+    def output_shape(self, index: int = 0) -> list[int | str | None]:
+        """The declared shape of an output (symbolic dims are strings or None)."""
+        return list(self._session.get_outputs()[index].shape)
+
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run the graph; a graph with a fixed batch of 1 is run row by row and the rows stacked."""
         batch = len(next(iter(feeds.values())))
