@@ -1,4 +1,4 @@
-"""OCR end to end over HTTP with the real PP-OCRv4 models, plus the detection and CTC maths and the downloader."""
+"""OCR over HTTP with the real PP-OCRv4 models; the detection and CTC maths; the pinned-model downloader."""
 
 from __future__ import annotations
 
@@ -14,34 +14,60 @@ import numpy as np
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from PIL import Image, ImageDraw, ImageFont
-
 from immich_ml.domain import ModelKey, ModelType, Task
-from immich_ml.ocr_boxes import DetectionParams, TextBoxes, boxes_from_probability, detection_size, reading_order
+from immich_ml.ocr_boxes import (
+    DetectionParams,
+    TextBoxes,
+    boxes_from_probability,
+    detection_size,
+    reading_order,
+)
 from immich_ml.ocr_download import DownloadFailed, fetch_verified, pinned_file
 from immich_ml.ocr_text import ctc_decode, load_charset
 from immich_ml.settings import Preprocessing
+from PIL import Image, ImageDraw, ImageFont
+
 from tests import modelgen
 from tests.conftest import ClientFactory, predict_form
 
-OCR = ('{"ocr":{"detection":{"modelName":"PP-OCRv5_mobile","options":{"minScore":0.5,"maxResolution":736}},'
-       '"recognition":{"modelName":"PP-OCRv5_mobile","options":{"minScore":0.8}}}}')
+OCR = (
+    '{"ocr":{"detection":{"modelName":"PP-OCRv5_mobile","options":{"minScore":0.5,"maxResolution":736}},'
+    '"recognition":{"modelName":"PP-OCRv5_mobile","options":{"minScore":0.8}}}}'
+)
 DETECTION_ONLY = '{"ocr":{"detection":{"modelName":"PP-OCRv5_mobile"}}}'
-_FONT_CANDIDATES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf",
-                    "/usr/share/fonts/dejavu/DejaVuSans.ttf")
+_FONT_CANDIDATES = (
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+)
 
 
 def ocr_entries(*, det_score: float = 0.5, rec_score: float = 0.8) -> str:
-    return json.dumps({"ocr": {
-        "detection": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": det_score, "maxResolution": 736}},
-        "recognition": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": rec_score}}}})
+    return json.dumps(
+        {
+            "ocr": {
+                "detection": {
+                    "modelName": "PP-OCRv5_mobile",
+                    "options": {"minScore": det_score, "maxResolution": 736},
+                },
+                "recognition": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": rec_score}},
+            }
+        }
+    )
 
 
 @pytest.fixture(scope="session")
 def font_path() -> Path:
     """DejaVu Sans (Debian/Ubuntu package `fonts-dejavu-core`)."""
-    found = shutil.which("fc-match") and subprocess.run(
-        ["fc-match", "-f", "%{file}", "DejaVu Sans:style=Book"], capture_output=True, text=True, check=False).stdout
+    found = (
+        shutil.which("fc-match")
+        and subprocess.run(
+            ["fc-match", "-f", "%{file}", "DejaVu Sans:style=Book"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+    )
     for candidate in (found or "", *_FONT_CANDIDATES):
         if candidate.endswith("DejaVuSans.ttf") and Path(candidate).is_file():
             return Path(candidate)
@@ -61,8 +87,9 @@ class Line:
     region: tuple[int, int, int, int]  # where the glyphs were drawn: left, top, right, bottom
 
 
-def render(lines: list[tuple[str, tuple[int, int]]], font_path: Path, size: tuple[int, int] = (800, 420)
-           ) -> tuple[Image.Image, list[Line]]:
+def render(
+    lines: list[tuple[str, tuple[int, int]]], font_path: Path, size: tuple[int, int] = (800, 420)
+) -> tuple[Image.Image, list[Line]]:
     """Black text on white; returns the image and each line's drawn region."""
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
@@ -101,8 +128,15 @@ async def post(client: object, entries: str, image: Image.Image) -> dict[str, ob
 async def test_reads_rendered_lines_in_reading_order(
     make_client: ClientFactory, ocr_cache: Path, font_path: Path, preprocessing: Preprocessing
 ) -> None:
-    image, lines = render([("Immich", (420, 40)), ("Brewery", (40, 44)), ("Hello World 2024", (40, 160)),
-                           ("photos", (40, 300))], font_path)
+    image, lines = render(
+        [
+            ("Immich", (420, 40)),
+            ("Brewery", (40, 44)),
+            ("Hello World 2024", (40, 160)),
+            ("photos", (40, 300)),
+        ],
+        font_path,
+    )
     client = await make_client(preprocessing=preprocessing)
     body = await post(client, OCR, image)
     assert set(body) == {"ocr", "imageHeight", "imageWidth"}
@@ -120,7 +154,9 @@ async def test_reads_rendered_lines_in_reading_order(
         assert tl[0] < tr[0] and bl[0] < br[0] and tl[1] < bl[1] and tr[1] < br[1]  # TL, TR, BR, BL
 
 
-async def test_reads_text_rotated_to_vertical(make_client: ClientFactory, ocr_cache: Path, font_path: Path) -> None:
+async def test_reads_text_rotated_to_vertical(
+    make_client: ClientFactory, ocr_cache: Path, font_path: Path
+) -> None:
     strip, _ = render([("VERTICAL", (5, 5))], font_path, size=(220, 55))
     image = Image.new("RGB", (300, 400), "white")
     image.paste(strip.rotate(-90, expand=True), (120, 60))  # reads top to bottom
@@ -159,7 +195,11 @@ async def test_min_scores_apply_to_their_request_only(
     strict_recognition = (await post(client, ocr_entries(rec_score=1.0), image))["ocr"]
     strict_detection = (await post(client, ocr_entries(det_score=0.99), image))["ocr"]
     default = (await post(client, ocr_entries(), image))["ocr"]
-    assert isinstance(strict_recognition, dict) and isinstance(strict_detection, dict) and isinstance(default, dict)
+    assert (
+        isinstance(strict_recognition, dict)
+        and isinstance(strict_detection, dict)
+        and isinstance(default, dict)
+    )
     assert strict_recognition["text"] == [] and strict_recognition["box"] == []  # scores are ≤ 1: none is > 1
     assert strict_detection["text"] == []
     assert default["text"] == ["Immich", "photos"]
@@ -177,11 +217,14 @@ async def test_malformed_option_is_422(make_client: ClientFactory, ocr_cache: Pa
 # -- detection maths ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("size", "max_resolution", "expected"), [
-    ((1920, 1440), 736, (992, 736)),   # shorter side to 736, both sides to multiples of 32
-    ((640, 480), 736, (640, 480)),     # never upscaled
-    ((3000, 40), 16, (1216, 32)),      # at least 32; Python rounding (half to even) like upstream
-])
+@pytest.mark.parametrize(
+    ("size", "max_resolution", "expected"),
+    [
+        ((1920, 1440), 736, (992, 736)),  # shorter side to 736, both sides to multiples of 32
+        ((640, 480), 736, (640, 480)),  # never upscaled
+        ((3000, 40), 16, (1216, 32)),  # at least 32; Python rounding (half to even) like upstream
+    ],
+)
 def test_detection_size(size: tuple[int, int], max_resolution: int, expected: tuple[int, int]) -> None:
     assert detection_size(*size, max_resolution) == expected
 
@@ -211,8 +254,10 @@ def test_reading_order_groups_lines_by_10_px() -> None:
     def box(x: float, y: float) -> list[list[float]]:
         return [[x, y], [x + 20, y], [x + 20, y + 8], [x, y + 8]]
 
-    found = TextBoxes(np.asarray([box(100, 52), box(10, 45), box(10, 10), box(50, 12)], np.float32),
-                      np.asarray([0.1, 0.2, 0.3, 0.4], np.float32))
+    found = TextBoxes(
+        np.asarray([box(100, 52), box(10, 45), box(10, 10), box(50, 12)], np.float32),
+        np.asarray([0.1, 0.2, 0.3, 0.4], np.float32),
+    )
     assert reading_order(found).scores.tolist() == pytest.approx([0.3, 0.4, 0.2, 0.1])
 
 
@@ -249,7 +294,9 @@ def test_ctc_applies_softmax_to_raw_logits() -> None:
 
 
 def test_ctc_all_blank_or_nan_scores_zero() -> None:
-    blank, broken = ctc_decode(np.stack([one_hot_steps([0, 0]), np.full((2, 5), np.nan, np.float32)]), CHARSET)
+    blank, broken = ctc_decode(
+        np.stack([one_hot_steps([0, 0]), np.full((2, 5), np.nan, np.float32)]), CHARSET
+    )
     assert (blank.text, blank.score) == ("", 0.0)
     assert broken.score == 0.0
 
@@ -313,7 +360,9 @@ async def test_failed_download_leaves_no_model(tmp_path: Path, reply: str) -> No
     await server.close()
 
 
-async def test_missing_ocr_model_is_fetched_from_the_configured_mirror(make_client: ClientFactory, cache: Path) -> None:
+async def test_missing_ocr_model_is_fetched_from_the_configured_mirror(
+    make_client: ClientFactory, cache: Path
+) -> None:
     server, state = await serve(["bad", "bad"])
     client = await make_client(ocr_model_base_url=str(server.make_url("/mirror/")))
     form = predict_form(DETECTION_ONLY, image=modelgen.png_bytes(Image.new("RGB", (64, 64), "white")))
@@ -328,8 +377,10 @@ async def test_missing_ocr_model_is_fetched_from_the_configured_mirror(make_clie
 
 
 def test_language_variants_share_detection_and_pin_their_recogniser() -> None:
-    detection = {pinned_file(ModelKey(Task.OCR, ModelType.DETECTION, name))
-                 for name in ("PP-OCRv5_mobile", "EN__PP-OCRv5_mobile", "KOREAN__PP-OCRv5_mobile")}
+    detection = {
+        pinned_file(ModelKey(Task.OCR, ModelType.DETECTION, name))
+        for name in ("PP-OCRv5_mobile", "EN__PP-OCRv5_mobile", "KOREAN__PP-OCRv5_mobile")
+    }
     assert len(detection) == 1
     path, sha = pinned_file(ModelKey(Task.OCR, ModelType.RECOGNITION, "EN__PP-OCRv5_mobile"))
     assert path.endswith("/en_PP-OCRv5_rec_mobile_infer.onnx") and len(sha) == 64

@@ -135,7 +135,7 @@ def boxes_from_probability(
     return reading_order(TextBoxes(np.asarray(boxes, np.float32), np.asarray(scores, np.float32)))
 
 
-def _mean_inside(prob: FloatArray, polygon: NDArray[np.floating]) -> float:
+def _mean_inside(prob: FloatArray, polygon: np.ndarray) -> float:
     """Mean of `prob` over the pixels of `polygon` (0 when it covers none)."""
     map_h, map_w = prob.shape
     x0 = int(np.clip(np.floor(polygon[:, 0].min()), 0, map_w - 1))
@@ -149,7 +149,7 @@ def _mean_inside(prob: FloatArray, polygon: NDArray[np.floating]) -> float:
     return float(values.mean()) if values.size else 0.0
 
 
-def order_corners(corners: NDArray[np.floating]) -> NDArray[np.floating]:
+def order_corners(corners: np.ndarray) -> np.ndarray:
     """Order four corners clockwise from the top left: TL, TR, BR, BL."""
     by_x = corners[np.argsort(corners[:, 0], kind="stable")]
     left = by_x[:2][np.argsort(by_x[:2, 1], kind="stable")]

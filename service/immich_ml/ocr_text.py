@@ -61,8 +61,12 @@ def crop_line(image: Image.Image, corners: NDArray[np.floating]) -> Image.Image:
     p = np.asarray(corners, dtype=np.float64)
     width = max(1, int(max(np.linalg.norm(p[1] - p[0]), np.linalg.norm(p[2] - p[3]))))
     height = max(1, int(max(np.linalg.norm(p[0] - p[3]), np.linalg.norm(p[1] - p[2]))))
-    crop = image.transform((width, height), Image.Transform.PERSPECTIVE, _perspective_coefficients(p, width, height),
-                           resample=Image.Resampling.BICUBIC)
+    crop = image.transform(
+        (width, height),
+        Image.Transform.PERSPECTIVE,
+        _perspective_coefficients(p, width, height),
+        resample=Image.Resampling.BICUBIC,
+    )
     if height / width >= _TALL_RATIO:
         crop = crop.rotate(90, expand=True)
     return crop

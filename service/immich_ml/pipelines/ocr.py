@@ -19,6 +19,7 @@ from immich_ml.sessions import OnnxSession
 
 __all__ = ["TextDetector", "TextRecognizer"]
 
+
 def _number(options: Mapping[str, Any], name: str, default: float) -> float:
     value = options.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -27,19 +28,28 @@ def _number(options: Mapping[str, Any], name: str, default: float) -> float:
 
 
 def detection_params(options: Mapping[str, Any]) -> DetectionParams:
-    """This request's `ocr.detection` options (`minScore`, `maxResolution`, `scoreMode`) with upstream defaults."""
+    """The `ocr.detection` options of one request (`minScore`, `maxResolution`, `scoreMode`)."""
     max_resolution = _number(options, "maxResolution", DetectionParams.max_resolution)
     if max_resolution < 1 or max_resolution != int(max_resolution):
-        raise InvalidEntries(f"Invalid request format. Option 'maxResolution' must be a positive integer, "
-                             f"not {max_resolution!r}.")
+        raise InvalidEntries(
+            f"Invalid request format. Option 'maxResolution' must be a positive integer, "
+            f"not {max_resolution!r}."
+        )
     score_mode = options.get("scoreMode", "fast")
     if score_mode not in ("fast", "slow"):
-        raise InvalidEntries(f"Invalid request format. Option 'scoreMode' must be 'fast' or 'slow', not {score_mode!r}.")
-    return DetectionParams(box_threshold=_number(options, "minScore", DetectionParams.box_threshold),
-                           max_resolution=int(max_resolution), score_mode=score_mode)
+        raise InvalidEntries(
+            f"Invalid request format. Option 'scoreMode' must be 'fast' or 'slow', not {score_mode!r}."
+        )
+    return DetectionParams(
+        box_threshold=_number(options, "minScore", DetectionParams.box_threshold),
+        max_resolution=int(max_resolution),
+        score_mode=score_mode,
+    )
 
 
-def _run_grouped(session: OnnxSession, input_name: str, inputs: list[np.ndarray], max_rows: int) -> list[np.ndarray]:
+def _run_grouped(
+    session: OnnxSession, input_name: str, inputs: list[np.ndarray], max_rows: int
+) -> list[np.ndarray]:
     """Run inputs that each carry a leading batch dimension; inputs of equal shape from any request share
     session runs of up to `max_rows` rows. Each input's rows are its own, so results never depend on
     which other requests were queued alongside."""
@@ -86,13 +96,17 @@ class TextDetector(InferenceModel):
         # Detector inputs vary in size; requests whose resized images match share one run.
         return _run_grouped(self._require_session(), self.input_name, inputs, self.max_rows)
 
-    async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> dict[str, Any]:
+    async def predict(
+        self, payload: Payload, options: Mapping[str, Any], dependency: Any = None
+    ) -> dict[str, Any]:
         image = _image(payload, self.key.name)
         params = detection_params(options)
         if image.width < MIN_SIDE or image.height < MIN_SIDE:
             return {"boxes": [], "scores": []}
         workers = self.runtime.workers
-        pixels = await workers.run(detection_input, image, params.max_resolution, self.runtime.settings.preprocessing)
+        pixels = await workers.run(
+            detection_input, image, params.max_resolution, self.runtime.settings.preprocessing
+        )
         probability = await self.batcher.submit(pixels)
         found = await workers.run(boxes_from_probability, probability[0, 0], image.size, params)
         return {"boxes": found.boxes.tolist(), "scores": found.scores.tolist()}
@@ -135,15 +149,22 @@ class TextRecognizer(InferenceModel):
     def _chunks(self, image: Image.Image, boxes: np.ndarray) -> list[_Chunk]:
         crops = [crop_line(image, corners) for corners in boxes]
         order = sorted(range(len(crops)), key=lambda i: crops[i].width / crops[i].height)
-        return [_Chunk(members, recognition_batch([crops[i] for i in members]))
-                for start in range(0, len(order), self.chunk_size)
-                for members in (order[start : start + self.chunk_size],)]
+        return [
+            _Chunk(members, recognition_batch([crops[i] for i in members]))
+            for start in range(0, len(order), self.chunk_size)
+            for members in (order[start : start + self.chunk_size],)
+        ]
 
     def _decode(self, chunks: Sequence[_Chunk], outputs: Sequence[np.ndarray]) -> dict[int, Recognised]:
-        return {index: line for chunk, output in zip(chunks, outputs, strict=True)
-                for index, line in zip(chunk.members, ctc_decode(output, self.charset), strict=True)}
+        return {
+            index: line
+            for chunk, output in zip(chunks, outputs, strict=True)
+            for index, line in zip(chunk.members, ctc_decode(output, self.charset), strict=True)
+        }
 
-    async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> dict[str, Any]:
+    async def predict(
+        self, payload: Payload, options: Mapping[str, Any], dependency: Any = None
+    ) -> dict[str, Any]:
         image = _image(payload, self.key.name)
         min_score = _number(options, "minScore", 0.9)
         if not dependency or not dependency.get("scores"):
