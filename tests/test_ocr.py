@@ -154,6 +154,22 @@ async def test_reads_rendered_lines_in_reading_order(
         assert tl[0] < tr[0] and bl[0] < br[0] and tl[1] < bl[1] and tr[1] < br[1]  # TL, TR, BR, BL
 
 
+async def test_concurrent_requests_read_the_same_as_one_alone(
+    make_client: ClientFactory, ocr_cache: Path, font_path: Path
+) -> None:
+    image, _ = render([("Immich", (40, 40)), ("photos", (40, 200))], font_path, size=(400, 320))
+    client = await make_client()
+    alone = (await post(client, OCR, image))["ocr"]
+    together = await asyncio.gather(*(post(client, OCR, image) for _ in range(4)))
+    assert isinstance(alone, dict)
+    for body in together:
+        ocr = body["ocr"]
+        assert isinstance(ocr, dict)
+        assert ocr["text"] == alone["text"] == ["Immich", "photos"]
+        assert ocr["box"] == alone["box"]
+        assert ocr["textScore"] == pytest.approx(alone["textScore"], abs=1e-4)
+
+
 async def test_reads_text_rotated_to_vertical(
     make_client: ClientFactory, ocr_cache: Path, font_path: Path
 ) -> None:
