@@ -22,6 +22,9 @@ def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     equal upstream's. A reflection is never chosen: when the best orthogonal map would mirror, the last
     singular direction is flipped. OpenCV's `estimateAffinePartial2D` is not used: its RANSAC and LMEDS
     variants fit subsets of the points and refine iteratively, which gives a slightly different matrix.
+    Computed in float64: equal to skimage's to 1e-12 for float64 points. Upstream passes float32 landmarks,
+    which skimage partly keeps in float32; measured against skimage 0.26 that changes about 1 crop pixel in
+    70 000 by one level.
     """
     source = np.asarray(source, dtype=np.float64)
     target = np.asarray(target, dtype=np.float64)
