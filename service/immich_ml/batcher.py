@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from immich_ml.concurrency import lower_thread_priority
 from immich_ml.errors import Overloaded, ShuttingDown
 
 __all__ = ["Batcher", "BatchStats"]
@@ -34,6 +36,19 @@ class BatchStats:
     batches: int = 0
     items: int = 0
     last_batch_size: int = 0
+    sizes: Counter[int] = field(default_factory=Counter)
+    """How many batches had each size."""
+    peak_depth: int = 0
+    """The most inputs ever waiting at once."""
+    rejected: int = 0
+    """Inputs refused with 503 because the queue was full."""
+    waited_s: float = 0.0
+    """Total time inputs spent queued before their batch started."""
+
+    @property
+    def mean_batch_size(self) -> float:
+        """Inputs per batch so far (0 before the first batch)."""
+        return self.items / self.batches if self.batches else 0.0
 
 
 class Batcher(Generic[In, Out]):
@@ -43,6 +58,11 @@ class Batcher(Generic[In, Out]):
     the batcher's own thread, so one session never runs two batches at once and the event loop never
     blocks. Items that arrive while a batch runs, or within `max_delay_s` of the first one, join the
     next batch, up to `max_batch`. A failed run fails every item in it and nothing else.
+
+    Admission is bounded: when `queue_size` inputs already wait, `submit` raises `Overloaded` (503 with
+    `Retry-After`) instead of queueing; an input once admitted always gets its output or its batch's error.
+    `niceness` > 0 runs the batcher's thread that many steps below normal CPU priority (bulk work that
+    must yield the cores to interactive queries).
     """
 
     def __init__(
@@ -53,6 +73,7 @@ class Batcher(Generic[In, Out]):
         max_batch: int,
         max_delay_s: float = 0.002,
         queue_size: int = 256,
+        niceness: int = 0,
         on_batch: Callable[[str, int, float], None] | None = None,
     ) -> None:
         self.name = name
@@ -64,7 +85,8 @@ class Batcher(Generic[In, Out]):
         self._run = run
         self._on_batch = on_batch
         self._queue: asyncio.Queue[_Item[In, Out]] = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}",
+                                            initializer=lower_thread_priority, initargs=(niceness,))
         self._closing = False
         self._task: asyncio.Task[None] | None = None
 
@@ -82,13 +104,16 @@ class Batcher(Generic[In, Out]):
         """Queue several inputs at once (all admitted or none) and wait for their outputs, in order."""
         if self._closing:
             raise ShuttingDown(f"{self.name} is shutting down")
-        if self._queue.qsize() + len(payloads) > self.queue_size and self._queue.qsize() > 0:
-            raise Overloaded(f"{self.name}: queue full ({self._queue.qsize()} waiting); retry later")
+        waiting = self._queue.qsize()
+        if waiting + len(payloads) > self.queue_size and waiting > 0:  # one oversized call alone is admitted
+            self.stats.rejected += len(payloads)
+            raise Overloaded(f"{self.name}: queue full ({waiting} waiting); retry later")
         self._ensure_started()
         loop = asyncio.get_running_loop()
         items = [_Item[In, Out](payload, loop.create_future()) for payload in payloads]
         for item in items:
             self._queue.put_nowait(item)
+        self.stats.peak_depth = max(self.stats.peak_depth, self._queue.qsize())
         return list(await asyncio.gather(*(item.future for item in items)))
 
     async def close(self) -> None:
@@ -132,6 +157,7 @@ class Batcher(Generic[In, Out]):
             return
         started = time.monotonic()
         self.running_since = started
+        self.stats.waited_s += sum(started - item.queued_at for item in live)
         try:
             outputs = await loop.run_in_executor(self._executor, self._run, [i.payload for i in live])
             if len(outputs) != len(live):
@@ -150,5 +176,6 @@ class Batcher(Generic[In, Out]):
         self.stats.batches += 1
         self.stats.items += len(live)
         self.stats.last_batch_size = len(live)
+        self.stats.sizes[len(live)] += 1
         if self._on_batch is not None:
             self._on_batch(self.name, len(live), time.monotonic() - started)

@@ -119,6 +119,8 @@ class Settings:
     max_batch_face_detection: int = 4
     batch_delay_ms: float = 2.0
     queue_size: int = 256
+    batching: bool = True
+    bulk_niceness: int = 10
     provider: Provider = Provider.AUTO
     provider_strict: bool = False
     gpu_mem_limit: int | None = None
@@ -177,6 +179,8 @@ class Settings:
         put("max_batch_face_detection", _PREFIX + "MAX_BATCH_SIZE__FACE_DETECTION", _positive)
         put("batch_delay_ms", _PREFIX + "BATCH_DELAY_MS", float)
         put("queue_size", _PREFIX + "QUEUE_SIZE", _positive)
+        put("batching", _PREFIX + "BATCHING", _parse_bool)
+        put("bulk_niceness", _PREFIX + "BULK_NICENESS", _niceness)
         put("provider", "ONNXRUNTIME_PROVIDER", Provider)
         put("provider", _PREFIX + "PROVIDER", Provider)
         put("provider_strict", _PREFIX + "PROVIDER_STRICT", _parse_bool)
@@ -275,6 +279,13 @@ def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise ValueError("must be 0 or more")
+    return value
+
+
+def _niceness(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 19:
+        raise ValueError("must be 0 (off) to 19")
     return value
 
 

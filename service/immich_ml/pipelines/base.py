@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from immich_ml.batcher import Batcher
-from immich_ml.concurrency import Workers
+from immich_ml.concurrency import Workers, in_background_thread
 from immich_ml.domain import ModelKey, ModelType
 from immich_ml.sessions import OnnxSession, SessionFactory
 from immich_ml.settings import Settings
@@ -35,21 +35,29 @@ class Runtime:
     workers: Workers
     on_batch: Callable[[str, int, float], None] | None = None
 
-    def batcher(self, name: str, run: Callable[[list[In]], Sequence[Out]], *, max_batch: int) -> Batcher[In, Out]:
-        """A batcher for one session, with the configured delay, queue size and metrics hook."""
-        return Batcher(name, run, max_batch=max_batch, max_delay_s=self.settings.batch_delay_ms / 1000,
-                       queue_size=self.settings.queue_size, on_batch=self.on_batch)
+    def batcher(self, name: str, run: Callable[[list[In]], Sequence[Out]], *, max_batch: int,
+                niceness: int = 0) -> Batcher[In, Out]:
+        """A batcher for one session, with the configured delay, queue size and metrics hook.
+
+        With batching turned off (MACHINE_LEARNING_BATCHING=false) every batch holds one input.
+        """
+        return Batcher(name, run, max_batch=max_batch if self.settings.batching else 1,
+                       max_delay_s=self.settings.batch_delay_ms / 1000, queue_size=self.settings.queue_size,
+                       niceness=niceness, on_batch=self.on_batch)
 
 
 class InferenceModel(ABC):
     """One model of one task and type: its files, its session, and its pre- and post-processing.
 
     `load` is blocking and runs in a worker thread; `predict` runs on the event loop and sends every
-    blocking step to the workers or to the model's batcher.
+    blocking step to the workers or to the model's batcher. Models that serve a waiting user set
+    `interactive`; the others (bulk indexing) run their inference threads at a lower CPU priority
+    (MACHINE_LEARNING_BULK_NICENESS), so a search query is not stuck behind a library scan.
     """
 
     input_kind: ClassVar[Literal["image", "text"]] = "image"
     depends_on: ClassVar[ModelType | None] = None
+    interactive: ClassVar[bool] = False
 
     def __init__(self, key: ModelKey, model_dir: Path, runtime: Runtime) -> None:
         self.key = key
@@ -77,13 +85,23 @@ class InferenceModel(ABC):
                     stage: str = "") -> Batcher[In, Out]:
         """A batcher for one of this model's session runs; closed with the model."""
         name = f"{self.key}{'/' + stage if stage else ''}"
-        batcher = self.runtime.batcher(name, run, max_batch=max_batch)
+        batcher = self.runtime.batcher(name, run, max_batch=max_batch, niceness=self.niceness)
         self.batchers.append(batcher)
         return batcher
 
+    @property
+    def niceness(self) -> int:
+        """How many steps below normal CPU priority this model's inference threads run."""
+        return 0 if self.interactive else self.runtime.settings.bulk_niceness
+
+    def create_session(self, path: Path, *, cache_key: str) -> OnnxSession:
+        """A session whose inference threads run at this model's CPU priority. Blocking."""
+        return in_background_thread(lambda: self.runtime.sessions.create(path, cache_key=cache_key),
+                                    self.niceness)
+
     def load(self) -> None:
         """Read the model's files and create its session(s). Blocking."""
-        self.session = self.runtime.sessions.create(self.model_path, cache_key=str(self.key))
+        self.session = self.create_session(self.model_path, cache_key=str(self.key))
         self.configure()
 
     def configure(self) -> None:

@@ -88,6 +88,7 @@ class ClipTextual(InferenceModel):
     """Text encoder: OpenCLIP (`text`) or M-CLIP (`input_ids` + `attention_mask`), told apart by the graph."""
 
     input_kind = "text"
+    interactive = True
 
     def configure(self) -> None:
         config = json.loads((self.model_dir.parent / "config.json").read_text())
