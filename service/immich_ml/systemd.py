@@ -21,10 +21,7 @@ class Notifier:
     def __init__(self, address: str | None, *, watchdog_usec: int | None = None) -> None:
         self.address = "\0" + address[1:] if address and address.startswith("@") else address
         self.watchdog_usec = watchdog_usec
-        self._socket: socket.socket | None = None
-        if self.address:
-            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self._socket.setblocking(False)
+        self._socket: socket.socket | None = None  # opened on the first send
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Notifier:
@@ -39,7 +36,7 @@ class Notifier:
     @property
     def enabled(self) -> bool:
         """Whether a notification socket was given."""
-        return self._socket is not None
+        return bool(self.address)
 
     @property
     def watchdog_interval_s(self) -> float | None:
@@ -48,15 +45,18 @@ class Notifier:
 
     def send(self, *lines: str) -> None:
         """Send one message made of `lines` (e.g. `"READY=1"`, `"STATUS=…"`); failures are logged, not raised."""
-        if self._socket is None or not lines:
+        if not self.address or not lines:
             return
+        if self._socket is None:
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._socket.setblocking(False)
         try:
             self._socket.sendto("\n".join(lines).encode(), self.address)
         except OSError as error:
             log.debug("sd_notify to %s failed: %s", self.address, error)
 
     def close(self) -> None:
-        """Close the socket; later sends do nothing."""
+        """Close the socket (a later send opens it again)."""
         if self._socket is not None:
             self._socket.close()
             self._socket = None
