@@ -8,6 +8,7 @@ import time
 
 import orjson
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import BadHttpMessage
 
 import onnxruntime as ort
 
@@ -100,7 +101,7 @@ async def _read_form(request: web.Request) -> PredictInput:
                 continue  # nested multiparts and unknown fields are ignored, like upstream
             part_limit = limit if part.name == "image" else _TEXT_LIMIT
             fields[part.name] = await _read_part(part, part_limit)
-    except (ValueError, AssertionError) as error:  # aiohttp's multipart parser raises these on bad bodies
+    except (ValueError, AssertionError, BadHttpMessage) as error:  # aiohttp's multipart parser on bad bodies
         raise BadRequest(f"Malformed multipart body: {error}") from None
     if "entries" not in fields:
         raise InvalidEntries("Invalid request format. The 'entries' field is required.")
