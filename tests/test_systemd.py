@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,3 +140,20 @@ def test_wedged_inference_withholds_watchdog_pings_until_it_finishes(
     notify.receive_until(lambda message: message == "WATCHDOG=1", timeout_s=5)  # pings resume
     slow.join(30)
     assert daemon.stop() == 0
+
+
+def test_log_lines_carry_journald_priorities_only_on_the_journal_stream(tmp_path: Path) -> None:
+    script = ("import logging; from immich_ml.log import setup_logging; setup_logging('INFO', no_color=False); "
+              "logging.getLogger('immich_ml.test').error('boom'); logging.getLogger('immich_ml.test').info('fine')")
+    lines = {}
+    for journal in (True, False):
+        out = tmp_path / f"stderr-{journal}"
+        with out.open("wb") as stderr:
+            stat = os.fstat(stderr.fileno())
+            env = {key: value for key, value in os.environ.items() if key != "JOURNAL_STREAM"}
+            if journal:
+                env["JOURNAL_STREAM"] = f"{stat.st_dev}:{stat.st_ino}"
+            subprocess.run([sys.executable, "-c", script], env=env, stderr=stderr, check=True)
+        lines[journal] = out.read_text().splitlines()
+    assert lines[True] == ["<3>ERROR immich_ml.test: boom", "<6>INFO immich_ml.test: fine"]
+    assert lines[False] == ["ERROR immich_ml.test: boom", "INFO immich_ml.test: fine"]  # no colour: not a TTY

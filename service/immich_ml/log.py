@@ -3,32 +3,49 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 __all__ = ["setup_logging"]
 
 _COLOURS = {"DEBUG": "\033[36m", "INFO": "\033[32m", "WARNING": "\033[33m", "ERROR": "\033[31m",
             "CRITICAL": "\033[41m"}
+_PRIORITIES = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}  # syslog levels, for journald
 
 
 class _Formatter(logging.Formatter):
-    def __init__(self, *, colour: bool, timestamps: bool) -> None:
+    def __init__(self, *, colour: bool, timestamps: bool, journal: bool) -> None:
         fmt = "%(asctime)s " if timestamps else ""
         super().__init__(fmt + "%(levelname)s %(name)s: %(message)s")
         self.colour = colour
+        self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         if self.colour:
             return f"{_COLOURS.get(record.levelname, '')}{text}\033[0m"
+        if self.journal:  # journald reads a "<N>" prefix as the line's priority (journalctl -p works)
+            return f"<{_PRIORITIES.get(record.levelname, 6)}>{text}"
         return text
 
 
+def _stderr_is_journal() -> bool:
+    """Whether stderr is the journald stream systemd connected ($JOURNAL_STREAM names its device:inode)."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        stat = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return device.isdigit() and inode.isdigit() and (stat.st_dev, stat.st_ino) == (int(device), int(inode))
+
+
 def setup_logging(level: str, *, no_color: bool) -> None:
-    """Log to stderr: plain lines without timestamps under journald, colour only on a terminal."""
+    """Log to stderr: colour and timestamps only on a terminal (NO_COLOR turns colour off); under journald,
+    plain lines with a priority prefix."""
     on_terminal = sys.stderr.isatty()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(colour=on_terminal and not no_color, timestamps=on_terminal))
+    handler.setFormatter(_Formatter(colour=on_terminal and not no_color, timestamps=on_terminal,
+                                    journal=_stderr_is_journal()))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
