@@ -89,9 +89,23 @@ async def predict(request: web.Request) -> web.Response:
 
 
 async def _read_form(request: web.Request) -> PredictInput:
-    """Read `entries` and `image`/`text` from the multipart body, enforcing the size limits."""
-    if not request.content_type.startswith("multipart/"):
+    """Read `entries` and `image`/`text` from the form body, enforcing the size limits."""
+    if request.content_type == "application/x-www-form-urlencoded":  # text queries from simple clients
+        form = await request.post()
+        fields = {name: str(value).encode() for name, value in form.items() if name in ("entries", "text")}
+    elif request.content_type.startswith("multipart/"):
+        fields = await _read_multipart(request)
+    else:
         raise InvalidEntries("Invalid request format. Expected multipart/form-data with an 'entries' part.")
+    if "entries" not in fields:
+        raise InvalidEntries("Invalid request format. The 'entries' field is required.")
+    if "image" not in fields and "text" not in fields:
+        raise BadRequest("Either image or text must be provided")
+    text = fields["text"].decode("utf-8", errors="replace") if "text" in fields else None
+    return PredictInput(entries=fields["entries"], image=fields.get("image"), text=text)
+
+
+async def _read_multipart(request: web.Request) -> dict[str, bytes]:
     limit = request.app[SETTINGS].max_body_size
     fields: dict[str, bytes] = {}
     try:
@@ -99,16 +113,10 @@ async def _read_form(request: web.Request) -> PredictInput:
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader) or part.name not in ("entries", "image", "text"):
                 continue  # nested multiparts and unknown fields are ignored, like upstream
-            part_limit = limit if part.name == "image" else _TEXT_LIMIT
-            fields[part.name] = await _read_part(part, part_limit)
+            fields[part.name] = await _read_part(part, limit if part.name == "image" else _TEXT_LIMIT)
     except (ValueError, AssertionError, BadHttpMessage) as error:  # aiohttp's multipart parser on bad bodies
         raise BadRequest(f"Malformed multipart body: {error}") from None
-    if "entries" not in fields:
-        raise InvalidEntries("Invalid request format. The 'entries' field is required.")
-    if "image" not in fields and "text" not in fields:
-        raise BadRequest("Either image or text must be provided")
-    text = fields["text"].decode("utf-8", errors="replace") if "text" in fields else None
-    return PredictInput(entries=fields["entries"], image=fields.get("image"), text=text)
+    return fields
 
 
 async def _read_part(part: BodyPartReader, limit: int) -> bytes:

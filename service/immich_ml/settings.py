@@ -121,6 +121,7 @@ class Settings:
     queue_size: int = 256
     batching: bool = True
     bulk_niceness: int = 10
+    thread_spinning: bool = False
     provider: Provider = Provider.AUTO
     provider_strict: bool = False
     gpu_mem_limit: int | None = None
@@ -133,6 +134,8 @@ class Settings:
     hf_organization: str = "immich-app"
     hf_revision: str = "main"
     ocr_model_base_url: str | None = None
+    hf_endpoint: str | None = None
+    hf_offline: bool = False
     max_body_size: int = 128 * 1024**2
     max_image_pixels: int = 100_000_000
     allowed_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -181,6 +184,7 @@ class Settings:
         put("queue_size", _PREFIX + "QUEUE_SIZE", _positive)
         put("batching", _PREFIX + "BATCHING", _parse_bool)
         put("bulk_niceness", _PREFIX + "BULK_NICENESS", _niceness)
+        put("thread_spinning", _PREFIX + "MODEL_THREAD_SPINNING", _parse_bool)
         put("provider", "ONNXRUNTIME_PROVIDER", Provider)
         put("provider", _PREFIX + "PROVIDER", Provider)
         put("provider_strict", _PREFIX + "PROVIDER_STRICT", _parse_bool)
@@ -196,6 +200,8 @@ class Settings:
         put("hf_organization", _PREFIX + "MODEL_ORGANIZATION", str.strip)
         put("hf_revision", _PREFIX + "MODEL_REVISION", str.strip)
         put("ocr_model_base_url", _PREFIX + "OCR_MODEL_BASE_URL", str.strip)
+        put("hf_endpoint", "HF_ENDPOINT", lambda text: text.strip().rstrip("/"))
+        put("hf_offline", "HF_HUB_OFFLINE", _parse_bool)
         put("max_body_size", _PREFIX + "MAX_BODY_SIZE", parse_size)
         put("max_image_pixels", _PREFIX + "MAX_IMAGE_PIXELS", _positive)
         put("allowed_clients", _PREFIX + "ALLOWED_CLIENTS", _parse_networks)

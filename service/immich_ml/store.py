@@ -157,8 +157,10 @@ class ModelStore:
             f"{self.settings.hf_organization}/{key.name}",
             revision=self.settings.hf_revision,
             local_dir=model_dir.parent,
-            allow_patterns=[f"{key.type}/*", "*.json"],
+            allow_patterns=[f"{key.type}/*", "config.json"],
             ignore_patterns=_IGNORED,
+            endpoint=self.settings.hf_endpoint,
+            local_files_only=self.settings.hf_offline,
         )
 
     def _unavailable_message(self, key: ModelKey, reason: object) -> str:
