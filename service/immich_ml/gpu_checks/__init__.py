@@ -1,0 +1,1 @@
+"""The checks behind `immich-gpu-check`: one module per layer (NVML, systemd, onnxruntime, HTTP API)."""
