@@ -249,3 +249,13 @@ async def test_a_flood_gets_results_or_503_and_nothing_else(
     stats = client.app[REGISTRY].loaded()[VISUAL_KEY].batchers[0].stats
     assert stats.rejected == statuses.count(503)
     assert stats.items == len(images) + statuses.count(200)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, "0"), ("true", "1")])
+def test_idle_inference_threads_sleep_unless_spinning_is_asked_for(
+        tmp_path: Path, value: str | None, expected: str) -> None:
+    model = modelgen.write_clip(tmp_path, "ViT-B-32__openai") / "visual" / "model.onnx"
+    env = {"MACHINE_LEARNING_PROVIDER": "cpu"} | ({"MACHINE_LEARNING_MODEL_THREAD_SPINNING": value} if value else {})
+    session = SessionFactory(Settings.from_env(env)).create(model, cache_key="clip/visual")
+    options = session._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == expected

@@ -123,6 +123,11 @@ class SessionFactory:
         options.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if inter > 1
                                   else ort.ExecutionMode.ORT_SEQUENTIAL)
         options.enable_cpu_mem_arena = self.settings.model_arena
+        # Idle ONNX Runtime threads spin by default; on few cores that steals time from decoding and other
+        # sessions (measured in docs/benchmarks.md), so they sleep unless MODEL_THREAD_SPINNING is set.
+        spinning = "1" if self.settings.thread_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         return options
 
