@@ -259,3 +259,29 @@ def test_idle_inference_threads_sleep_unless_spinning_is_asked_for(
     session = SessionFactory(Settings.from_env(env)).create(model, cache_key="clip/visual")
     options = session._session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == expected
+
+
+async def test_a_lone_caller_does_not_wait_for_the_delay() -> None:
+    run = GatedRun()
+    run.release()
+    batcher = Batcher("test", run, max_batch=8, max_delay_s=600)
+    assert await asyncio.wait_for(batcher.submit(1), timeout=60) == 10
+    assert await asyncio.wait_for(batcher.submit(2), timeout=60) == 20
+    assert run.batches == [[1], [2]]
+    await batcher.close()
+
+
+async def test_after_overlapping_requests_the_batcher_waits_for_more() -> None:
+    run = GatedRun()
+    batcher = Batcher("test", run, max_batch=3, max_delay_s=600)
+    first = await start_blocked(batcher, run)
+    second = asyncio.create_task(batcher.submit(1))  # arrives while a batch runs: requests overlap
+    await queued(batcher, 1)
+    run.release()
+    assert await first == 0
+    while batcher.stats.batches < 1:  # the second batch now holds input 1 open for more
+        await asyncio.sleep(0)
+    rest = [asyncio.create_task(batcher.submit(i)) for i in (2, 3)]
+    assert await asyncio.gather(second, *rest) == [10, 20, 30]
+    assert run.batches == [[0], [1, 2, 3]]
+    await batcher.close()

@@ -57,7 +57,9 @@ class Batcher(Generic[In, Out]):
     `run` is blocking: it gets a list of inputs and returns one output per input, in order. It runs in
     the batcher's own thread, so one session never runs two batches at once and the event loop never
     blocks. Items that arrive while a batch runs, or within `max_delay_s` of the first one, join the
-    next batch, up to `max_batch`. A failed run fails every item in it and nothing else.
+    next batch, up to `max_batch`. The delay applies only while requests overlap (one arrived during the
+    last run, or others already wait), so a lone caller never pays it. A failed run fails every item in it
+    and nothing else.
 
     Admission is bounded: when `queue_size` inputs already wait, `submit` raises `Overloaded` (503 with
     `Retry-After`) instead of queueing; an input once admitted always gets its output or its batch's error.
@@ -88,6 +90,7 @@ class Batcher(Generic[In, Out]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}",
                                             initializer=lower_thread_priority, initargs=(niceness,))
         self._closing = False
+        self._overlapping = False
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -108,6 +111,7 @@ class Batcher(Generic[In, Out]):
         if waiting + len(payloads) > self.queue_size and waiting > 0:  # one oversized call alone is admitted
             self.stats.rejected += len(payloads)
             raise Overloaded(f"{self.name}: queue full ({waiting} waiting); retry later")
+        self._overlapping |= self.running_since is not None
         self._ensure_started()
         loop = asyncio.get_running_loop()
         items = [_Item[In, Out](payload, loop.create_future()) for payload in payloads]
@@ -123,6 +127,7 @@ class Batcher(Generic[In, Out]):
             await self._queue.join()
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None  # the cancelled task's traceback would keep this batcher and its model alive
         self._executor.shutdown(wait=True)
 
     def _ensure_started(self) -> None:
@@ -133,7 +138,8 @@ class Batcher(Generic[In, Out]):
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
-            deadline = loop.time() + self.max_delay_s
+            wait_for_more = self._overlapping or not self._queue.empty()
+            deadline = loop.time() + (self.max_delay_s if wait_for_more else 0.0)
             while len(batch) < self.max_batch:
                 if self._queue.empty():
                     remaining = deadline - loop.time()
@@ -145,6 +151,7 @@ class Batcher(Generic[In, Out]):
                         break
                 else:
                     batch.append(self._queue.get_nowait())
+            self._overlapping = False
             try:
                 await self._run_batch(loop, batch)
             finally:
