@@ -12,6 +12,7 @@ import pytest
 
 from tests import modelgen
 from tests.conftest import ClientFactory, predict_form
+from tests.daemonproc import Daemon
 
 VISUAL = '{"clip":{"visual":{"modelName":"ViT-B-32__openai"}}}'
 TEXTUAL = '{"clip":{"textual":{"modelName":"ViT-B-32__openai","options":{"language":"de"}}}}'
@@ -168,10 +169,20 @@ async def test_unknown_path_and_method(make_client: ClientFactory) -> None:
         assert resp.status == 405
 
 
-async def test_keep_alive_is_at_least_five_seconds(make_client: ClientFactory) -> None:
-    client = await make_client()
-    assert client.server.runner is not None
-    assert client.server.runner._kwargs.get("keepalive_timeout", 75) >= 5 or True
+def test_idle_keep_alive_connection_survives_five_seconds(tmp_path: Path, clip_cache: Path) -> None:
+    """Node's client reuses sockets idle for up to ~4 s; the daemon must not close them first."""
+    daemon = Daemon(tmp_path, clip_cache)
+    try:
+        daemon.wait_ready()
+        connection = daemon.connection()
+        connection.request("GET", "/ping")
+        assert connection.getresponse().read() == b"pong"
+        time.sleep(5.2)  # the idle period under test, not synchronisation
+        connection.request("GET", "/ping")
+        assert connection.getresponse().read() == b"pong"
+        connection.close()
+    finally:
+        assert daemon.stop() == 0
 
 
 async def test_health_reports_ready_and_loaded_models(make_client: ClientFactory, clip_cache: Path) -> None:
@@ -191,15 +202,17 @@ async def test_ping_answers_quickly_while_inference_runs(
 ) -> None:
     modelgen.write_clip(cache, "ViT-B-32__openai", image_size=896)  # a larger graph: slower inference
     client = await make_client()
-    entries = VISUAL
-    inflight = [asyncio.ensure_future(client.post("/predict", data=predict_form(entries, image=jpeg)))
-                for _ in range(6)]
-    worst = 0.0
+    inflight = [asyncio.ensure_future(client.post("/predict", data=predict_form(VISUAL, image=jpeg)))
+                for _ in range(8)]
+    latencies = []
     while not all(task.done() for task in inflight):
         started = time.perf_counter()
         async with client.get("/ping") as resp:
             assert resp.status == 200
-        worst = max(worst, time.perf_counter() - started)
+        latencies.append(time.perf_counter() - started)
     for task in inflight:
         assert (await task).status == 200
-    assert worst < 0.05, f"/ping took {worst * 1000:.1f} ms while inference ran"
+    assert len(latencies) >= 10, "inference finished too fast to observe /ping during it"
+    # The 90th percentile, so one scheduling hiccup of a loaded CI machine does not decide the test.
+    p90 = sorted(latencies)[int(len(latencies) * 0.9)]
+    assert p90 < 0.05, f"/ping p90 {p90 * 1000:.1f} ms while inference ran"
