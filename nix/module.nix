@@ -87,7 +87,9 @@ let
       MACHINE_LEARNING_MODEL_INTRA_OP_THREADS = toString cfg.threads.intraOp;
     }
     // lib.optionalAttrs (cfg.allowedClients != [ ]) {
-      MACHINE_LEARNING_ALLOWED_CLIENTS = lib.concatStringsSep "," cfg.allowedClients;
+      # The daemon implies nothing; the module keeps loopback allowed so local checks
+      # (immich-gpu-check, curl on the host) keep working.
+      MACHINE_LEARNING_ALLOWED_CLIENTS = lib.concatStringsSep "," (cfg.allowedClients ++ [ "127.0.0.0/8" "::1/128" ]);
     }
     // lib.optionalAttrs gpu {
       MACHINE_LEARNING_DEVICE_IDS = commaList cfg.gpu.deviceIds;

@@ -43,7 +43,7 @@ def jpeg() -> bytes:
 async def test_missing_model_is_downloaded_into_upstream_layout(
     make_client: ClientFactory, hub: Any, cache: Path, jpeg: bytes
 ) -> None:
-    client = await make_client(hf_endpoint=hub.endpoint)
+    client = await make_client(hf_endpoint=hub.endpoint, hf_offline=False)
     async with client.post("/predict", data=predict_form(VISUAL, image=jpeg)) as resp:
         assert resp.status == 200
     assert (cache / "clip/ViT-B-32__openai/visual/model.onnx").is_file()
@@ -54,7 +54,7 @@ async def test_missing_model_is_downloaded_into_upstream_layout(
 async def test_concurrent_requests_cause_one_download(
     make_client: ClientFactory, hub: Any, jpeg: bytes
 ) -> None:
-    client = await make_client(hf_endpoint=hub.endpoint)
+    client = await make_client(hf_endpoint=hub.endpoint, hf_offline=False)
     responses = await asyncio.gather(*(client.post("/predict", data=predict_form(VISUAL, image=jpeg))
                                        for _ in range(5)))
     assert [r.status for r in responses] == [200] * 5
@@ -65,7 +65,7 @@ async def test_interrupted_download_leaves_no_complete_looking_file(
     make_client: ClientFactory, hub: Any, cache: Path, jpeg: bytes
 ) -> None:
     hub.truncations["visual/model.onnx"] = 10  # more than the hub client's own retries
-    client = await make_client(hf_endpoint=hub.endpoint)
+    client = await make_client(hf_endpoint=hub.endpoint, hf_offline=False)
     async with client.post("/predict", data=predict_form(VISUAL, image=jpeg)) as resp:
         assert resp.status == 503
     assert not (cache / "clip/ViT-B-32__openai/visual/model.onnx").exists()
@@ -78,7 +78,7 @@ async def test_a_transfer_cut_once_is_resumed_to_the_exact_file(
     make_client: ClientFactory, hub: Any, cache: Path, jpeg: bytes
 ) -> None:
     hub.truncations["visual/model.onnx"] = 1
-    client = await make_client(hf_endpoint=hub.endpoint)
+    client = await make_client(hf_endpoint=hub.endpoint, hf_offline=False)
     async with client.post("/predict", data=predict_form(VISUAL, image=jpeg)) as resp:
         assert resp.status == 200
     source = hub.repos["immich-app/ViT-B-32__openai"] / "visual/model.onnx"
@@ -91,7 +91,7 @@ async def test_corrupt_cached_model_is_removed_and_downloaded_again(
     model = cache / "clip/ViT-B-32__openai/visual/model.onnx"
     modelgen.write_clip(cache, "ViT-B-32__openai")
     model.write_bytes(b"definitely not protobuf")
-    client = await make_client(hf_endpoint=hub.endpoint)
+    client = await make_client(hf_endpoint=hub.endpoint, hf_offline=False)
     async with client.post("/predict", data=predict_form(VISUAL, image=jpeg)) as resp:
         assert resp.status == 200
     assert hub.downloads["immich-app/ViT-B-32__openai/visual/model.onnx"] == 1
@@ -102,7 +102,7 @@ async def test_model_corrupt_on_the_hub_too_fails_clearly_and_fast(
     make_client: ClientFactory, hub: Any, jpeg: bytes
 ) -> None:
     (hub.repos["immich-app/ViT-B-32__openai"] / "visual/model.onnx").write_bytes(b"broken")
-    client = await make_client(hf_endpoint=hub.endpoint)
+    client = await make_client(hf_endpoint=hub.endpoint, hf_offline=False)
     for _ in range(2):
         async with client.post("/predict", data=predict_form(VISUAL, image=jpeg)) as resp:
             assert resp.status == 500

@@ -222,7 +222,7 @@ let
         "localhost"
         "192.168.1.10/32"
       ];
-    remoteAppAllowlist = (env remote).MACHINE_LEARNING_ALLOWED_CLIENTS == "192.168.1.10/32";
+    remoteAppAllowlist = (env remote).MACHINE_LEARNING_ALLOWED_CLIENTS == "192.168.1.10/32,127.0.0.0/8,::1/128";
     remoteIPFilterCanBeOff =
       (sc (eval {
         imports = [ { services.immich-ml.allowedClients = [ "10.0.0.0/8" ]; } ];

@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 
+from immich_ml.catalog import cache_name
 from immich_ml.domain import ModelKey, ModelType, Task, clean_name
 from immich_ml.errors import DependencyMissing, InvalidEntries
 
@@ -89,4 +90,6 @@ def _entry(task: Task, type_name: str, spec: Any) -> Entry:
     options = spec.get("options", {})
     if not isinstance(name, str) or not name.strip() or not isinstance(options, dict):
         raise InvalidEntries(_INVALID)
-    return Entry(ModelKey(task, ModelType(type_name), clean_name(name.strip())), options)
+    key = ModelKey(task, ModelType(type_name), clean_name(name.strip()))
+    # Models that share files share one loaded instance (OCR detection is the same for every language).
+    return Entry(ModelKey(key.task, key.type, cache_name(key)), options)

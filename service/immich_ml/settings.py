@@ -227,6 +227,9 @@ class Settings:
         """Reject combinations no single variable can catch."""
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError(f"{_PREFIX}TLS_CERT and {_PREFIX}TLS_KEY must be set together")
+        if self.hf_revision != "main":
+            raise ConfigError(f"{_PREFIX}MODEL_REVISION={self.hf_revision!r}: only 'main' (the fp32 exports "
+                              "Immich releases use) is supported")
         if not self.device_ids:
             raise ConfigError(f"{_PREFIX}DEVICE_IDS: needs at least one device id")
 
