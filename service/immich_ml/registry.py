@@ -121,27 +121,37 @@ class ModelRegistry:
                                "models in docs/models.md, or place an export at " + str(self.store.model_dir(key)))
         if (failure := self._failures.get(key)) and time.monotonic() - failure[0] < _FAILURE_MEMORY_S:
             raise ModelLoadFailed(f"Failed to load model '{key.name}': {failure[1]} (retrying later)")
-        workers = self.runtime.workers
-        for attempt in (1, 2):
-            model_dir = await workers.run(self.store.ensure, key)
-            model = model_class(key, model_dir, self.runtime)
+        try:
+            model = await self._load_files(model_class, key)
+        except _CorruptModel as error:
+            log.warning("failed to load %s (%s); clearing its cache and downloading it again", key, error.__cause__)
+            await self.runtime.workers.run(self.store.remove_type, key)
             try:
-                await workers.run(model.load)
-            except ProviderError as error:
-                raise ModelLoadFailed(f"Failed to load model '{key.name}': {error}") from error
-            except ImmichMLError:
-                raise
-            except Exception as error:
-                await model.close()
-                if attempt == 1:
-                    log.warning("failed to load %s (%s); clearing its cache and downloading it again", key, error)
-                    await workers.run(self.store.remove_type, key)
-                    continue
-                self._failures[key] = (time.monotonic(), str(error))
-                raise ModelLoadFailed(f"Failed to load model '{key.name}': {error}") from error
-            self._failures.pop(key, None)
-            return model
-        raise AssertionError("unreachable")
+                model = await self._load_files(model_class, key)
+            except _CorruptModel as error:
+                self._failures[key] = (time.monotonic(), str(error.__cause__))
+                raise ModelLoadFailed(f"Failed to load model '{key.name}': {error.__cause__}") from error
+        self._failures.pop(key, None)
+        return model
+
+    async def _load_files(self, model_class: type[InferenceModel], key: ModelKey) -> InferenceModel:
+        """Find or download the files and create the model; unreadable files raise `_CorruptModel`."""
+        workers = self.runtime.workers
+        model = model_class(key, await workers.run(self.store.ensure, key), self.runtime)
+        try:
+            await workers.run(model.load)
+        except ProviderError as error:  # a configuration problem: the files are fine, keep them
+            raise ModelLoadFailed(f"Failed to load model '{key.name}': {error}") from error
+        except ImmichMLError:
+            raise
+        except Exception as error:
+            await model.close()
+            raise _CorruptModel from error
+        return model
+
+
+class _CorruptModel(Exception):
+    """The model's files exist but do not load; the cause says why."""
 
 
 def _return_memory() -> None:
