@@ -97,7 +97,7 @@ def test_daemon_reports_ready_status_watchdog_and_stopping_in_order(
 
 def test_sigterm_during_slow_inference_returns_its_result_and_exits_0(
         tmp_path: Path, notify: NotifySocket, daemons: list[Daemon]) -> None:
-    write_slow_clip(tmp_path / "cache", SLOW)
+    write_slow_clip(tmp_path / "cache", SLOW, iterations=2000)  # still running when SIGTERM arrives
     daemon = Daemon(tmp_path, tmp_path / "cache", {"NOTIFY_SOCKET": str(notify.path)})
     daemons.append(daemon)
     daemon.wait_ready()
@@ -122,7 +122,8 @@ def test_sigterm_during_slow_inference_returns_its_result_and_exits_0(
 
 def test_wedged_inference_withholds_watchdog_pings_until_it_finishes(
         tmp_path: Path, notify: NotifySocket, daemons: list[Daemon]) -> None:
-    write_slow_clip(tmp_path / "cache", SLOW)
+    # About 1.5 s per inference on a quiet 2-core machine: well over the 0.3 s stall limit below.
+    write_slow_clip(tmp_path / "cache", SLOW, iterations=2000)
     daemon = Daemon(tmp_path, tmp_path / "cache", {
         "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000",
         "MACHINE_LEARNING_WATCHDOG_INFERENCE_TIMEOUT_S": "0.3"})
