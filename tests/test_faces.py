@@ -12,6 +12,8 @@ import cv2
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient
+from PIL import Image
+
 from immich_ml.appkeys import REGISTRY
 from immich_ml.concurrency import Workers
 from immich_ml.domain import ModelKey, ModelType, Task
@@ -20,8 +22,6 @@ from immich_ml.pipelines.base import InferenceModel, Runtime
 from immich_ml.pipelines.faces import FaceDetector, FaceRecognizer
 from immich_ml.sessions import SessionFactory
 from immich_ml.settings import Settings
-from PIL import Image
-
 from tests import modelgen
 from tests.conftest import ClientFactory, predict_form
 from tests.facemodels import write_batched_scrfd

@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper
+
 from immich_ml import gpu_check
 from immich_ml.gpu_checks import graphs
 from immich_ml.gpu_checks.archs import OFFICIAL_BUILDS, ArchSet, judge, parse_archs
 from immich_ml.sessions import SessionFactory
 from immich_ml.settings import Provider, Settings
-from onnx import TensorProto, helper
-
 from tests.conftest import ClientFactory
 from tests.fakes.host import ALL_MODULES, CDI_UNIT, IMMICH_UNIT, FakeHost
 

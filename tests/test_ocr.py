@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from PIL import Image, ImageDraw, ImageFont
+
 from immich_ml.domain import ModelKey, ModelType, Task
 from immich_ml.ocr_boxes import (
     DetectionParams,
@@ -26,8 +28,6 @@ from immich_ml.ocr_boxes import (
 from immich_ml.ocr_download import DownloadFailed, fetch_verified, pinned_file
 from immich_ml.ocr_text import ctc_decode, load_charset
 from immich_ml.settings import Preprocessing
-from PIL import Image, ImageDraw, ImageFont
-
 from tests import modelgen
 from tests.conftest import ClientFactory, predict_form
 

@@ -6,11 +6,10 @@ import logging
 import os
 import time
 
+import onnxruntime as ort
 import orjson
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
-
-import onnxruntime as ort
 
 from immich_ml.appkeys import PREDICTOR, REGISTRY, SETTINGS, STATE
 from immich_ml.errors import BadRequest, InvalidEntries, PayloadTooLarge, ShuttingDown
