@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from immich_ml.appkeys import PREDICTOR, REGISTRY, SETTINGS, STATE
 from immich_ml.concurrency import Workers
@@ -27,7 +28,6 @@ __all__ = ["create_app", "preload_keys"]
 
 log = logging.getLogger("immich_ml.server")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware
@@ -59,7 +59,7 @@ def preload_keys(settings: Settings) -> list[ModelKey]:
 def create_app(settings: Settings, *, sessions: SessionFactory | None = None) -> web.Application:
     """The application; models load in the background after start-up, never at import time."""
     metrics = Metrics()
-    middlewares = [metrics.middleware(), error_middleware]
+    middlewares: list[Middleware] = [metrics.middleware(), error_middleware]
     if settings.allowed_clients:
         middlewares.append(allowlist_middleware(settings.allowed_clients))
     app = web.Application(client_max_size=settings.max_body_size, middlewares=middlewares)

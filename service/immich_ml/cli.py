@@ -91,7 +91,7 @@ def _models(args: argparse.Namespace, store: ModelStore) -> int:
 
 
 def _list(store: ModelStore) -> int:
-    models = store.list()
+    models = store.cached()
     if not models:
         print(f"no models in {store.root}")
         return 0

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -25,7 +26,6 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MODELS = web.RequestKey("models", list[tuple[str, str]])
 """The (task, model) pairs a predict request asked for, set by the handler for the metrics middleware."""
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Gauges = Iterator[tuple[str, str, list[str], list[tuple[list[str], float]]]]
 """Gauge families computed at scrape time: (name, help, label names, [(label values, value)])."""
 
@@ -78,7 +78,7 @@ class Metrics:
         """All metrics in the Prometheus text format."""
         return generate_latest(self.registry)
 
-    def middleware(self) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    def middleware(self) -> Middleware:
         """Time every `/predict` request and count it with its final status (after error mapping)."""
 
         @web.middleware

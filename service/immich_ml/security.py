@@ -5,10 +5,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from immich_ml.errors import ImmichMLError
 
@@ -16,7 +17,6 @@ __all__ = ["Forbidden", "allowlist_middleware", "client_address", "tls_context"]
 
 log = logging.getLogger("immich_ml.security")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -41,7 +41,7 @@ def client_address(request: web.Request) -> Address | None:
     return address
 
 
-def allowlist_middleware(allowed: Sequence[Network]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def allowlist_middleware(allowed: Sequence[Network]) -> Middleware:
     """Refuse (403) every request, on every path, from a peer outside `allowed`; loopback is not implied.
 
     The peer is the TCP connection's address; headers such as `X-Forwarded-For` are ignored, because a

@@ -104,7 +104,7 @@ class ModelStore:
         shutil.rmtree(target)
         return True
 
-    def list(self) -> list[CachedModel]:
+    def cached(self) -> list[CachedModel]:
         """Every cached model type, with its size on disk."""
         found = []
         for model_file in sorted(self.root.glob("*/*/*/model.onnx")):

@@ -4,6 +4,7 @@ relays their sd_notify messages to systemd as one service, and stops them all on
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -70,15 +71,19 @@ async def _supervise(settings: Settings, sockets: list[socket.socket], notifier:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     changed = asyncio.Event()
+    def request_stop() -> None:
+        stop.set()
+        changed.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda: (stop.set(), changed.set()))
+        loop.add_signal_handler(signum, request_stop)
     with tempfile.TemporaryDirectory(prefix="immich-ml-notify-") as notify_dir:
         workers, transports = [], []
         for index in range(settings.workers):
             path = Path(notify_dir) / f"worker-{index}"
             worker = _start(index, settings, sockets, path, notifier.watchdog_usec)
             transport, _ = await loop.create_datagram_endpoint(
-                lambda worker=worker: _Relay(worker, changed), local_addr=str(path), family=socket.AF_UNIX)
+                functools.partial(_Relay, worker, changed), local_addr=str(path), family=socket.AF_UNIX)
             workers.append(worker)
             transports.append(transport)
         for sock in sockets:
