@@ -101,3 +101,22 @@ async def test_strict_mode_refuses_to_run_on_the_cpu(aiohttp_client: object, cli
     assert "CUDAExecutionProvider failed to initialise" in detail
     assert (clip_cache / "clip/ViT-B-32__openai/visual/model.onnx").is_file()  # a config error deletes nothing
     assert json.loads((clip_cache / "clip/ViT-B-32__openai/config.json").read_text())
+
+
+def test_two_onnxruntime_builds_are_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second build's package metadata on the path (what `pip install onnxruntime-gpu` leaves) is an error."""
+    dist_info = tmp_path / "onnxruntime_gpu-1.31.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: 1.31.1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with caplog.at_level(logging.ERROR):
+        SessionFactory(Settings())
+    assert "both onnxruntime" in caplog.text and "onnxruntime-gpu 1.31.1" in caplog.text
+
+
+def test_one_onnxruntime_build_is_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        SessionFactory(Settings())
+    assert caplog.text == ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import onnxruntime as ort
 
 from immich_ml.settings import Provider, Settings
 
-__all__ = ["CPU", "CUDA", "TENSORRT", "OnnxSession", "ProviderError", "SessionFactory"]
+__all__ = ["CPU", "CUDA", "TENSORRT", "OnnxSession", "ProviderError", "SessionFactory", "onnxruntime_builds"]
 
 log = logging.getLogger("immich_ml.models")
 
@@ -67,6 +68,17 @@ class OnnxSession:
         return [np.concatenate(parts) for parts in zip(*rows, strict=True)]
 
 
+def onnxruntime_builds() -> list[str]:
+    """The ONNX Runtime distributions installed; more than one means they overwrite each other's files."""
+    builds = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            builds.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return builds
+
+
 class SessionFactory:
     """Creates sessions with the configured providers, threads and memory options."""
 
@@ -78,6 +90,9 @@ class SessionFactory:
     ) -> None:
         self.settings = settings
         self._available_providers = available_providers
+        if len(builds := onnxruntime_builds()) > 1:
+            log.error("both %s are installed; they share one `onnxruntime` package and whichever was installed "
+                      "last wins. Uninstall both and install one (docs/gpu.md)", " and ".join(builds))
 
     def wanted_providers(self) -> list[str]:
         """The providers to ask for, in order: the configured preference, limited to this build's."""
@@ -93,12 +108,12 @@ class SessionFactory:
             log.error(message)
         return wanted
 
-    def create(self, model_path: Path, *, cache_key: str) -> OnnxSession:
+    def create(self, model_path: Path, *, cache_key: str, runs: int = 1) -> OnnxSession:
         """Load `model_path`; log the providers in use; raise in strict mode if a GPU one was lost."""
         wanted = self.wanted_providers()
         options = [self._provider_options(p, cache_key) for p in wanted]
         session = OnnxSession(ort.InferenceSession(
-            str(model_path), sess_options=self._session_options(wanted), providers=wanted,
+            str(model_path), sess_options=self._session_options(wanted, runs), providers=wanted,
             provider_options=options))
         used_gpu = session.providers[0] != CPU
         if wanted[0] != CPU and not used_gpu:
@@ -113,11 +128,13 @@ class SessionFactory:
         log.info("loaded %s using %s", cache_key, ", ".join(session.providers))
         return session
 
-    def _session_options(self, providers: list[str]) -> ort.SessionOptions:
+    def _session_options(self, providers: list[str], runs: int = 1) -> ort.SessionOptions:
         options = ort.SessionOptions()
         cpu_only = providers == [CPU]
         inter = self.settings.inter_op_threads or (1 if cpu_only else 0)
         intra = self.settings.intra_op_threads or (2 if cpu_only else 0)
+        if cpu_only and runs > 1:  # `runs` batches at once share the intra-op threads instead of oversubscribing
+            intra = max(1, intra // runs)
         options.inter_op_num_threads = inter
         options.intra_op_num_threads = intra
         options.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if inter > 1
