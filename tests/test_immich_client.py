@@ -1,5 +1,5 @@
 """The daemon as an unmodified Immich server sees it: Node's fetch and FormData (undici), like the server's
-machine-learning repository, sending the exact requests of smart search, search queries and face detection."""
+machine-learning repository, sending the exact requests of smart search, search queries, faces and OCR."""
 
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ async function predict(entries, payload) {
   out.faces = await predict({ 'facial-recognition': {
       detection: { modelName: 'buffalo_l', options: { minScore: 0.7 } },
       recognition: { modelName: 'buffalo_l' } } }, { image: imagePath });
+  out.ocr = await predict({ ocr: {
+      detection: { modelName: 'PP-OCRv5_mobile', options: { minScore: 0.5, maxResolution: 736 } },
+      recognition: { modelName: 'PP-OCRv5_mobile', options: { minScore: 0.8 } } } }, { image: imagePath });
   console.log(JSON.stringify(out));
 })().catch((error) => { console.error(error); process.exit(1); });
 """
@@ -54,6 +57,7 @@ def test_an_immich_server_indexes_searches_and_detects_faces(tmp_path: Path, nod
     modelgen.write_clip(cache, "ViT-B-32__openai")
     modelgen.write_scrfd(cache, "buffalo_l")
     modelgen.write_arcface(cache, "buffalo_l")
+    modelgen.write_ocr(cache, "PP-OCRv5_mobile")
     image = tmp_path / "preview.jpg"
     image.write_bytes(modelgen.jpeg_bytes(modelgen.make_gradient_image(1440, 1080, seed=4), quality=80))
     daemon = Daemon(tmp_path, cache)
@@ -75,3 +79,6 @@ def test_an_immich_server_indexes_searches_and_detects_faces(tmp_path: Path, nod
     for face in faces:
         assert all(float(value).is_integer() for value in face["boundingBox"].values())
         assert len(json.loads(face["embedding"])) == 512
+    ocr = out["ocr"]["ocr"]
+    assert set(ocr) == {"box", "boxScore", "text", "textScore"}
+    assert len(ocr["box"]) == 8 * len(ocr["text"]) == 8 * len(ocr["boxScore"]) == 8 * len(ocr["textScore"])
