@@ -285,3 +285,44 @@ async def test_after_overlapping_requests_the_batcher_waits_for_more() -> None:
     assert await asyncio.gather(second, *rest) == [10, 20, 30]
     assert run.batches == [[0], [1, 2, 3]]
     await batcher.close()
+
+
+async def test_with_concurrency_two_batches_run_at_once() -> None:
+    begun = threading.Semaphore(0)
+    gate = threading.Event()
+    batches: list[list[int]] = []
+
+    def run(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        begun.release()
+        gate.wait()
+        return [item * 10 for item in items]
+
+    batcher = Batcher("test", run, max_batch=4, max_delay_s=0, concurrency=2)
+    first = asyncio.create_task(batcher.submit(1))
+    await asyncio.to_thread(begun.acquire)
+    second = asyncio.create_task(batcher.submit(2))
+    await asyncio.to_thread(begun.acquire)  # the second batch started while the first still runs
+    assert batcher.running_since is not None
+    gate.set()
+    assert (await first, await second) == (10, 20)
+    assert batches == [[1], [2]]
+    await batcher.close()
+
+
+async def test_concurrent_bulk_batches_share_the_intra_op_threads(
+    make_client: ClientFactory, clip_cache: Path, images: list[bytes]
+) -> None:
+    client = await make_client(concurrent_batches=2, intra_op_threads=2, provider="cpu")
+    assert (await embed(client, images[0]))[0] == 200
+    async with client.post("/predict", data=predict_form(
+            '{"clip":{"textual":{"modelName":"ViT-B-32__openai"}}}', text="a cat")) as resp:
+        assert resp.status == 200
+    assert client.app is not None
+    models = client.app[REGISTRY].loaded()
+    visual, textual = models[VISUAL_KEY], models[ModelKey(Task.CLIP, ModelType.TEXTUAL, "ViT-B-32__openai")]
+    assert [b.concurrency for b in visual.batchers] == [2]
+    assert [b.concurrency for b in textual.batchers] == [1]  # interactive: one run with all threads
+    threads = {name: model.session._session.get_session_options().intra_op_num_threads  # type: ignore[union-attr]
+               for name, model in (("visual", visual), ("textual", textual))}
+    assert threads == {"visual": 1, "textual": 2}

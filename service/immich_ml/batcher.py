@@ -55,9 +55,9 @@ class Batcher(Generic[In, Out]):
     """Stack concurrent calls for one model into single session runs.
 
     `run` is blocking: it gets a list of inputs and returns one output per input, in order. It runs in
-    the batcher's own thread, so one session never runs two batches at once and the event loop never
-    blocks. Items that arrive while a batch runs, or within `max_delay_s` of the first one, join the
-    next batch, up to `max_batch`. The delay applies only while requests overlap (one arrived during the
+    the batcher's own threads, at most `concurrency` batches at once (1: one session never runs two
+    batches at once), and the event loop never blocks. Items that arrive while batches run, or within
+    `max_delay_s` of the first one, join the next batch, up to `max_batch`. The delay applies only while requests overlap (one arrived during the
     last run, or others already wait), so a lone caller never pays it. A failed run fails every item in it
     and nothing else.
 
@@ -75,6 +75,7 @@ class Batcher(Generic[In, Out]):
         max_batch: int,
         max_delay_s: float = 0.002,
         queue_size: int = 256,
+        concurrency: int = 1,
         niceness: int = 0,
         on_batch: Callable[[str, int, float], None] | None = None,
     ) -> None:
@@ -82,12 +83,14 @@ class Batcher(Generic[In, Out]):
         self.max_batch = max(1, max_batch)
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
+        self.concurrency = max(1, concurrency)
         self.stats = BatchStats()
-        self.running_since: float | None = None
         self._run = run
         self._on_batch = on_batch
         self._queue: asyncio.Queue[_Item[In, Out]] = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}",
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._running: dict[asyncio.Task[None], float] = {}
+        self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix=f"infer-{name}",
                                             initializer=lower_thread_priority, initargs=(niceness,))
         self._closing = False
         self._overlapping = False
@@ -95,8 +98,13 @@ class Batcher(Generic[In, Out]):
 
     @property
     def depth(self) -> int:
-        """Inputs waiting for a batch (not counting the one running)."""
+        """Inputs waiting for a batch (not counting those running)."""
         return self._queue.qsize()
+
+    @property
+    def running_since(self) -> float | None:
+        """When the oldest batch now running started (`time.monotonic()`), or None when idle."""
+        return min(self._running.values(), default=None)
 
     async def submit(self, payload: In) -> Out:
         """Queue one input and wait for its own output."""
@@ -137,6 +145,7 @@ class Batcher(Generic[In, Out]):
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            await self._slots.acquire()
             batch = [await self._queue.get()]
             wait_for_more = self._overlapping or not self._queue.empty()
             deadline = loop.time() + (self.max_delay_s if wait_for_more else 0.0)
@@ -152,18 +161,24 @@ class Batcher(Generic[In, Out]):
                 else:
                     batch.append(self._queue.get_nowait())
             self._overlapping = False
-            try:
-                await self._run_batch(loop, batch)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
+            task = loop.create_task(self._run_batch(loop, batch), name=f"batch-{self.name}")
+            self._running[task] = time.monotonic()
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        del self._running[task]
+        self._slots.release()
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item[In, Out]]) -> None:
-        live = [item for item in batch if not item.future.done()]
-        if not live:
-            return
+        try:
+            if live := [item for item in batch if not item.future.done()]:  # skip callers that left
+                await self._run_live(loop, live)
+        finally:
+            for _ in batch:
+                self._queue.task_done()
+
+    async def _run_live(self, loop: asyncio.AbstractEventLoop, live: list[_Item[In, Out]]) -> None:
         started = time.monotonic()
-        self.running_since = started
         self.stats.waited_s += sum(started - item.queued_at for item in live)
         try:
             outputs = await loop.run_in_executor(self._executor, self._run, [i.payload for i in live])
@@ -175,8 +190,6 @@ class Batcher(Generic[In, Out]):
                 if not item.future.done():
                     item.future.set_exception(error)
             return
-        finally:
-            self.running_since = None
         for item, output in zip(live, outputs, strict=True):
             if not item.future.done():
                 item.future.set_result(output)

@@ -122,6 +122,7 @@ class Settings:
     batching: bool = True
     bulk_niceness: int = 10
     thread_spinning: bool = False
+    concurrent_batches: int = 1
     provider: Provider = Provider.AUTO
     provider_strict: bool = False
     gpu_mem_limit: int | None = None
@@ -185,6 +186,7 @@ class Settings:
         put("batching", _PREFIX + "BATCHING", _parse_bool)
         put("bulk_niceness", _PREFIX + "BULK_NICENESS", _niceness)
         put("thread_spinning", _PREFIX + "MODEL_THREAD_SPINNING", _parse_bool)
+        put("concurrent_batches", _PREFIX + "CONCURRENT_BATCHES", _positive)
         put("provider", "ONNXRUNTIME_PROVIDER", Provider)
         put("provider", _PREFIX + "PROVIDER", Provider)
         put("provider_strict", _PREFIX + "PROVIDER_STRICT", _parse_bool)
