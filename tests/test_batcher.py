@@ -271,18 +271,18 @@ async def test_a_lone_caller_does_not_wait_for_the_delay() -> None:
     await batcher.close()
 
 
-async def test_after_overlapping_requests_the_batcher_waits_for_more() -> None:
+async def test_when_inputs_wait_the_batch_stays_open_for_stragglers() -> None:
     run = GatedRun()
     batcher = Batcher("test", run, max_batch=3, max_delay_s=600)
     first = await start_blocked(batcher, run)
-    second = asyncio.create_task(batcher.submit(1))  # arrives while a batch runs: requests overlap
-    await queued(batcher, 1)
+    waiting = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
+    await queued(batcher, 2)
     run.release()
     assert await first == 0
-    while batcher.stats.batches < 1:  # the second batch now holds input 1 open for more
+    while batcher.stats.batches < 1 or batcher.depth:  # the second batch took 1 and 2 and waits for more
         await asyncio.sleep(0)
-    rest = [asyncio.create_task(batcher.submit(i)) for i in (2, 3)]
-    assert await asyncio.gather(second, *rest) == [10, 20, 30]
+    straggler = asyncio.create_task(batcher.submit(3))
+    assert await asyncio.gather(*waiting, straggler) == [10, 20, 30]
     assert run.batches == [[0], [1, 2, 3]]
     await batcher.close()
 

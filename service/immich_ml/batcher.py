@@ -55,15 +55,15 @@ class Batcher(Generic[In, Out]):
     """Stack concurrent calls for one model into single session runs.
 
     `run` is blocking: it gets a list of inputs and returns one output per input, in order. It runs in
-    the batcher's own threads, at most `concurrency` batches at once (1: one session never runs two
-    batches at once), and the event loop never blocks. Items that arrive while batches run, or within
-    `max_delay_s` of the first one, join the next batch, up to `max_batch`. The delay applies only while requests overlap (one arrived during the
-    last run, or others already wait), so a lone caller never pays it. A failed run fails every item in it
-    and nothing else.
+    the batcher's own threads, at most `concurrency` batches at once (with 1, one session never runs two
+    batches at once), and the event loop never blocks. Items that arrive while batches run join the next
+    batch, up to `max_batch`. When more inputs already wait behind the first one, the batch also stays
+    open up to `max_delay_s` for stragglers; a lone or pipelined caller never pays that delay. A failed
+    run fails every item in it and nothing else.
 
     Admission is bounded: when `queue_size` inputs already wait, `submit` raises `Overloaded` (503 with
     `Retry-After`) instead of queueing; an input once admitted always gets its output or its batch's error.
-    `niceness` > 0 runs the batcher's thread that many steps below normal CPU priority (bulk work that
+    `niceness` > 0 runs the batcher's threads that many steps below normal CPU priority (bulk work that
     must yield the cores to interactive queries).
     """
 
@@ -93,7 +93,6 @@ class Batcher(Generic[In, Out]):
         self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix=f"infer-{name}",
                                             initializer=lower_thread_priority, initargs=(niceness,))
         self._closing = False
-        self._overlapping = False
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -119,7 +118,6 @@ class Batcher(Generic[In, Out]):
         if waiting + len(payloads) > self.queue_size and waiting > 0:  # one oversized call alone is admitted
             self.stats.rejected += len(payloads)
             raise Overloaded(f"{self.name}: queue full ({waiting} waiting); retry later")
-        self._overlapping |= self.running_since is not None
         self._ensure_started()
         loop = asyncio.get_running_loop()
         items = [_Item[In, Out](payload, loop.create_future()) for payload in payloads]
@@ -147,7 +145,7 @@ class Batcher(Generic[In, Out]):
         while True:
             await self._slots.acquire()
             batch = [await self._queue.get()]
-            wait_for_more = self._overlapping or not self._queue.empty()
+            wait_for_more = not self._queue.empty()
             deadline = loop.time() + (self.max_delay_s if wait_for_more else 0.0)
             while len(batch) < self.max_batch:
                 if self._queue.empty():
@@ -160,7 +158,6 @@ class Batcher(Generic[In, Out]):
                         break
                 else:
                     batch.append(self._queue.get_nowait())
-            self._overlapping = False
             task = loop.create_task(self._run_batch(loop, batch), name=f"batch-{self.name}")
             self._running[task] = time.monotonic()
             task.add_done_callback(self._finished)
