@@ -164,3 +164,33 @@ async def test_model_names_are_normalised_like_upstream(make_client: ClientFacto
                for name in ("immich-app/ViT-B-32__openai", "ViT-B-32::openai", "ViT-B-32__openai")]
     np.testing.assert_array_equal(results[0], results[1])
     np.testing.assert_array_equal(results[0], results[2])
+
+
+async def test_jpeg_draft_mode_keeps_parity_and_reports_the_full_size(
+    make_client: ClientFactory, clip_cache: Path
+) -> None:
+    """MACHINE_LEARNING_JPEG_DRAFT decodes CLIP-only JPEGs at reduced scale: cheaper, same embedding."""
+    entries = {"clip": {"visual": {"modelName": "ViT-B-32__openai"}}}
+    previews = [modelgen.jpeg_bytes(modelgen.make_gradient_image(1440, 1080, seed=seed), quality=80)
+                for seed in range(3)]
+    full_client = await make_client()
+    draft_client = await make_client(jpeg_draft=True)
+    for preview in previews:
+        async with draft_client.post("/predict", data=predict_form(json.dumps(entries), image=preview)) as resp:
+            body = await resp.json()
+        assert (body["imageWidth"], body["imageHeight"]) == (1440, 1080)
+        draft = np.asarray(json.loads(body["clip"]), dtype=np.float32)
+        full = await embedding(full_client, entries, image=preview)
+        assert float(draft @ full) >= 0.9999
+        assert not np.array_equal(draft, full)  # the draft path really ran
+
+
+def test_draft_decoding_stays_at_least_the_model_size() -> None:
+    from immich_ml.imaging import decode_image
+
+    preview = modelgen.jpeg_bytes(modelgen.make_gradient_image(1440, 1080), quality=80)
+    image, size = decode_image(preview, max_pixels=10**8, draft_size=224)
+    assert size == (1440, 1080)
+    assert image.size == (360, 270)  # 1/4 scale: the smallest with both sides ≥ 224
+    png = modelgen.png_bytes(modelgen.make_gradient_image(1440, 1080))
+    assert decode_image(png, max_pixels=10**8, draft_size=224)[0].size == (1440, 1080)  # only JPEG has drafts

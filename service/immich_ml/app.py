@@ -74,7 +74,8 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
     async def models_context(app: web.Application) -> AsyncIterator[None]:
         registry = ModelRegistry(ModelStore(settings), runtime)
         app[REGISTRY] = registry
-        app[PREDICTOR] = Predictor(registry, runtime.workers, max_image_pixels=settings.max_image_pixels)
+        app[PREDICTOR] = Predictor(registry, runtime.workers, max_image_pixels=settings.max_image_pixels,
+                                   jpeg_draft=settings.jpeg_draft)
         background = [asyncio.create_task(_preload(app, registry, settings), name="preload"),
                       asyncio.create_task(registry.evict_periodically(), name="evict")]
         yield

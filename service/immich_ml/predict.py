@@ -34,18 +34,23 @@ class PredictInput:
 class Predictor:
     """Runs the models a request asks for and shapes the response like upstream."""
 
-    def __init__(self, registry: ModelRegistry, workers: Workers, *, max_image_pixels: int) -> None:
+    def __init__(self, registry: ModelRegistry, workers: Workers, *, max_image_pixels: int,
+                 jpeg_draft: bool = False) -> None:
         self.registry = registry
         self.workers = workers
         self.max_image_pixels = max_image_pixels
+        self.jpeg_draft = jpeg_draft
 
     async def predict(self, request: PredictInput) -> dict[str, Any]:
         """The response body: one key per task, plus the image size for image input."""
         plans = parse_entries(request.entries)
         response: dict[str, Any] = {}
         payload: Image.Image | str
+        size = None
         if request.image is not None:
-            payload = await self.workers.run(decode_image, request.image, max_pixels=self.max_image_pixels)
+            draft_size = await self._draft_size(plans) if self.jpeg_draft else None
+            payload, size = await self.workers.run(decode_image, request.image, max_pixels=self.max_image_pixels,
+                                                   draft_size=draft_size)
         else:
             payload = request.text or ""
         outcomes = await asyncio.gather(*(self._run_task(plan, payload) for plan in plans),
@@ -54,10 +59,16 @@ class Predictor:
             if isinstance(outcome, BaseException):
                 raise outcome
             response[plan.task.value] = outcome
-        if isinstance(payload, Image.Image):
-            response["imageHeight"] = payload.height
-            response["imageWidth"] = payload.width
+        if size is not None:
+            response["imageWidth"], response["imageHeight"] = size
         return response
+
+    async def _draft_size(self, plans: list[TaskPlan]) -> int | None:
+        """The smallest image side the request's only model needs, when that is all the request asks for."""
+        if len(plans) != 1 or plans[0].second is not None:
+            return None
+        async with self.registry.use(plans[0].first.key) as model:
+            return model.min_image_side
 
     async def _run_task(self, plan: TaskPlan, payload: Image.Image | str) -> Any:
         output = await self._run_model(plan.first, payload, None)

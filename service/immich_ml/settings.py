@@ -132,6 +132,7 @@ class Settings:
     tensorrt_fp16: bool = True
     tensorrt_workspace: int = 2 * 1024**3
     preprocessing: Preprocessing = Preprocessing.RELEASED
+    jpeg_draft: bool = False
     hf_organization: str = "immich-app"
     hf_revision: str = "main"
     ocr_model_base_url: str | None = None
@@ -199,6 +200,7 @@ class Settings:
         put("tensorrt_fp16", _PREFIX + "TENSORRT_FP16", _parse_bool)
         put("tensorrt_workspace", _PREFIX + "TENSORRT_WORKSPACE_SIZE", parse_size)
         put("preprocessing", _PREFIX + "PREPROCESSING", Preprocessing)
+        put("jpeg_draft", _PREFIX + "JPEG_DRAFT", _parse_bool)
         put("hf_organization", _PREFIX + "MODEL_ORGANIZATION", str.strip)
         put("hf_revision", _PREFIX + "MODEL_REVISION", str.strip)
         put("ocr_model_base_url", _PREFIX + "OCR_MODEL_BASE_URL", str.strip)

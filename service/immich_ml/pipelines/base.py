@@ -72,6 +72,11 @@ class InferenceModel(ABC):
         return self.model_dir / "model.onnx"
 
     @property
+    def min_image_side(self) -> int | None:
+        """The smallest image side this model's pre-processing needs; None when it needs full resolution."""
+        return None
+
+    @property
     def providers(self) -> list[str]:
         """The execution providers in use (empty before `load`)."""
         return self.session.providers if self.session else []

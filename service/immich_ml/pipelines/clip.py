@@ -64,6 +64,10 @@ class ClipVisual(InferenceModel):
         self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(
             self._run, max_batch=self.runtime.settings.max_batch_clip)
 
+    @property
+    def min_image_side(self) -> int:
+        return self.size
+
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """The normalised CHW float32 array the graph takes for one image."""
         image = resize_and_crop(image, self.size, resample=self.resample, squash=self.squash)
