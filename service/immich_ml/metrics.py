@@ -17,7 +17,8 @@ from immich_ml.appkeys import REGISTRY, STATE
 from immich_ml.entries import parse_entries
 from immich_ml.errors import ImmichMLError
 
-__all__ = ["CONTENT_TYPE", "METRICS", "MODELS", "GaugeCollector", "GpuMemory", "Metrics", "daemon_gauges", "request_models"]
+__all__ = ["CONTENT_TYPE", "METRICS", "MODELS", "GaugeCollector", "GpuMemory", "Metrics", "daemon_gauges",
+           "request_models"]
 
 log = logging.getLogger("immich_ml.metrics")
 

@@ -116,7 +116,7 @@ class InferenceModel(ABC):
         self.session = self.create_session(self.model_path, cache_key=str(self.key))
         self.configure()
 
-    def configure(self) -> None:
+    def configure(self) -> None:  # noqa: B027 - an optional hook, empty unless a model has side files
         """Read side files (configs, tokenisers) once the session exists; override where needed."""
 
     @abstractmethod
