@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import shutil
 import tarfile
 from pathlib import Path
@@ -173,3 +174,28 @@ def test_import_replaces_an_older_copy_whole(tmp_path: Path) -> None:
     config = json.loads((cache / "clip/ViT-B-32__openai/config.json").read_text())
     assert config["embed_dim"] == 768
     assert not (cache / "clip/ViT-B-32__openai/stale.txt").exists()
+
+
+async def test_a_full_disk_fails_the_download_clearly_and_the_daemon_recovers(
+    make_client: ClientFactory, hub: Any, cache: Path, jpeg: bytes
+) -> None:
+    """No space for the model file: 503 with the reason, no partial model, and a retry works once there is room.
+
+    The disk limit is the process's file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so writes past it
+    fail with EFBIG like a full disk fails with ENOSPC), set only while the download runs.
+    """
+    client = await make_client(hf_endpoint=hub.endpoint, hf_offline=False)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        async with client.post("/predict", data=predict_form(VISUAL, image=jpeg)) as resp:
+            status, detail = resp.status, (await resp.json())["detail"]
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert status == 503
+    assert "ViT-B-32__openai" in detail and "File too large" in detail
+    assert not (cache / "clip/ViT-B-32__openai/visual/model.onnx").exists()
+    async with client.get("/ping") as resp:
+        assert resp.status == 200
+    async with client.post("/predict", data=predict_form(VISUAL, image=jpeg)) as resp:
+        assert resp.status == 200
