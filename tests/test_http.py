@@ -12,7 +12,7 @@ import pytest
 
 from tests import modelgen
 from tests.conftest import ClientFactory, predict_form
-from tests.daemonproc import Daemon
+from tests.daemonproc import Daemon, write_slow_clip
 
 VISUAL = '{"clip":{"visual":{"modelName":"ViT-B-32__openai"}}}'
 TEXTUAL = '{"clip":{"textual":{"modelName":"ViT-B-32__openai","options":{"language":"de"}}}}'
@@ -216,3 +216,19 @@ async def test_ping_answers_quickly_while_inference_runs(
     # The 90th percentile, so one scheduling hiccup of a loaded CI machine does not decide the test.
     p90 = sorted(latencies)[int(len(latencies) * 0.9)]
     assert p90 < 0.05, f"/ping p90 {p90 * 1000:.1f} ms while inference ran"
+
+
+async def test_ping_can_wait_for_readiness(make_client: ClientFactory, cache: Path) -> None:
+    """With MACHINE_LEARNING_PING_REQUIRES_READY an Immich server with several URLs skips a warming host."""
+    write_slow_clip(cache, "ViT-B-32__openai", iterations=2000)  # warm-up takes about 1.5 s
+    client = await make_client(ping_requires_ready=True, preload={("clip", "visual"): ("ViT-B-32__openai",)})
+    async with client.get("/ping") as resp:
+        assert resp.status == 503
+    replies: list[tuple[int, str]] = []
+    while not replies or replies[-1][0] != 200:  # polls the observable state, ends when warm-up does
+        async with client.get("/ping") as resp:
+            replies.append((resp.status, await resp.text()))
+        await asyncio.sleep(0.05)
+    assert replies[-1] == (200, "pong")
+    async with client.get("/health") as resp:
+        assert resp.status == 200

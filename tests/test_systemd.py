@@ -98,7 +98,8 @@ def test_daemon_reports_ready_status_watchdog_and_stopping_in_order(
 def test_sigterm_during_slow_inference_returns_its_result_and_exits_0(
         tmp_path: Path, notify: NotifySocket, daemons: list[Daemon]) -> None:
     write_slow_clip(tmp_path / "cache", SLOW, iterations=2000)  # still running when SIGTERM arrives
-    daemon = Daemon(tmp_path, tmp_path / "cache", {"NOTIFY_SOCKET": str(notify.path)})
+    daemon = Daemon(tmp_path, tmp_path / "cache", {"NOTIFY_SOCKET": str(notify.path),
+                                                   "MACHINE_LEARNING_PING_REQUIRES_READY": "true"})
     daemons.append(daemon)
     daemon.wait_ready()
     outcome: dict[str, object] = {}
@@ -113,6 +114,7 @@ def test_sigterm_during_slow_inference_returns_its_result_and_exits_0(
 
     status, body = daemon.predict({"clip": {"textual": {"modelName": SLOW}}}, text="a dog")
     assert status == 503 and "Shutting down" in body["detail"]
+    assert daemon.request("GET", "/ping")[0] == 503  # Immich's health check moves on to another URL
     slow.join(60)
     status, body = outcome["result"]  # type: ignore[misc]
     assert status == 200, body

@@ -39,7 +39,7 @@ async def root(request: web.Request) -> web.Response:
 @routes.get("/ping")
 async def ping(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    if request.app[SETTINGS].ping_requires_ready and not state.ready:
+    if request.app[SETTINGS].ping_requires_ready and (not state.ready or state.draining):
         return web.Response(text="not ready", status=503)
     return web.Response(text="pong")
 
