@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 from tests import modelgen
@@ -54,3 +55,35 @@ def test_a_dying_worker_stops_the_service(tmp_path: Path) -> None:
         assert daemon.process.wait(30) == 1  # systemd's Restart= brings the whole set back
     finally:
         daemon.kill()
+
+
+def test_workers_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
+    """SIGKILL to the parent (an OOM kill, say) must not leave orphaned workers holding the port and models."""
+    daemon = Daemon(tmp_path, tmp_path / "cache", {"MACHINE_LEARNING_WORKERS": "2"})
+    try:
+        daemon.wait_ready()
+        workers: set[int] = set()
+        for _ in range(200):  # each request on a new connection; the kernel hands them to either worker
+            workers.add(daemon.health()["pid"])
+            if len(workers) == 2:
+                break
+        assert len(workers) == 2
+        daemon.process.kill()
+        daemon.process.wait(30)
+        for _ in range(600):  # bounded: the workers drain and exit within seconds
+            if not any(_running(pid) for pid in workers):
+                break
+            time.sleep(0.05)
+        alive = [pid for pid in workers if _running(pid)]
+        assert alive == [], f"workers {alive} outlived their parent"
+    finally:
+        daemon.kill()
+
+
+def _running(pid: int) -> bool:
+    """Whether a process exists and has not exited (a zombie waiting to be reaped counts as exited)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
@@ -18,12 +20,14 @@ from immich_ml.settings import Settings
 from immich_ml.supervisor import Supervisor
 from immich_ml.systemd import Notifier, listen_sockets
 
-__all__ = ["INHERITED_FDS", "run", "serve"]
+__all__ = ["INHERITED_FDS", "PARENT_PID", "run", "serve"]
 
 log = logging.getLogger("immich_ml.server")
 
 INHERITED_FDS = "IMMICH_ML_INHERITED_FDS"
 """Listening sockets a worker process gets from its parent: comma-separated file descriptors."""
+PARENT_PID = "IMMICH_ML_PARENT_PID"
+"""The pid of a worker's parent, so the worker can tell whether it is still there."""
 
 
 def run(settings: Settings) -> int:
@@ -88,4 +92,15 @@ async def serve(settings: Settings, *, sockets: list[socket.socket] | None = Non
 
 def _inherited_sockets() -> list[socket.socket]:
     fds = os.environ.get(INHERITED_FDS, "")
+    if fds:
+        _stop_with_parent()
     return [socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd.strip()]
+
+
+def _stop_with_parent() -> None:
+    """A worker gets SIGTERM (and drains) when its parent dies, even by SIGKILL, instead of living on."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if str(os.getppid()) != os.environ.get(PARENT_PID):  # the parent died before that took effect
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from immich_ml.server import INHERITED_FDS
+from immich_ml.server import INHERITED_FDS, PARENT_PID
 from immich_ml.settings import Settings
 from immich_ml.supervisor import EXTEND_BY_USEC, EXTEND_EVERY_S
 from immich_ml.systemd import Notifier
@@ -106,7 +106,8 @@ def _start(index: int, settings: Settings, sockets: list[socket.socket], notify_
     device_id = settings.device_ids[index % len(settings.device_ids)]
     env = {key: value for key, value in os.environ.items() if key not in ("WATCHDOG_USEC", "WATCHDOG_PID")}
     env |= {"MACHINE_LEARNING_WORKERS": "1", "MACHINE_LEARNING_DEVICE_ID": str(device_id),
-            "NOTIFY_SOCKET": str(notify_path), INHERITED_FDS: ",".join(str(s.fileno()) for s in sockets)}
+            "NOTIFY_SOCKET": str(notify_path), INHERITED_FDS: ",".join(str(s.fileno()) for s in sockets),
+            PARENT_PID: str(os.getpid())}
     if watchdog_usec:
         env["WATCHDOG_USEC"] = str(watchdog_usec)
     process = subprocess.Popen([sys.executable, "-m", "immich_ml", "serve"], env=env,
