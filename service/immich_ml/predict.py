@@ -10,7 +10,6 @@ from PIL import Image
 
 from immich_ml.concurrency import Workers
 from immich_ml.entries import Entry, TaskPlan, parse_entries
-from immich_ml.errors import WrongInput
 from immich_ml.imaging import decode_image
 from immich_ml.registry import ModelRegistry
 
@@ -78,7 +77,4 @@ class Predictor:
 
     async def _run_model(self, entry: Entry, payload: Image.Image | str, dependency: Any) -> Any:
         async with self.registry.use(entry.key) as model:
-            wants_image = model.input_kind == "image"
-            if wants_image != isinstance(payload, Image.Image):
-                raise WrongInput(f"{entry.key.task} {entry.key.type} needs {model.input_kind} input")
             return await model.predict(payload, entry.options, dependency)

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -14,6 +14,7 @@ from PIL import Image
 from immich_ml.batcher import Batcher
 from immich_ml.concurrency import Workers, in_background_thread
 from immich_ml.domain import ModelKey, ModelType
+from immich_ml.errors import WrongInput
 from immich_ml.sessions import OnnxSession, SessionFactory
 from immich_ml.settings import Settings
 
@@ -55,7 +56,6 @@ class InferenceModel(ABC):
     (MACHINE_LEARNING_BULK_NICENESS), so a search query is not stuck behind a library scan.
     """
 
-    input_kind: ClassVar[Literal["image", "text"]] = "image"
     depends_on: ClassVar[ModelType | None] = None
     interactive: ClassVar[bool] = False
 
@@ -137,6 +137,18 @@ class InferenceModel(ABC):
             await batcher.close()
         self.batchers.clear()
         self.session = None
+
+    def image_of(self, payload: Payload) -> Image.Image:
+        """The payload as an image; text sent to an image model is a client error."""
+        if not isinstance(payload, Image.Image):
+            raise WrongInput(f"{self.key.task} {self.key.type} ({self.key.name}) needs an image, not text")
+        return payload
+
+    def text_of(self, payload: Payload) -> str:
+        """The payload as query text; an image sent to a text model is a client error."""
+        if not isinstance(payload, str):
+            raise WrongInput(f"{self.key.task} {self.key.type} ({self.key.name}) needs text, not an image")
+        return payload
 
     def _require_session(self) -> OnnxSession:
         if self.session is None:

@@ -11,7 +11,6 @@ from PIL import Image
 
 from immich_ml.batcher import Batcher
 from immich_ml.encoding import vector_string
-from immich_ml.errors import WrongInput
 from immich_ml.pipelines.base import InferenceModel, Payload, stack
 from immich_ml.settings import Preprocessing
 from immich_ml.text import TextTokenizer, clean_text, flores_code
@@ -43,8 +42,6 @@ def resize_and_crop(image: Image.Image, size: int, *, resample: Image.Resampling
 
 class ClipVisual(InferenceModel):
     """Image encoder: `preprocess_cfg.json` drives resizing and normalisation; output is unit-norm."""
-
-    input_kind = "image"
 
     def configure(self) -> None:
         config = json.loads((self.model_dir / "preprocess_cfg.json").read_text())
@@ -79,9 +76,7 @@ class ClipVisual(InferenceModel):
         return list(embeddings)
 
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> str:
-        if not isinstance(payload, Image.Image):
-            raise WrongInput(f"{self.key.name} is an image model (clip.visual); send an image, not text")
-        pixels = await self.runtime.workers.run(self.preprocess, payload)
+        pixels = await self.runtime.workers.run(self.preprocess, self.image_of(payload))
         return vector_string(await self.batcher.submit(pixels))
 
     def warmup_payload(self) -> Payload:
@@ -91,7 +86,6 @@ class ClipVisual(InferenceModel):
 class ClipTextual(InferenceModel):
     """Text encoder: OpenCLIP (`text`) or M-CLIP (`input_ids` + `attention_mask`), told apart by the graph."""
 
-    input_kind = "text"
     interactive = True
 
     def configure(self) -> None:
@@ -123,11 +117,10 @@ class ClipTextual(InferenceModel):
         return list(embeddings)
 
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> str:
-        if not isinstance(payload, str):
-            raise WrongInput(f"{self.key.name} is a text model (clip.textual); send text, not an image")
+        text = self.text_of(payload)
         language = options.get("language")
         encoding = await self.runtime.workers.run(
-            self.tokenize, payload, language if isinstance(language, str) else None)
+            self.tokenize, text, language if isinstance(language, str) else None)
         return vector_string(await self.batcher.submit(encoding))
 
     def warmup_payload(self) -> Payload:

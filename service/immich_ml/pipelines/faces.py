@@ -14,7 +14,7 @@ from PIL import Image
 from immich_ml.batcher import Batcher
 from immich_ml.domain import ModelType
 from immich_ml.encoding import vector_string
-from immich_ml.errors import InvalidEntries, ModelLoadFailed, WrongInput
+from immich_ml.errors import InvalidEntries, ModelLoadFailed
 from immich_ml.facealign import ARCFACE_SIZE, ARCFACE_TEMPLATE, align_face
 from immich_ml.pipelines.base import InferenceModel, Payload, stack
 from immich_ml.sessions import OnnxSession
@@ -126,11 +126,6 @@ def has_batch_axis(session: OnnxSession) -> bool:
     return all(len(shape) == 3 and not isinstance(shape[0], int) for shape in shapes)
 
 
-def _image(payload: Payload, model: str) -> Image.Image:
-    if not isinstance(payload, Image.Image):
-        raise WrongInput(f"{model} is an image model (facial-recognition); send an image, not text")
-    return payload
-
 
 def _min_score(options: Mapping[str, Any]) -> float:
     value = options.get("minScore", DEFAULT_MIN_SCORE)
@@ -142,7 +137,6 @@ def _min_score(options: Mapping[str, Any]) -> float:
 class FaceDetector(InferenceModel):
     """SCRFD with keypoints (det_10g, det_2.5g, det_500m, scrfd_10g_bnkps): boxes, scores, five landmarks."""
 
-    input_kind = "image"
 
     def configure(self) -> None:
         session = self._require_session()
@@ -169,7 +163,7 @@ class FaceDetector(InferenceModel):
 
     async def predict(self, payload: Payload, options: Mapping[str, Any],
                       dependency: Any = None) -> FaceDetections:
-        image = _image(payload, self.key.name)
+        image = self.image_of(payload)
         min_score = _min_score(options)
         blob, scale = await self.runtime.workers.run(self.preprocess, image)
         outputs = await self.batcher.submit(blob)
@@ -187,7 +181,6 @@ def face_blob(crop: np.ndarray) -> np.ndarray:
 class FaceRecognizer(InferenceModel):
     """ArcFace (w600k_r50, glintr100): a 512-float embedding per detected face, unnormalised like upstream."""
 
-    input_kind = "image"
     depends_on = ModelType.DETECTION
 
     def configure(self) -> None:
@@ -207,7 +200,7 @@ class FaceRecognizer(InferenceModel):
 
     async def predict(self, payload: Payload, options: Mapping[str, Any],
                       dependency: Any = None) -> list[dict[str, Any]]:
-        image = _image(payload, self.key.name)
+        image = self.image_of(payload)
         if not isinstance(dependency, FaceDetections):
             raise TypeError(f"{self.key} got {type(dependency)} instead of detections. This is a bug.")
         if not dependency.scores:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from immich_ml.batcher import Batcher
 from immich_ml.domain import ModelType
-from immich_ml.errors import InvalidEntries, WrongInput
+from immich_ml.errors import InvalidEntries
 from immich_ml.ocr_boxes import MIN_SIDE, DetectionParams, boxes_from_probability, detection_input
 from immich_ml.ocr_text import Recognised, crop_line, ctc_decode, load_charset, recognition_batch
 from immich_ml.pipelines.base import InferenceModel, Payload
@@ -73,11 +73,6 @@ def _run_grouped(
     return [output for output in outputs if output is not None]
 
 
-def _image(payload: Payload, model: str) -> Image.Image:
-    if not isinstance(payload, Image.Image):
-        raise WrongInput(f"{model} is an image model (ocr); send an image, not text")
-    return payload
-
 
 class TextDetector(InferenceModel):
     """DB text detector. `maxResolution`, `minScore` and `scoreMode` are per-request parameters, so one
@@ -85,7 +80,6 @@ class TextDetector(InferenceModel):
     `maxResolution`; here that is unnecessary). Returns `{"boxes": [N×4×[x,y]], "scores": [N]}` in
     image pixels, in reading order, as plain lists (also the detection-only response)."""
 
-    input_kind = "image"
 
     def configure(self) -> None:
         self.input_name = self._require_session().input_names[0]
@@ -99,7 +93,7 @@ class TextDetector(InferenceModel):
     async def predict(
         self, payload: Payload, options: Mapping[str, Any], dependency: Any = None
     ) -> dict[str, Any]:
-        image = _image(payload, self.key.name)
+        image = self.image_of(payload)
         params = detection_params(options)
         if image.width < MIN_SIDE or image.height < MIN_SIDE:
             return {"boxes": [], "scores": []}
@@ -131,7 +125,6 @@ class TextRecognizer(InferenceModel):
     item: chunks of equal width (most short lines pad to 320 px) from concurrent requests share a run.
     """
 
-    input_kind = "image"
     depends_on = ModelType.DETECTION
 
     def configure(self) -> None:
@@ -165,7 +158,7 @@ class TextRecognizer(InferenceModel):
     async def predict(
         self, payload: Payload, options: Mapping[str, Any], dependency: Any = None
     ) -> dict[str, Any]:
-        image = _image(payload, self.key.name)
+        image = self.image_of(payload)
         min_score = _number(options, "minScore", 0.9)
         if not dependency or not dependency.get("scores"):
             return {"box": [], "boxScore": [], "text": [], "textScore": []}
