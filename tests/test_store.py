@@ -199,3 +199,11 @@ async def test_a_full_disk_fails_the_download_clearly_and_the_daemon_recovers(
         assert resp.status == 200
     async with client.post("/predict", data=predict_form(VISUAL, image=jpeg)) as resp:
         assert resp.status == 200
+
+
+@pytest.mark.parametrize(("name", "task"), [("ViT-B-32__openai", "clip"), ("buffalo_l", "facial-recognition"),
+                                           ("PP-OCRv5_mobile", "ocr"), ("EN__PP-OCRv5_mobile", "ocr")])
+def test_models_pull_finds_the_task_from_the_name(name: str, task: str) -> None:
+    from immich_ml.catalog import task_of
+
+    assert task_of(name) == task

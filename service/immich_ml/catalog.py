@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from immich_ml.domain import ModelKey, ModelType, Task
+from immich_ml.domain import TASK_TYPES, ModelKey, ModelType, Task
 
-__all__ = ["OCR_LANGUAGES", "cache_name", "is_known", "ocr_language"]
+__all__ = ["OCR_LANGUAGES", "cache_name", "is_known", "ocr_language", "task_of"]
 
 _OPENCLIP = frozenset("""
 RN101__openai RN101__yfcc15m RN50__cc12m RN50__openai RN50__yfcc15m RN50x16__openai RN50x4__openai
@@ -33,13 +33,6 @@ OCR_LANGUAGES = ("CH", "EL", "EN", "ESLAV", "KOREAN", "LATIN", "TH")
 _OCR_BASES = frozenset({"PP-OCRv5_server", "PP-OCRv5_mobile"})
 _OCR_MOBILE_ONLY = frozenset(OCR_LANGUAGES) - {"CH"}
 
-_TYPES = {
-    Task.CLIP: (ModelType.VISUAL, ModelType.TEXTUAL),
-    Task.FACIAL_RECOGNITION: (ModelType.DETECTION, ModelType.RECOGNITION),
-    Task.OCR: (ModelType.DETECTION, ModelType.RECOGNITION),
-}
-
-
 def ocr_language(name: str) -> tuple[str, str]:
     """Split an OCR model name into (language, base name): `EN__PP-OCRv5_mobile` → (`EN`, `PP-OCRv5_mobile`)."""
     language, sep, base = name.partition("__")
@@ -48,7 +41,7 @@ def ocr_language(name: str) -> tuple[str, str]:
 
 def is_known(key: ModelKey) -> bool:
     """Whether upstream supports this model name for this task and type."""
-    if key.type not in _TYPES[key.task]:
+    if key.type not in TASK_TYPES[key.task]:
         return False
     if key.task is Task.CLIP:
         return key.name in _OPENCLIP or key.name in MCLIP
@@ -58,6 +51,15 @@ def is_known(key: ModelKey) -> bool:
     if base not in _OCR_BASES or language not in OCR_LANGUAGES:
         return False
     return not (language in _OCR_MOBILE_ONLY and base.endswith("_server"))
+
+
+def task_of(name: str) -> Task:
+    """The task a supported model name belongs to (CLIP for names this catalog does not know)."""
+    if name in _INSIGHTFACE:
+        return Task.FACIAL_RECOGNITION
+    if ocr_language(name)[1] in _OCR_BASES:
+        return Task.OCR
+    return Task.CLIP
 
 
 def cache_name(key: ModelKey) -> str:

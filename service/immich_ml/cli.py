@@ -8,20 +8,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from immich_ml import __version__
-from immich_ml.domain import ModelKey, ModelType, Task, clean_name
+from immich_ml.catalog import task_of
+from immich_ml.domain import TASK_TYPES, ModelKey, ModelType, Task, clean_name
 from immich_ml.errors import ImmichMLError
 from immich_ml.log import setup_logging
 from immich_ml.settings import ConfigError, Settings
 from immich_ml.store import ModelStore
 
 __all__ = ["main"]
-
-_TYPES = {
-    Task.CLIP: (ModelType.VISUAL, ModelType.TEXTUAL),
-    Task.FACIAL_RECOGNITION: (ModelType.DETECTION, ModelType.RECOGNITION),
-    Task.OCR: (ModelType.DETECTION, ModelType.RECOGNITION),
-}
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="immich-ml", description="Machine-learning backend for Immich.")
@@ -101,17 +95,9 @@ def _list(store: ModelStore) -> int:
     return 0
 
 
-def _guess_task(name: str) -> Task:
-    if "OCR" in name:
-        return Task.OCR
-    if name in {"antelopev2", "buffalo_s", "buffalo_m", "buffalo_l"}:
-        return Task.FACIAL_RECOGNITION
-    return Task.CLIP
-
-
 def _pull(store: ModelStore, name: str, task_name: str | None, type_name: str | None) -> int:
-    task = Task(task_name) if task_name else _guess_task(clean_name(name))
-    types = [ModelType(type_name)] if type_name else _TYPES[task]
+    task = Task(task_name) if task_name else task_of(clean_name(name))
+    types = [ModelType(type_name)] if type_name else TASK_TYPES[task]
     for model_type in types:
         key = ModelKey(task, model_type, clean_name(name))
         print(f"{key}: {store.ensure(key)}")

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-__all__ = ["ModelKey", "ModelType", "Task", "clean_name"]
+__all__ = ["TASK_TYPES", "ModelKey", "ModelType", "Task", "clean_name"]
 
 
 class Task(StrEnum):
@@ -25,6 +25,13 @@ class ModelType(StrEnum):
     DETECTION = "detection"
     RECOGNITION = "recognition"
 
+
+TASK_TYPES: dict[Task, tuple[ModelType, ModelType]] = {
+    Task.CLIP: (ModelType.VISUAL, ModelType.TEXTUAL),
+    Task.FACIAL_RECOGNITION: (ModelType.DETECTION, ModelType.RECOGNITION),
+    Task.OCR: (ModelType.DETECTION, ModelType.RECOGNITION),
+}
+"""The model types each task has."""
 
 _SEPARATORS = re.compile(r"[:\\/]")
 

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from immich_ml.catalog import cache_name
-from immich_ml.domain import ModelKey, ModelType, Task, clean_name
+from immich_ml.domain import TASK_TYPES, ModelKey, ModelType, Task, clean_name
 from immich_ml.errors import DependencyMissing, InvalidEntries
 
 __all__ = ["Entry", "TaskPlan", "parse_entries"]
@@ -76,9 +76,7 @@ def _model_type(task: Task, type_name: str) -> ModelType:
         model_type = ModelType(type_name)
     except ValueError:
         raise InvalidEntries(f"{_INVALID} Unknown model type '{type_name}' for task '{task}'.") from None
-    valid = (ModelType.VISUAL, ModelType.TEXTUAL) if task is Task.CLIP else (
-        ModelType.DETECTION, ModelType.RECOGNITION)
-    if model_type not in valid:
+    if model_type not in TASK_TYPES[task]:
         raise InvalidEntries(f"{_INVALID} Unknown model type '{type_name}' for task '{task}'.")
     return model_type
 

@@ -11,7 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
-from immich_ml.domain import ModelType, Task
+from immich_ml.domain import TASK_TYPES, ModelType, Task
 
 __all__ = ["ConfigError", "Preprocessing", "Provider", "Settings", "parse_size"]
 
@@ -248,14 +248,7 @@ class Settings:
         return self.tensorrt_cache_path or self.cache_folder / "tensorrt"
 
 
-_PRELOADABLE = (
-    (Task.CLIP, ModelType.VISUAL),
-    (Task.CLIP, ModelType.TEXTUAL),
-    (Task.FACIAL_RECOGNITION, ModelType.DETECTION),
-    (Task.FACIAL_RECOGNITION, ModelType.RECOGNITION),
-    (Task.OCR, ModelType.DETECTION),
-    (Task.OCR, ModelType.RECOGNITION),
-)
+_PRELOADABLE = [(task, model_type) for task, types in TASK_TYPES.items() for model_type in types]
 
 
 class _EnvReader:
