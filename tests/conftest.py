@@ -10,7 +10,7 @@ import pytest
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient
 
-from immich_ml.app import create_app
+from immich_ml.http.app import create_app
 from immich_ml.settings import Settings
 from tests import modelgen
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from immich_ml.domain import ModelType, Task
+from immich_ml.models.tasks import ModelType, Task
 from immich_ml.settings import ConfigError, Preprocessing, Provider, Settings, parse_size
 
 

@@ -8,12 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from immich_ml import __version__
-from immich_ml.catalog import task_of
-from immich_ml.domain import TASK_TYPES, ModelKey, ModelType, Task, clean_name
+from immich_ml.models.catalog import task_of
+from immich_ml.models.tasks import TASK_TYPES, ModelKey, ModelType, Task, clean_name
 from immich_ml.errors import ImmichMLError
 from immich_ml.log import setup_logging
 from immich_ml.settings import ConfigError, Settings
-from immich_ml.store import ModelStore
+from immich_ml.models.store import ModelStore
 
 __all__ = ["main"]
 
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level, no_color=settings.no_color)
     if args.command == "serve":
-        from immich_ml.server import run
+        from immich_ml.daemon.server import run
 
         return run(settings)
     return _models(args, ModelStore(settings))

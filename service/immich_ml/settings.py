@@ -11,7 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
-from immich_ml.domain import TASK_TYPES, ModelType, Task
+from immich_ml.models.tasks import TASK_TYPES, ModelType, Task
 
 __all__ = ["ConfigError", "Preprocessing", "Provider", "Settings", "parse_size"]
 
