@@ -17,6 +17,7 @@ from immich_ml.models.store import ModelStore
 
 __all__ = ["main"]
 
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="immich-ml", description="Machine-learning backend for Immich.")
     parser.add_argument("--version", action="version", version=f"immich-ml {__version__}")
@@ -33,8 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     pull = actions.add_parser("pull", help="download a model into the cache")
     pull.add_argument("name", help="model name, e.g. ViT-B-32__openai, buffalo_l, PP-OCRv5_mobile")
     pull.add_argument("--task", choices=[t.value for t in Task], help="task (guessed from the name if unset)")
-    pull.add_argument("--type", dest="model_type", choices=[t.value for t in ModelType],
-                      help="only this model type (default: all types of the task)")
+    pull.add_argument(
+        "--type",
+        dest="model_type",
+        choices=[t.value for t in ModelType],
+        help="only this model type (default: all types of the task)",
+    )
     imp = actions.add_parser("import", help="copy models from a folder or tar archive in cache layout")
     imp.add_argument("source", type=Path)
     remove = actions.add_parser("remove", help="delete a model from the cache")
@@ -47,9 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `immich-ml` command."""
     args = _parser().parse_args(argv)
     try:
-        settings = Settings.from_env().with_overrides(host=getattr(args, "host", None),
-                                                      port=getattr(args, "port", None),
-                                                      cache_folder=getattr(args, "cache", None))
+        settings = Settings.from_env().with_overrides(
+            host=getattr(args, "host", None),
+            port=getattr(args, "port", None),
+            cache_folder=getattr(args, "cache", None),
+        )
     except ConfigError as error:
         print(f"immich-ml: configuration error: {error}", file=sys.stderr)
         return 2

@@ -16,15 +16,23 @@ CLIP = "ViT-B-32__openai"
 def test_two_workers_share_one_port_with_round_robin_devices(tmp_path: Path) -> None:
     modelgen.write_clip(tmp_path / "cache", CLIP)
     notify = NotifySocket(tmp_path / "notify")
-    daemon = Daemon(tmp_path, tmp_path / "cache", {
-        "MACHINE_LEARNING_WORKERS": "2", "MACHINE_LEARNING_DEVICE_IDS": "0,1",
-        "MACHINE_LEARNING_PRELOAD__CLIP__TEXTUAL": CLIP, "NOTIFY_SOCKET": str(notify.path),
-        "WATCHDOG_USEC": "400000"})
+    daemon = Daemon(
+        tmp_path,
+        tmp_path / "cache",
+        {
+            "MACHINE_LEARNING_WORKERS": "2",
+            "MACHINE_LEARNING_DEVICE_IDS": "0,1",
+            "MACHINE_LEARNING_PRELOAD__CLIP__TEXTUAL": CLIP,
+            "NOTIFY_SOCKET": str(notify.path),
+            "WATCHDOG_USEC": "400000",
+        },
+    )
     try:
         before_ready = notify.receive_until(lambda message: message.startswith("READY=1"))
         assert all("READY=1" not in message for message in before_ready[:-1])
         status = notify.receive_until(
-            lambda message: message.startswith("STATUS=") and message.count("ready;") == 2, timeout_s=10)[-1]
+            lambda message: message.startswith("STATUS=") and message.count("ready;") == 2, timeout_s=10
+        )[-1]
         assert "device 0" in status and "device 1" in status
 
         workers: dict[int, int] = {}

@@ -71,10 +71,12 @@ def test_listen_sockets_ignores_descriptors_meant_for_another_process() -> None:
 
 
 def test_daemon_reports_ready_status_watchdog_and_stopping_in_order(
-        tmp_path: Path, notify: NotifySocket, daemons: list[Daemon]) -> None:
+    tmp_path: Path, notify: NotifySocket, daemons: list[Daemon]
+) -> None:
     modelgen.write_clip(tmp_path / "cache", CLIP)
-    daemon = Daemon(tmp_path, tmp_path / "cache", PRELOAD | {
-        "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000"})
+    daemon = Daemon(
+        tmp_path, tmp_path / "cache", PRELOAD | {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000"}
+    )
     daemons.append(daemon)
 
     before_ready = notify.receive_until(lambda message: "READY=1" in message)
@@ -92,20 +94,25 @@ def test_daemon_reports_ready_status_watchdog_and_stopping_in_order(
     assert all("READY=1" not in message for message in stopping)
     order = [key for message in notify.messages for key in _keys(message)]
     assert order.index("EXTEND_TIMEOUT_USEC") < order.index("READY=1") < order.index("STOPPING=1")
-    assert "WATCHDOG=1" in order[order.index("READY=1"):order.index("STOPPING=1")]
+    assert "WATCHDOG=1" in order[order.index("READY=1") : order.index("STOPPING=1")]
 
 
 def test_sigterm_during_slow_inference_returns_its_result_and_exits_0(
-        tmp_path: Path, notify: NotifySocket, daemons: list[Daemon]) -> None:
+    tmp_path: Path, notify: NotifySocket, daemons: list[Daemon]
+) -> None:
     write_slow_clip(tmp_path / "cache", SLOW, iterations=2000)  # still running when SIGTERM arrives
-    daemon = Daemon(tmp_path, tmp_path / "cache", {"NOTIFY_SOCKET": str(notify.path),
-                                                   "MACHINE_LEARNING_PING_REQUIRES_READY": "true"})
+    daemon = Daemon(
+        tmp_path,
+        tmp_path / "cache",
+        {"NOTIFY_SOCKET": str(notify.path), "MACHINE_LEARNING_PING_REQUIRES_READY": "true"},
+    )
     daemons.append(daemon)
     daemon.wait_ready()
     outcome: dict[str, object] = {}
     image = modelgen.jpeg_bytes(modelgen.make_gradient_image(64, 48))
-    slow = threading.Thread(target=lambda: outcome.update(
-        result=daemon.predict({"clip": {"visual": {"modelName": SLOW}}}, image=image)))
+    slow = threading.Thread(
+        target=lambda: outcome.update(result=daemon.predict({"clip": {"visual": {"modelName": SLOW}}}, image=image))
+    )
     slow.start()
     while daemon.health()["inFlight"] != 1:  # the request was accepted and is running
         assert slow.is_alive(), outcome
@@ -123,17 +130,25 @@ def test_sigterm_during_slow_inference_returns_its_result_and_exits_0(
 
 
 def test_wedged_inference_withholds_watchdog_pings_until_it_finishes(
-        tmp_path: Path, notify: NotifySocket, daemons: list[Daemon]) -> None:
+    tmp_path: Path, notify: NotifySocket, daemons: list[Daemon]
+) -> None:
     # About 1.5 s per inference on a quiet 2-core machine: well over the 0.3 s stall limit below.
     write_slow_clip(tmp_path / "cache", SLOW, iterations=2000)
-    daemon = Daemon(tmp_path, tmp_path / "cache", {
-        "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000",
-        "MACHINE_LEARNING_WATCHDOG_INFERENCE_TIMEOUT_S": "0.3"})
+    daemon = Daemon(
+        tmp_path,
+        tmp_path / "cache",
+        {
+            "NOTIFY_SOCKET": str(notify.path),
+            "WATCHDOG_USEC": "200000",
+            "MACHINE_LEARNING_WATCHDOG_INFERENCE_TIMEOUT_S": "0.3",
+        },
+    )
     daemons.append(daemon)
     notify.receive_until(lambda message: "READY=1" in message)
     image = modelgen.jpeg_bytes(modelgen.make_gradient_image(64, 48))
-    slow = threading.Thread(target=daemon.predict, args=({"clip": {"visual": {"modelName": SLOW}}},),
-                            kwargs={"image": image})
+    slow = threading.Thread(
+        target=daemon.predict, args=({"clip": {"visual": {"modelName": SLOW}}},), kwargs={"image": image}
+    )
     slow.start()
 
     notify.receive_until(lambda message: message.startswith("STATUS=inference stalled"), timeout_s=30)
@@ -146,8 +161,10 @@ def test_wedged_inference_withholds_watchdog_pings_until_it_finishes(
 
 
 def test_log_lines_carry_journald_priorities_only_on_the_journal_stream(tmp_path: Path) -> None:
-    script = ("import logging; from immich_ml.log import setup_logging; setup_logging('INFO', no_color=False); "
-              "logging.getLogger('immich_ml.test').error('boom'); logging.getLogger('immich_ml.test').info('fine')")
+    script = (
+        "import logging; from immich_ml.log import setup_logging; setup_logging('INFO', no_color=False); "
+        "logging.getLogger('immich_ml.test').error('boom'); logging.getLogger('immich_ml.test').info('fine')"
+    )
     lines = {}
     for journal in (True, False):
         out = tmp_path / f"stderr-{journal}"

@@ -30,13 +30,23 @@ from tests.fakes.host import ALL_MODULES, CDI_UNIT, IMMICH_UNIT, FakeHost
 FAKES = Path(__file__).parent.parent / "fakes"
 MiB = 1024**2
 GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia0")
-RUNNING = {"LoadState": "loaded", "ActiveState": "active", "SubState": "running", "MainPID": "4242",
-           "NRestarts": "0", "Environment": "MACHINE_LEARNING_PROVIDER=cuda MACHINE_LEARNING_DEVICE_IDS=0"}
-GOOD_JOURNAL = ("Starting immich-ml.service - Immich machine learning...",
-                "Started immich-ml.service - Immich machine learning.",
-                "loaded clip/ViT-B-32__openai/visual using CUDAExecutionProvider, CPUExecutionProvider")
-FALLBACK_LINE = ("CUDAExecutionProvider failed to initialise for clip/ViT-B-32__openai/visual; running on the "
-                 "CPU instead (check the driver, CUDA/cuDNN libraries and `immich-gpu-check`)")
+RUNNING = {
+    "LoadState": "loaded",
+    "ActiveState": "active",
+    "SubState": "running",
+    "MainPID": "4242",
+    "NRestarts": "0",
+    "Environment": "MACHINE_LEARNING_PROVIDER=cuda MACHINE_LEARNING_DEVICE_IDS=0",
+}
+GOOD_JOURNAL = (
+    "Starting immich-ml.service - Immich machine learning...",
+    "Started immich-ml.service - Immich machine learning.",
+    "loaded clip/ViT-B-32__openai/visual using CUDAExecutionProvider, CPUExecutionProvider",
+)
+FALLBACK_LINE = (
+    "CUDAExecutionProvider failed to initialise for clip/ViT-B-32__openai/visual; running on the "
+    "CPU instead (check the driver, CUDA/cuDNN libraries and `immich-gpu-check`)"
+)
 
 
 @pytest.fixture
@@ -116,21 +126,44 @@ def test_missing_nvidia_ml_py_says_how_to_install_it(
 
 
 async def test_healthy_fake_gpu_stack_passes(
-    nvml: ModuleType, host: FakeHost, make_client: ClientFactory, clip_cache: Path,
+    nvml: ModuleType,
+    host: FakeHost,
+    make_client: ClientFactory,
+    clip_cache: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # The real daemon on generated models; it runs on the CPU here (no GPU), so it is configured that way.
     client = await make_client(provider=Provider.CPU)
-    argv = ["--json", "--url", str(client.make_url("")), "--root", str(host.root),
-            "--skip", "providers,throughput", "--cuda-archs", "7.5;8.6"]
+    argv = [
+        "--json",
+        "--url",
+        str(client.make_url("")),
+        "--root",
+        str(host.root),
+        "--skip",
+        "providers,throughput",
+        "--cuda-archs",
+        "7.5;8.6",
+    ]
     status = await asyncio.to_thread(gpu_check.main, argv)
     checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
     assert statuses(checks) == {
-        "driver": "pass", "modules": "pass", "cdi": "pass", "service": "pass", "providers": "skipped",
-        "journal": "pass", "memory": "pass", "api": "pass", "arch": "pass", "throughput": "skipped"}
+        "driver": "pass",
+        "modules": "pass",
+        "cdi": "pass",
+        "service": "pass",
+        "providers": "skipped",
+        "journal": "pass",
+        "memory": "pass",
+        "api": "pass",
+        "arch": "pass",
+        "throughput": "skipped",
+    }
     assert status == 0
-    assert "driver 550.54.14, CUDA 12.4; GPU 0: NVIDIA GeForce RTX 3060, 12.0 GiB, compute 8.6" \
+    assert (
+        "driver 550.54.14, CUDA 12.4; GPU 0: NVIDIA GeForce RTX 3060, 12.0 GiB, compute 8.6"
         == checks["driver"]["detail"]
+    )
     assert checks["cdi"]["data"]["devices"] == ["0", "all"]
     assert checks["memory"]["data"]["service_pids"] == [4242, 4243]
     assert "immich-ml uses 1000 MiB on GPU 0; shared with ollama (pid 777, 3.0 GiB)" in checks["memory"]["detail"]
@@ -140,7 +173,10 @@ async def test_healthy_fake_gpu_stack_passes(
 
 
 async def test_api_check_catches_a_model_silently_on_the_cpu(
-    nvml: ModuleType, host: FakeHost, make_client: ClientFactory, clip_cache: Path,
+    nvml: ModuleType,
+    host: FakeHost,
+    make_client: ClientFactory,
+    clip_cache: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     client = await make_client()  # provider auto on a machine without CUDA: the real silent fallback
@@ -165,8 +201,15 @@ def test_unreachable_api_fails_with_fix(
 def test_inactive_service_fails_with_fix(
     nvml: ModuleType, host: FakeHost, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    host.unit(IMMICH_UNIT, LoadState="loaded", ActiveState="failed", SubState="failed", MainPID="0",
-              NRestarts="5", Result="exit-code")
+    host.unit(
+        IMMICH_UNIT,
+        LoadState="loaded",
+        ActiveState="failed",
+        SubState="failed",
+        MainPID="0",
+        NRestarts="5",
+        Result="exit-code",
+    )
     host.install(monkeypatch)
     status, checks = run(capsys, "--root", str(host.root), "--only", "service,memory")
     assert status == 1
@@ -179,8 +222,11 @@ def test_inactive_service_fails_with_fix(
 def test_journal_showing_cpu_fallback_fails_with_fix(
     nvml: ModuleType, host: FakeHost, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    host.journal("Started immich-ml.service - Immich machine learning.", FALLBACK_LINE,
-                 "loaded clip/ViT-B-32__openai/visual using CPUExecutionProvider")
+    host.journal(
+        "Started immich-ml.service - Immich machine learning.",
+        FALLBACK_LINE,
+        "loaded clip/ViT-B-32__openai/visual using CPUExecutionProvider",
+    )
     status, checks = run(capsys, "--root", str(host.root), "--only", "journal")
     assert status == 1
     assert checks["journal"]["detail"] == f"CPU fallback: {FALLBACK_LINE}"
@@ -246,9 +292,7 @@ def test_json_shape(nvml: ModuleType, host: FakeHost, capsys: pytest.CaptureFixt
     assert report["checks"][0]["data"]["gpus"][0]["compute_capability"] == "8.6"
 
 
-def test_skip_reports_skipped_on_request(
-    nvml: ModuleType, host: FakeHost, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_skip_reports_skipped_on_request(nvml: ModuleType, host: FakeHost, capsys: pytest.CaptureFixture[str]) -> None:
     skipped = "modules,cdi,service,providers,journal,memory,api,arch,throughput"
     status, checks = run(capsys, "--root", str(host.root), "--skip", skipped)
     assert status == 0
@@ -273,14 +317,17 @@ def test_table_shows_fix_lines(nvml: ModuleType, host: FakeHost, capsys: pytest.
     assert lines[-1].endswith("=>  FAILED")
 
 
-@pytest.mark.parametrize(("capability", "cuda", "ok"), [
-    ((6, 1), 12, True),    # Pascal on a CUDA 12 wheel: the sm_60 cubin runs on 6.1
-    ((8, 9), 12, True),    # Ada: sm_86 kernels run on 8.9
-    ((9, 0), 12, True),
-    ((12, 0), 12, None),   # Blackwell: not in the list, 90a PTX does not carry forward
-    ((6, 1), 13, False),   # CUDA 13 dropped Pascal
-    ((7, 5), 13, True),
-])
+@pytest.mark.parametrize(
+    ("capability", "cuda", "ok"),
+    [
+        ((6, 1), 12, True),  # Pascal on a CUDA 12 wheel: the sm_60 cubin runs on 6.1
+        ((8, 9), 12, True),  # Ada: sm_86 kernels run on 8.9
+        ((9, 0), 12, True),
+        ((12, 0), 12, None),  # Blackwell: not in the list, 90a PTX does not carry forward
+        ((6, 1), 13, False),  # CUDA 13 dropped Pascal
+        ((7, 5), 13, True),
+    ],
+)
 def test_architecture_table(capability: tuple[int, int], cuda: int, ok: bool | None) -> None:
     assert judge(capability, OFFICIAL_BUILDS[cuda]).ok is ok
 
@@ -305,23 +352,32 @@ def test_arch_check_fails_for_a_gpu_older_than_the_build(
 def _probe_graphs() -> dict[str, bytes]:
     """How graphs.ADD and graphs.CONV were made."""
     add = helper.make_graph(
-        [helper.make_node("Add", ["x", "x"], ["y"])], "gpu_check_add",
+        [helper.make_node("Add", ["x", "x"], ["y"])],
+        "gpu_check_add",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+    )
     conv = helper.make_graph(
-        [helper.make_node("Conv", ["image", "w1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1]),
-         helper.make_node("Relu", ["c1"], ["r1"]),
-         helper.make_node("Conv", ["r1", "w2"], ["c2"], strides=[2, 2], pads=[1, 1, 1, 1]),
-         helper.make_node("Relu", ["c2"], ["r2"]),
-         helper.make_node("GlobalAveragePool", ["r2"], ["features"])], "gpu_check_conv",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 224, 224]),
-         helper.make_tensor_value_info("w1", TensorProto.FLOAT, [32, 3, 3, 3]),
-         helper.make_tensor_value_info("w2", TensorProto.FLOAT, [64, 32, 3, 3])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 64, 1, 1])])
+        [
+            helper.make_node("Conv", ["image", "w1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c1"], ["r1"]),
+            helper.make_node("Conv", ["r1", "w2"], ["c2"], strides=[2, 2], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c2"], ["r2"]),
+            helper.make_node("GlobalAveragePool", ["r2"], ["features"]),
+        ],
+        "gpu_check_conv",
+        [
+            helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 224, 224]),
+            helper.make_tensor_value_info("w1", TensorProto.FLOAT, [32, 3, 3, 3]),
+            helper.make_tensor_value_info("w2", TensorProto.FLOAT, [64, 32, 3, 3]),
+        ],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 64, 1, 1])],
+    )
     models = {}
     for name, graph in (("ADD", add), ("CONV", conv)):
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8,
-                                  producer_name="immich-gpu-check")
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8, producer_name="immich-gpu-check"
+        )
         onnx.checker.check_model(model)
         models[name] = model.SerializeToString()
     return models
@@ -338,8 +394,10 @@ def test_probe_graphs_run_through_the_session_factory(tmp_path: Path) -> None:
     x = np.arange(16, dtype=np.float32).reshape(2, 8)
     assert np.array_equal(factory.create(tmp_path / "add.onnx", cache_key="t/add").run({"x": x})[0], x + x)
     rng = np.random.default_rng(0)
-    feeds = {"image": rng.random((2, 3, 224, 224), dtype=np.float32),
-             "w1": rng.standard_normal((32, 3, 3, 3), dtype=np.float32),
-             "w2": rng.standard_normal((64, 32, 3, 3), dtype=np.float32)}
+    feeds = {
+        "image": rng.random((2, 3, 224, 224), dtype=np.float32),
+        "w1": rng.standard_normal((32, 3, 3, 3), dtype=np.float32),
+        "w2": rng.standard_normal((64, 32, 3, 3), dtype=np.float32),
+    }
     (features,) = factory.create(tmp_path / "conv.onnx", cache_key="t/conv").run(feeds)
     assert features.shape == (2, 64, 1, 1)

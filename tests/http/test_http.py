@@ -69,9 +69,7 @@ async def test_different_inputs_give_different_embeddings(make_client: ClientFac
     assert float(vectors[0] @ vectors[1]) < 0.9
 
 
-async def test_empty_entries_returns_empty_object_with_image_size(
-    make_client: ClientFactory, jpeg: bytes
-) -> None:
+async def test_empty_entries_returns_empty_object_with_image_size(make_client: ClientFactory, jpeg: bytes) -> None:
     client = await make_client()
     async with client.post("/predict", data=predict_form("{}", image=jpeg)) as resp:
         assert resp.status == 200
@@ -147,7 +145,8 @@ async def test_recognition_without_detection_gets_400(make_client: ClientFactory
     async with client.post("/predict", data=predict_form(entries, image=jpeg)) as resp:
         assert resp.status == 400
         assert (await resp.json())["detail"] == (
-            "Task facial-recognition of type recognition depends on output of detection")
+            "Task facial-recognition of type recognition depends on output of detection"
+        )
 
 
 async def test_body_over_limit_gets_413(make_client: ClientFactory, clip_cache: Path) -> None:
@@ -197,13 +196,10 @@ async def test_health_reports_ready_and_loaded_models(make_client: ClientFactory
     assert body["models"][0]["providers"] == ["CPUExecutionProvider"]
 
 
-async def test_ping_answers_quickly_while_inference_runs(
-    make_client: ClientFactory, cache: Path, jpeg: bytes
-) -> None:
+async def test_ping_answers_quickly_while_inference_runs(make_client: ClientFactory, cache: Path, jpeg: bytes) -> None:
     modelgen.write_clip(cache, "ViT-B-32__openai", image_size=896)  # a larger graph: slower inference
     client = await make_client()
-    inflight = [asyncio.ensure_future(client.post("/predict", data=predict_form(VISUAL, image=jpeg)))
-                for _ in range(8)]
+    inflight = [asyncio.ensure_future(client.post("/predict", data=predict_form(VISUAL, image=jpeg))) for _ in range(8)]
     latencies = []
     while not all(task.done() for task in inflight):
         started = time.perf_counter()

@@ -63,8 +63,12 @@ def test_an_immich_server_indexes_searches_and_detects_faces(tmp_path: Path, nod
     daemon = Daemon(tmp_path, cache)
     try:
         daemon.wait_ready()
-        result = subprocess.run([node, "-e", IMMICH_CLIENT, f"http://127.0.0.1:{daemon.port}/", str(image)],
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [node, "-e", IMMICH_CLIENT, f"http://127.0.0.1:{daemon.port}/", str(image)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         assert daemon.stop() == 0
     assert result.returncode == 0, result.stderr

@@ -16,8 +16,11 @@ TEXTUAL = f'{{"clip": {{"textual": {{"modelName": "{CLIP}"}}}}}}'
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 async def _scrape(client: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -54,8 +57,7 @@ async def test_requests_batches_and_models_are_counted(make_client: ClientFactor
     assert samples[("immich_ml_models_loaded", ())] == 2
     assert samples[("immich_ml_queue_depth", (("model", f"clip/{visual}"),))] == 0
     assert samples[("immich_ml_model_load_seconds", (("model", f"clip/{textual}"),))] > 0
-    assert samples[("immich_ml_model_info", (("model", f"clip/{visual}"),
-                                             ("providers", "CPUExecutionProvider")))] == 1
+    assert samples[("immich_ml_model_info", (("model", f"clip/{visual}"), ("providers", "CPUExecutionProvider")))] == 1
     assert samples[("immich_ml_requests_in_flight", ())] == 0
 
 
@@ -71,5 +73,7 @@ async def test_two_apps_in_one_process_keep_separate_metrics(make_client: Client
     first, second = await make_client(), await make_client()
     async with first.post("/predict", data=predict_form(TEXTUAL, text="a dog")) as response:
         assert response.status == 200
-    assert ("immich_ml_requests_total", (("model", f"{CLIP}/textual"), ("status", "200"),
-                                         ("task", "clip"))) not in await _scrape(second)
+    assert (
+        "immich_ml_requests_total",
+        (("model", f"{CLIP}/textual"), ("status", "200"), ("task", "clip")),
+    ) not in await _scrape(second)

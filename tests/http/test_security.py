@@ -61,9 +61,28 @@ def _peak_rss_kib() -> int:
 def certificate(tmp_path: Path) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 (made with the openssl command) and its key."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=immich-ml",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=immich-ml",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -113,7 +132,8 @@ async def test_ipv4_client_on_a_dual_stack_socket_matches_ipv4_networks(cache: P
 
 
 async def test_tls_serves_https_with_the_configured_certificate(
-        aiohttp_server: Any, cache: Path, certificate: tuple[Path, Path]) -> None:
+    aiohttp_server: Any, cache: Path, certificate: tuple[Path, Path]
+) -> None:
     from immich_ml.http.security import tls_context
 
     cert, key = certificate
@@ -129,8 +149,12 @@ async def test_tls_serves_https_with_the_configured_certificate(
 
 def test_daemon_with_tls_settings_speaks_only_https(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
     cert, key = certificate
-    daemon = Daemon(tmp_path, tmp_path / "cache", {"MACHINE_LEARNING_TLS_CERT": str(cert),
-                                                   "MACHINE_LEARNING_TLS_KEY": str(key)}, tls_ca=cert)
+    daemon = Daemon(
+        tmp_path,
+        tmp_path / "cache",
+        {"MACHINE_LEARNING_TLS_CERT": str(cert), "MACHINE_LEARNING_TLS_KEY": str(key)},
+        tls_ca=cert,
+    )
     try:
         daemon.wait_ready()
         assert daemon.request("GET", "/ping") == (200, b"pong")
@@ -144,8 +168,7 @@ def test_daemon_with_tls_settings_speaks_only_https(tmp_path: Path, certificate:
 # -- limits and hostile uploads ---------------------------------------------------------------------
 
 
-async def test_decompression_bomb_gets_413_without_a_memory_spike(
-        make_client: ClientFactory, clip_cache: Path) -> None:
+async def test_decompression_bomb_gets_413_without_a_memory_spike(make_client: ClientFactory, clip_cache: Path) -> None:
     bomb = _bomb_png(30_000)  # 900 million pixels: 900 MB once decoded to 8-bit, 2.7 GB as RGB
     assert len(bomb) < 500_000
     client = await make_client()
@@ -169,11 +192,15 @@ async def test_image_part_over_max_body_size_gets_413(make_client: ClientFactory
         assert "MACHINE_LEARNING_MAX_BODY_SIZE" in (await response.json())["detail"]
 
 
-async def _raw_request(port: int, body: bytes, content_type: str, *,
-                       declared: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _raw_request(
+    port: int, body: bytes, content_type: str, *, declared: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
-                 f"Content-Length: {declared}\r\n\r\n".encode() + body)
+    writer.write(
+        f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {declared}\r\n\r\n".encode()
+        + body
+    )
     await writer.drain()
     return reader, writer
 
@@ -195,7 +222,7 @@ async def test_slow_client_does_not_block_others(make_client: ClientFactory, cli
     reader, writer = await _raw_request(client.port, b"", content_type, declared=len(body))
     half = len(body) // 2
     for offset in range(0, half, 256):  # dribble half the body, a small piece at a time
-        writer.write(body[offset:min(offset + 256, half)])
+        writer.write(body[offset : min(offset + 256, half)])
         await writer.drain()
         await asyncio.sleep(0.002)
     async with client.post("/predict", data=predict_form(VISUAL, image=_image())) as response:
@@ -211,7 +238,8 @@ async def test_slow_client_does_not_block_others(make_client: ClientFactory, cli
 
 
 async def test_query_text_and_image_never_reach_the_logs(
-        make_client: ClientFactory, clip_cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+    make_client: ClientFactory, clip_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     secret = "zebra-marker-7f3a"
     caplog.set_level(logging.DEBUG)
     client = await make_client()

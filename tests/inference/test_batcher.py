@@ -253,7 +253,8 @@ async def test_a_flood_gets_results_or_503_and_nothing_else(
 
 @pytest.mark.parametrize(("value", "expected"), [(None, "0"), ("true", "1")])
 def test_idle_inference_threads_sleep_unless_spinning_is_asked_for(
-        tmp_path: Path, value: str | None, expected: str) -> None:
+    tmp_path: Path, value: str | None, expected: str
+) -> None:
     model = modelgen.write_clip(tmp_path, "ViT-B-32__openai") / "visual" / "model.onnx"
     env = {"MACHINE_LEARNING_PROVIDER": "cpu"} | ({"MACHINE_LEARNING_MODEL_THREAD_SPINNING": value} if value else {})
     session = SessionFactory(Settings.from_env(env)).create(model, cache_key="clip/visual")
@@ -315,14 +316,17 @@ async def test_concurrent_bulk_batches_share_the_intra_op_threads(
 ) -> None:
     client = await make_client(concurrent_batches=2, intra_op_threads=2, provider="cpu")
     assert (await embed(client, images[0]))[0] == 200
-    async with client.post("/predict", data=predict_form(
-            '{"clip":{"textual":{"modelName":"ViT-B-32__openai"}}}', text="a cat")) as resp:
+    async with client.post(
+        "/predict", data=predict_form('{"clip":{"textual":{"modelName":"ViT-B-32__openai"}}}', text="a cat")
+    ) as resp:
         assert resp.status == 200
     assert client.app is not None
     models = client.app[REGISTRY].loaded()
     visual, textual = models[VISUAL_KEY], models[ModelKey(Task.CLIP, ModelType.TEXTUAL, "ViT-B-32__openai")]
     assert [b.concurrency for b in visual.batchers] == [2]
     assert [b.concurrency for b in textual.batchers] == [1]  # interactive: one run with all threads
-    threads = {name: model.session._session.get_session_options().intra_op_num_threads  # type: ignore[union-attr]
-               for name, model in (("visual", visual), ("textual", textual))}
+    threads = {
+        name: model.session._session.get_session_options().intra_op_num_threads  # type: ignore[union-attr]
+        for name, model in (("visual", visual), ("textual", textual))
+    }
     assert threads == {"visual": 1, "textual": 2}

@@ -24,8 +24,10 @@ ORT_FALLBACK_WARNING = "ignore:Specified provider:UserWarning"
 
 
 def factory(provider: Provider, available: list[str], **settings: object) -> SessionFactory:
-    return SessionFactory(Settings(provider=provider, **settings),  # type: ignore[arg-type]
-                          available_providers=lambda: available)
+    return SessionFactory(
+        Settings(provider=provider, **settings),  # type: ignore[arg-type]
+        available_providers=lambda: available,
+    )
 
 
 @pytest.mark.parametrize(
@@ -60,11 +62,22 @@ def test_cpu_sessions_use_upstream_thread_defaults(tmp_path: Path) -> None:
 
 
 def test_gpu_provider_options_come_from_settings(tmp_path: Path) -> None:
-    made = factory(Provider.TENSORRT, GPU_BUILD, device_id=1, gpu_mem_limit=2**30, cache_folder=tmp_path,
-                   tensorrt_fp16=False, cudnn_conv_algo_search="HEURISTIC")
+    made = factory(
+        Provider.TENSORRT,
+        GPU_BUILD,
+        device_id=1,
+        gpu_mem_limit=2**30,
+        cache_folder=tmp_path,
+        tensorrt_fp16=False,
+        cudnn_conv_algo_search="HEURISTIC",
+    )
     cuda = made._provider_options(CUDA, "clip/x/visual")
-    assert cuda == {"device_id": 1, "arena_extend_strategy": "kSameAsRequested",
-                    "cudnn_conv_algo_search": "HEURISTIC", "gpu_mem_limit": 2**30}
+    assert cuda == {
+        "device_id": 1,
+        "arena_extend_strategy": "kSameAsRequested",
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "gpu_mem_limit": 2**30,
+    }
     trt = made._provider_options(TENSORRT, "clip/x/visual")
     assert trt["trt_fp16_enable"] is False and trt["trt_engine_cache_enable"] is True
     assert trt["trt_engine_cache_path"] == str(tmp_path / "tensorrt" / "clip_x_visual")

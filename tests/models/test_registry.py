@@ -33,18 +33,21 @@ def add_dead_weight(model_path: Path, megabytes: int) -> None:
     graph = model.graph
     columns = megabytes * 1024 * 1024 // 4 // 3
     weight = np.random.default_rng(0).standard_normal((3, columns), dtype=np.float32)
-    graph.initializer.extend([numpy_helper.from_array(weight, "dead_weight"),
-                              numpy_helper.from_array(np.zeros((1,), np.float32), "zero")])
+    graph.initializer.extend(
+        [numpy_helper.from_array(weight, "dead_weight"), numpy_helper.from_array(np.zeros((1,), np.float32), "zero")]
+    )
     original_output = graph.output[0].name
     graph.node[-1].output[0] = "live_embedding"
-    graph.node.extend([
-        helper.make_node("GlobalAveragePool", ["image"], ["dead_pooled"]),
-        helper.make_node("Flatten", ["dead_pooled"], ["channel_means"]),
-        helper.make_node("MatMul", ["channel_means", "dead_weight"], ["dead"]),
-        helper.make_node("ReduceSum", ["dead"], ["dead_sum"], keepdims=0),
-        helper.make_node("Mul", ["dead_sum", "zero"], ["nothing"]),
-        helper.make_node("Add", ["live_embedding", "nothing"], [original_output]),
-    ])
+    graph.node.extend(
+        [
+            helper.make_node("GlobalAveragePool", ["image"], ["dead_pooled"]),
+            helper.make_node("Flatten", ["dead_pooled"], ["channel_means"]),
+            helper.make_node("MatMul", ["channel_means", "dead_weight"], ["dead"]),
+            helper.make_node("ReduceSum", ["dead"], ["dead_sum"], keepdims=0),
+            helper.make_node("Mul", ["dead_sum", "zero"], ["nothing"]),
+            helper.make_node("Add", ["live_embedding", "nothing"], [original_output]),
+        ]
+    )
     graph.value_info.append(helper.make_tensor_value_info("live_embedding", TensorProto.FLOAT, None))
     onnx.save(model, str(model_path))
 
@@ -81,8 +84,9 @@ async def test_unloading_after_ttl_returns_memory(make_client: ClientFactory, cl
 
 
 async def test_preloaded_models_are_warm_and_never_expire(make_client: ClientFactory, clip_cache: Path) -> None:
-    client = await make_client(model_ttl_s=0.1, model_ttl_poll_s=0.02,
-                               preload={("clip", "visual"): ("ViT-B-32__openai",)})
+    client = await make_client(
+        model_ttl_s=0.1, model_ttl_poll_s=0.02, preload={("clip", "visual"): ("ViT-B-32__openai",)}
+    )
     await wait_until(lambda models: models == ["clip/ViT-B-32__openai/visual"], client)
     async with client.post("/predict", data=predict_form(TEXTUAL, text="a dog")) as resp:
         assert resp.status == 200
@@ -90,14 +94,13 @@ async def test_preloaded_models_are_warm_and_never_expire(make_client: ClientFac
     await wait_until(lambda models: models == ["clip/ViT-B-32__openai/visual"], client)
 
 
-async def test_concurrent_requests_load_a_model_once(
-    make_client: ClientFactory, clip_cache: Path, caplog: Any
-) -> None:
+async def test_concurrent_requests_load_a_model_once(make_client: ClientFactory, clip_cache: Path, caplog: Any) -> None:
     client = await make_client()
     image = modelgen.jpeg_bytes(modelgen.make_gradient_image(64, 64))
     with caplog.at_level(logging.INFO, logger="immich_ml.models"):
-        responses = await asyncio.gather(*(client.post("/predict", data=predict_form(VISUAL, image=image))
-                                           for _ in range(8)))
+        responses = await asyncio.gather(
+            *(client.post("/predict", data=predict_form(VISUAL, image=image)) for _ in range(8))
+        )
     assert [r.status for r in responses] == [200] * 8
     assert caplog.text.count("loaded clip/ViT-B-32__openai/visual using") == 1
 

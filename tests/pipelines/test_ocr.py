@@ -171,9 +171,7 @@ async def test_concurrent_requests_read_the_same_as_one_alone(
         assert ocr["textScore"] == pytest.approx(alone["textScore"], abs=1e-4)
 
 
-async def test_reads_text_rotated_to_vertical(
-    make_client: ClientFactory, ocr_cache: Path, font_path: Path
-) -> None:
+async def test_reads_text_rotated_to_vertical(make_client: ClientFactory, ocr_cache: Path, font_path: Path) -> None:
     strip, _ = render([("VERTICAL", (5, 5))], font_path, size=(220, 55))
     image = Image.new("RGB", (300, 400), "white")
     image.paste(strip.rotate(-90, expand=True), (120, 60))  # reads top to bottom
@@ -193,9 +191,7 @@ async def test_image_under_32_px_gives_empty_results(make_client: ClientFactory,
     assert (await post(client, DETECTION_ONLY, image))["ocr"] == {"boxes": [], "scores": []}
 
 
-async def test_detection_only_returns_plain_lists(
-    make_client: ClientFactory, ocr_cache: Path, font_path: Path
-) -> None:
+async def test_detection_only_returns_plain_lists(make_client: ClientFactory, ocr_cache: Path, font_path: Path) -> None:
     image, (line,) = render([("Detection", (60, 80))], font_path, size=(400, 200))
     client = await make_client()
     ocr = (await post(client, DETECTION_ONLY, image))["ocr"]
@@ -212,11 +208,7 @@ async def test_min_scores_apply_to_their_request_only(
     strict_recognition = (await post(client, ocr_entries(rec_score=1.0), image))["ocr"]
     strict_detection = (await post(client, ocr_entries(det_score=0.99), image))["ocr"]
     default = (await post(client, ocr_entries(), image))["ocr"]
-    assert (
-        isinstance(strict_recognition, dict)
-        and isinstance(strict_detection, dict)
-        and isinstance(default, dict)
-    )
+    assert isinstance(strict_recognition, dict) and isinstance(strict_detection, dict) and isinstance(default, dict)
     assert strict_recognition["text"] == [] and strict_recognition["box"] == []  # scores are ≤ 1: none is > 1
     assert strict_detection["text"] == []
     assert default["text"] == ["Immich", "photos"]
@@ -311,9 +303,7 @@ def test_ctc_applies_softmax_to_raw_logits() -> None:
 
 
 def test_ctc_all_blank_or_nan_scores_zero() -> None:
-    blank, broken = ctc_decode(
-        np.stack([one_hot_steps([0, 0]), np.full((2, 5), np.nan, np.float32)]), CHARSET
-    )
+    blank, broken = ctc_decode(np.stack([one_hot_steps([0, 0]), np.full((2, 5), np.nan, np.float32)]), CHARSET)
     assert (blank.text, blank.score) == ("", 0.0)
     assert broken.score == 0.0
 
@@ -377,9 +367,7 @@ async def test_failed_download_leaves_no_model(tmp_path: Path, reply: str) -> No
     await server.close()
 
 
-async def test_missing_ocr_model_is_fetched_from_the_configured_mirror(
-    make_client: ClientFactory, cache: Path
-) -> None:
+async def test_missing_ocr_model_is_fetched_from_the_configured_mirror(make_client: ClientFactory, cache: Path) -> None:
     server, state = await serve(["bad", "bad"])
     client = await make_client(ocr_model_base_url=str(server.make_url("/mirror/")))
     form = predict_form(DETECTION_ONLY, image=modelgen.png_bytes(Image.new("RGB", (64, 64), "white")))

@@ -26,8 +26,12 @@ def stalled_batchers(app: web.Application, older_than_s: float) -> list[str]:
     if (registry := app.get(REGISTRY)) is None or older_than_s <= 0:
         return []
     now = time.monotonic()
-    return [batcher.name for model in registry.loaded().values() for batcher in model.batchers
-            if batcher.running_since is not None and now - batcher.running_since > older_than_s]
+    return [
+        batcher.name
+        for model in registry.loaded().values()
+        for batcher in model.batchers
+        if batcher.running_since is not None and now - batcher.running_since > older_than_s
+    ]
 
 
 def status_line(app: web.Application, stalled: list[str]) -> str:
@@ -43,8 +47,13 @@ def status_line(app: web.Application, stalled: list[str]) -> str:
         phase = "loading models"
     else:
         phase = "ready" if state.preload_error is None else "ready (preloading failed; loading on demand)"
-    models = ", ".join(f"{key} on {'/'.join(p.removesuffix('ExecutionProvider') for p in model.providers)}"
-                       for key, model in loaded.items()) or "none"
+    models = (
+        ", ".join(
+            f"{key} on {'/'.join(p.removesuffix('ExecutionProvider') for p in model.providers)}"
+            for key, model in loaded.items()
+        )
+        or "none"
+    )
     queued = sum(model.queue_depth for model in loaded.values())
     return f"{phase}; models: {models}; queued {queued}; in flight {state.in_flight}"
 

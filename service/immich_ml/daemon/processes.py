@@ -60,10 +60,19 @@ class _Relay(asyncio.DatagramProtocol):
 def run_workers(settings: Settings, sockets: list[socket.socket]) -> int:
     """Run `settings.workers` worker processes sharing `sockets` (bound here if empty) until stopped."""
     if not sockets:
-        sockets = [socket.create_server((settings.host.strip("[]"), settings.port), backlog=128,
-                                        family=socket.AF_INET6 if ":" in settings.host else socket.AF_INET)]
-    log.info("starting %d workers on %s (devices %s)", settings.workers,
-             ", ".join(str(s.getsockname()[:2]) for s in sockets), ",".join(map(str, settings.device_ids)))
+        sockets = [
+            socket.create_server(
+                (settings.host.strip("[]"), settings.port),
+                backlog=128,
+                family=socket.AF_INET6 if ":" in settings.host else socket.AF_INET,
+            )
+        ]
+    log.info(
+        "starting %d workers on %s (devices %s)",
+        settings.workers,
+        ", ".join(str(s.getsockname()[:2]) for s in sockets),
+        ",".join(map(str, settings.device_ids)),
+    )
     return asyncio.run(_supervise(settings, sockets, Notifier.from_env()))
 
 
@@ -71,6 +80,7 @@ async def _supervise(settings: Settings, sockets: list[socket.socket], notifier:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     changed = asyncio.Event()
+
     def request_stop() -> None:
         stop.set()
         changed.set()
@@ -83,7 +93,8 @@ async def _supervise(settings: Settings, sockets: list[socket.socket], notifier:
             path = Path(notify_dir) / f"worker-{index}"
             worker = _start(index, settings, sockets, path, notifier.watchdog_usec)
             transport, _ = await loop.create_datagram_endpoint(
-                functools.partial(_Relay, worker, changed), local_addr=str(path), family=socket.AF_UNIX)
+                functools.partial(_Relay, worker, changed), local_addr=str(path), family=socket.AF_UNIX
+            )
             workers.append(worker)
             transports.append(transport)
         for sock in sockets:
@@ -101,17 +112,23 @@ async def _supervise(settings: Settings, sockets: list[socket.socket], notifier:
     return code or max(codes, key=abs)
 
 
-def _start(index: int, settings: Settings, sockets: list[socket.socket], notify_path: Path,
-           watchdog_usec: int | None) -> _Worker:
+def _start(
+    index: int, settings: Settings, sockets: list[socket.socket], notify_path: Path, watchdog_usec: int | None
+) -> _Worker:
     device_id = settings.device_ids[index % len(settings.device_ids)]
     env = {key: value for key, value in os.environ.items() if key not in ("WATCHDOG_USEC", "WATCHDOG_PID")}
-    env |= {"MACHINE_LEARNING_WORKERS": "1", "MACHINE_LEARNING_DEVICE_ID": str(device_id),
-            "NOTIFY_SOCKET": str(notify_path), INHERITED_FDS: ",".join(str(s.fileno()) for s in sockets),
-            PARENT_PID: str(os.getpid())}
+    env |= {
+        "MACHINE_LEARNING_WORKERS": "1",
+        "MACHINE_LEARNING_DEVICE_ID": str(device_id),
+        "NOTIFY_SOCKET": str(notify_path),
+        INHERITED_FDS: ",".join(str(s.fileno()) for s in sockets),
+        PARENT_PID: str(os.getpid()),
+    }
     if watchdog_usec:
         env["WATCHDOG_USEC"] = str(watchdog_usec)
-    process = subprocess.Popen([sys.executable, "-m", "immich_ml", "serve"], env=env,
-                               pass_fds=[s.fileno() for s in sockets])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "immich_ml", "serve"], env=env, pass_fds=[s.fileno() for s in sockets]
+    )
     log.info("worker %d: pid %d, device %d", index, process.pid, device_id)
     return _Worker(index, device_id, process)
 
@@ -125,8 +142,12 @@ async def _relay(workers: list[_Worker], notifier: Notifier, stop: asyncio.Event
     last_ping = last_extend = float("-inf")
     while not stop.is_set():
         if dead := [w for w in workers if w.process.poll() is not None]:
-            log.error("worker %d (pid %d) exited with %d; stopping the others", dead[0].index,
-                      dead[0].process.pid, dead[0].process.returncode)
+            log.error(
+                "worker %d (pid %d) exited with %d; stopping the others",
+                dead[0].index,
+                dead[0].process.pid,
+                dead[0].process.returncode,
+            )
             return 1
         if not ready_sent and all(w.ready for w in workers):
             notifier.send("READY=1")
@@ -134,8 +155,9 @@ async def _relay(workers: list[_Worker], notifier: Notifier, stop: asyncio.Event
         if not ready_sent and time.monotonic() - last_extend >= EXTEND_EVERY_S:
             notifier.send(f"EXTEND_TIMEOUT_USEC={EXTEND_BY_USEC}")
             last_extend = time.monotonic()
-        new_status = " | ".join(f"worker {w.index} (pid {w.process.pid}, device {w.device_id}): {w.status}"
-                                for w in workers)
+        new_status = " | ".join(
+            f"worker {w.index} (pid {w.process.pid}, device {w.device_id}): {w.status}" for w in workers
+        )
         if new_status != status:
             notifier.send(f"STATUS={new_status}")
             status = new_status

@@ -40,8 +40,9 @@ def run(settings: Settings) -> int:
     return asyncio.run(serve(settings, sockets=sockets))
 
 
-async def serve(settings: Settings, *, sockets: list[socket.socket] | None = None,
-                notifier: Notifier | None = None) -> int:
+async def serve(
+    settings: Settings, *, sockets: list[socket.socket] | None = None, notifier: Notifier | None = None
+) -> int:
     """Serve until SIGTERM or SIGINT, then finish in-flight requests and stop. Returns the exit code.
 
     `sockets` are already listening (socket activation, or a worker's inherited ones); without them the
@@ -50,16 +51,22 @@ async def serve(settings: Settings, *, sockets: list[socket.socket] | None = Non
     notifier = notifier or Notifier.from_env()
     app = create_app(settings)
     ssl_context = tls_context(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
-    runner = web.AppRunner(app, keepalive_timeout=settings.keepalive_s, access_log=None,
-                           shutdown_timeout=settings.shutdown_timeout_s)
+    runner = web.AppRunner(
+        app, keepalive_timeout=settings.keepalive_s, access_log=None, shutdown_timeout=settings.shutdown_timeout_s
+    )
     await runner.setup()
     sites: list[web.BaseSite] = [web.SockSite(runner, sock, ssl_context=ssl_context) for sock in sockets or []]
     if not sites:
         sites.append(web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context))
     for site in sites:
         await site.start()
-    log.info("pid %d (device %d) listening on %s (models in %s)", os.getpid(), settings.device_id,
-             ", ".join(site.name for site in sites), settings.cache_folder)
+    log.info(
+        "pid %d (device %d) listening on %s (models in %s)",
+        os.getpid(),
+        settings.device_id,
+        ", ".join(site.name for site in sites),
+        settings.cache_folder,
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -80,8 +87,9 @@ async def serve(settings: Settings, *, sockets: list[socket.socket] | None = Non
     state.draining = True
     log.info("stopping: draining %d request(s) in flight", state.in_flight)
     if not await state.wait_idle(settings.shutdown_timeout_s):
-        log.warning("%d request(s) still running after %.0f s; stopping anyway",
-                    state.in_flight, settings.shutdown_timeout_s)
+        log.warning(
+            "%d request(s) still running after %.0f s; stopping anyway", state.in_flight, settings.shutdown_timeout_s
+        )
     ready.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await reporting

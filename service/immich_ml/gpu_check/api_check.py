@@ -54,17 +54,23 @@ def check_api(ctx: Context) -> Result:
     """7: `/ping`, `/health` readiness, a CLIP `/predict` with a generated JPEG, and the provider it used."""
     url = ctx.options.url
     client = _Client(url, ctx.options.timeout_s)
-    unreachable_fix = ("start the service (systemctl start immich-ml) or point --url at it "
-                       "(it listens on IMMICH_HOST:IMMICH_PORT, default 127.0.0.1:3003)")
+    unreachable_fix = (
+        "start the service (systemctl start immich-ml) or point --url at it "
+        "(it listens on IMMICH_HOST:IMMICH_PORT, default 127.0.0.1:3003)"
+    )
     try:
         status, body = client.request("/ping")
         if status != 200 or body.strip().strip(b'"') != b"pong":
-            return Result.failed(f"GET {url}/ping answered {status} {body[:60]!r}, not pong",
-                                 "is --url an immich machine-learning service?")
+            return Result.failed(
+                f"GET {url}/ping answered {status} {body[:60]!r}, not pong",
+                "is --url an immich machine-learning service?",
+            )
         status, health = client.json("/health")
         if status == 503 or (isinstance(health, dict) and health.get("ready") is False):
-            return Result.failed("/ping pong, but /health says not ready (models still loading?)",
-                                 f"wait for startup; journalctl -u {ctx.options.unit} -b -f shows progress")
+            return Result.failed(
+                "/ping pong, but /health says not ready (models still loading?)",
+                f"wait for startup; journalctl -u {ctx.options.unit} -b -f shows progress",
+            )
         model = ctx.options.model or _clip_model(health) or DEFAULT_CLIP
         started = time.perf_counter()
         status, answer = _predict(client, model)
@@ -72,11 +78,15 @@ def check_api(ctx: Context) -> Result:
     except OSError as error:
         return Result.failed(f"{url} unreachable: {getattr(error, 'reason', error)}", unreachable_fix)
     if status != 200:
-        return Result.failed(f"POST /predict (clip {model}) answered {status}: {answer!r:.120}",
-                             "read the service's journal; give an installed CLIP model with --model")
+        return Result.failed(
+            f"POST /predict (clip {model}) answered {status}: {answer!r:.120}",
+            "read the service's journal; give an installed CLIP model with --model",
+        )
     if problem := _embedding_problem(answer):
-        return Result.failed(f"POST /predict (clip {model}): {problem}", "the service answered off-protocol: "
-                             "check its version against Immich's")
+        return Result.failed(
+            f"POST /predict (clip {model}): {problem}",
+            "the service answered off-protocol: check its version against Immich's",
+        )
     dimension = len(json.loads(answer["clip"]))
     try:
         _, health = client.json("/health")
@@ -84,20 +94,29 @@ def check_api(ctx: Context) -> Result:
         health = None
     providers = _model_providers(health, model)
     configured = _configured_provider(health)
-    data = {"model": model, "dimension": dimension, "ms": round(elapsed_ms), "providers": providers,
-            "configured": configured}
-    detail = (f"/ping pong, ready, /predict clip {model}: {dimension}-d embedding in {elapsed_ms:.0f} ms"
-              f"{f' on {providers[0]}' if providers else ''}")
+    data = {
+        "model": model,
+        "dimension": dimension,
+        "ms": round(elapsed_ms),
+        "providers": providers,
+        "configured": configured,
+    }
+    detail = (
+        f"/ping pong, ready, /predict clip {model}: {dimension}-d embedding in {elapsed_ms:.0f} ms"
+        f"{f' on {providers[0]}' if providers else ''}"
+    )
     if providers and providers[0] == _CPU and configured not in (None, "cpu"):
-        return Result.failed(f"{detail} although provider {configured} asks for the GPU",
-                             "the model fell back to the CPU: see the providers and journal checks", **data)
+        return Result.failed(
+            f"{detail} although provider {configured} asks for the GPU",
+            "the model fell back to the CPU: see the providers and journal checks",
+            **data,
+        )
     return Result.passed(detail, **data)
 
 
 def _predict(client: _Client, model: str) -> tuple[int, Any]:
     entries = json.dumps({"clip": {"visual": {"modelName": model}}}).encode()
-    body, content_type = _multipart([("entries", None, "", entries),
-                                     ("image", "blob", "image/jpeg", _test_jpeg())])
+    body, content_type = _multipart([("entries", None, "", entries), ("image", "blob", "image/jpeg", _test_jpeg())])
     status, raw = client.request("/predict", body, content_type)
     try:
         return status, json.loads(raw)

@@ -30,14 +30,19 @@ class ArchSet:
 
 # By the CUDA major version the onnxruntime build was made for.
 OFFICIAL_BUILDS: dict[int, ArchSet] = {
-    11: ArchSet(((5, 2), (6, 0), (6, 1), (7, 0), (7, 5), (8, 0)),
-                source="onnxruntime-gpu CUDA 11.8 wheels: CMAKE_CUDA_ARCHITECTURES=52;60;61;70;75;80"),
-    12: ArchSet(((6, 0), (7, 0), (7, 5), (8, 0), (8, 6), (9, 0)),
-                source="onnxruntime-gpu CUDA 12 wheels: 60-real;70-real;75-real;80-real;86-real;90a-real;"
-                       "90a-virtual (90a PTX is not forward-compatible)"),
-    13: ArchSet(((7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)),
-                source="CUDA 13 toolkit range (Maxwell/Pascal/Volta dropped); the wheel's exact list "
-                       "is not confirmed"),
+    11: ArchSet(
+        ((5, 2), (6, 0), (6, 1), (7, 0), (7, 5), (8, 0)),
+        source="onnxruntime-gpu CUDA 11.8 wheels: CMAKE_CUDA_ARCHITECTURES=52;60;61;70;75;80",
+    ),
+    12: ArchSet(
+        ((6, 0), (7, 0), (7, 5), (8, 0), (8, 6), (9, 0)),
+        source="onnxruntime-gpu CUDA 12 wheels: 60-real;70-real;75-real;80-real;86-real;90a-real;"
+        "90a-virtual (90a PTX is not forward-compatible)",
+    ),
+    13: ArchSet(
+        ((7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)),
+        source="CUDA 13 toolkit range (Maxwell/Pascal/Volta dropped); the wheel's exact list is not confirmed",
+    ),
 }
 
 

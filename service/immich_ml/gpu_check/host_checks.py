@@ -13,14 +13,25 @@ from immich_ml.gpu_check.results import Result
 from immich_ml.gpu_check.systemd import CommandError, UnitState, journal_since_start, show_unit
 from immich_ml.settings import Provider, Settings
 
-__all__ = ["check_cdi", "check_driver", "check_journal", "check_memory", "check_modules", "check_service",
-           "format_bytes", "gpu_unavailable"]
+__all__ = [
+    "check_cdi",
+    "check_driver",
+    "check_journal",
+    "check_memory",
+    "check_modules",
+    "check_service",
+    "format_bytes",
+    "gpu_unavailable",
+]
 
-UVM_FIX = ('sudo modprobe nvidia_uvm (NixOS: boot.kernelModules = [ "nvidia_uvm" ]), '
-           "then systemctl restart immich-ml")
+UVM_FIX = 'sudo modprobe nvidia_uvm (NixOS: boot.kernelModules = [ "nvidia_uvm" ]), then systemctl restart immich-ml'
 CDI_UNIT = "nvidia-container-toolkit-cdi-generator.service"
-CDI_SPECS = ("/run/cdi/nvidia-container-toolkit.json", "/var/run/cdi/nvidia-container-toolkit.json",
-             "/etc/cdi/nvidia.yaml", "/etc/cdi/nvidia.json")
+CDI_SPECS = (
+    "/run/cdi/nvidia-container-toolkit.json",
+    "/var/run/cdi/nvidia-container-toolkit.json",
+    "/etc/cdi/nvidia.yaml",
+    "/etc/cdi/nvidia.json",
+)
 _REQUIRED_MODULES = ("nvidia", "nvidia_uvm")
 _DISPLAY_MODULES = ("nvidia_modeset", "nvidia_drm")
 _LOADED = re.compile(r"loaded (\S+) using (.+)$")
@@ -47,22 +58,39 @@ def check_driver(ctx: Context) -> Result:
     if not nvml.ok:
         return Result.failed(nvml.error, nvml.fix)
     if not nvml.gpus:
-        return Result.failed(f"driver {nvml.driver_version} loaded but NVML sees no GPU",
-                             "check `nvidia-smi -L` and `dmesg | grep -i nvidia` (GPU fallen off the bus?)")
+        return Result.failed(
+            f"driver {nvml.driver_version} loaded but NVML sees no GPU",
+            "check `nvidia-smi -L` and `dmesg | grep -i nvidia` (GPU fallen off the bus?)",
+        )
     cuda = ".".join(map(str, nvml.cuda_version)) if nvml.cuda_version else "?"
-    gpus = "; ".join(f"GPU {g.index}: {g.name}, {format_bytes(g.memory_total)}, "
-                     f"compute {g.compute_capability[0]}.{g.compute_capability[1]}" for g in nvml.gpus)
+    gpus = "; ".join(
+        f"GPU {g.index}: {g.name}, {format_bytes(g.memory_total)}, "
+        f"compute {g.compute_capability[0]}.{g.compute_capability[1]}"
+        for g in nvml.gpus
+    )
     detail = f"driver {nvml.driver_version}, CUDA {cuda}; {gpus}"
-    data = {"driver": nvml.driver_version, "cuda": cuda, "gpus": [
-        {"index": g.index, "name": g.name, "memory_total": g.memory_total,
-         "compute_capability": f"{g.compute_capability[0]}.{g.compute_capability[1]}"} for g in nvml.gpus]}
+    data = {
+        "driver": nvml.driver_version,
+        "cuda": cuda,
+        "gpus": [
+            {
+                "index": g.index,
+                "name": g.name,
+                "memory_total": g.memory_total,
+                "compute_capability": f"{g.compute_capability[0]}.{g.compute_capability[1]}",
+            }
+            for g in nvml.gpus
+        ],
+    }
     settings = ctx.settings
     if isinstance(settings, Settings):
         missing = [i for i in settings.device_ids if i >= len(nvml.gpus)]
         if missing and settings.uses_gpu:
-            return Result.failed(f"{detail}; configured device ids {missing} do not exist",
-                                 "set MACHINE_LEARNING_DEVICE_IDS (NixOS: gpu.deviceIds) to ids NVML lists",
-                                 **data)
+            return Result.failed(
+                f"{detail}; configured device ids {missing} do not exist",
+                "set MACHINE_LEARNING_DEVICE_IDS (NixOS: gpu.deviceIds) to ids NVML lists",
+                **data,
+            )
     return Result.passed(detail, **data)
 
 
@@ -71,13 +99,17 @@ def check_modules(ctx: Context) -> Result:
     loaded = _loaded_modules(ctx.options.path("/proc/modules"))
     nodes = ["/dev/nvidiactl", "/dev/nvidia-uvm"] + [f"/dev/nvidia{n}" for n in _gpu_minors(ctx)]
     absent = [node for node in nodes if not ctx.options.path(node).exists()]
-    data: dict[str, Any] = {"modules": sorted(loaded) if isinstance(loaded, set) else [],
-                            "missing_nodes": absent}
+    data: dict[str, Any] = {"modules": sorted(loaded) if isinstance(loaded, set) else [], "missing_nodes": absent}
     missing = [m for m in _REQUIRED_MODULES if m not in loaded] if isinstance(loaded, set) else []
     if missing:
-        fix = UVM_FIX if missing == ["nvidia_uvm"] else (
-            'enable the driver (NixOS: hardware.nvidia, services.xserver.videoDrivers = [ "nvidia" ], '
-            'boot.kernelModules = [ "nvidia_uvm" ]) and reboot')
+        fix = (
+            UVM_FIX
+            if missing == ["nvidia_uvm"]
+            else (
+                'enable the driver (NixOS: hardware.nvidia, services.xserver.videoDrivers = [ "nvidia" ], '
+                'boot.kernelModules = [ "nvidia_uvm" ]) and reboot'
+            )
+        )
         return Result.failed(f"kernel module(s) not loaded: {', '.join(missing)}", fix, **data)
     if absent:
         fix = UVM_FIX if absent == ["/dev/nvidia-uvm"] else "check `dmesg | grep -i nvidia`; reload the driver"
@@ -85,10 +117,12 @@ def check_modules(ctx: Context) -> Result:
     if isinstance(loaded, str):
         return Result.warned(f"{loaded}; device nodes present", **data)
     if display := [m for m in _DISPLAY_MODULES if m not in loaded]:
-        return Result.warned(f"compute modules and nodes present; {', '.join(display)} not loaded "
-                             "(only needed for a display)", **data)
-    return Result.passed(f"{', '.join(_REQUIRED_MODULES + _DISPLAY_MODULES)} loaded; "
-                         f"{', '.join(nodes)} present", **data)
+        return Result.warned(
+            f"compute modules and nodes present; {', '.join(display)} not loaded (only needed for a display)", **data
+        )
+    return Result.passed(
+        f"{', '.join(_REQUIRED_MODULES + _DISPLAY_MODULES)} loaded; {', '.join(nodes)} present", **data
+    )
 
 
 def check_cdi(ctx: Context) -> Result:
@@ -102,8 +136,7 @@ def check_cdi(ctx: Context) -> Result:
         return Result.skipped("container toolkit not in use (no CDI generator unit, no CDI spec)")
     restart = f"sudo systemctl restart {CDI_UNIT}; journalctl -u {CDI_UNIT} -b says why it failed"
     if unit is not None and unit.installed and unit.active_state != "active":
-        return Result.failed(f"{CDI_UNIT} is {unit.active_state} ({unit.sub_state}, result {unit.result})",
-                             restart)
+        return Result.failed(f"{CDI_UNIT} is {unit.active_state} ({unit.sub_state}, result {unit.result})", restart)
     if not specs:
         return Result.failed("no CDI spec in /run/cdi or /etc/cdi", restart)
     return _describe_spec(specs[0], restart)
@@ -115,8 +148,12 @@ def check_service(ctx: Context) -> Result:
         return Result.skipped(reason)
     unit = ctx.unit
     assert isinstance(unit, UnitState)
-    data = {"active_state": unit.active_state, "sub_state": unit.sub_state, "main_pid": unit.main_pid,
-            "restarts": unit.restarts}
+    data = {
+        "active_state": unit.active_state,
+        "sub_state": unit.sub_state,
+        "main_pid": unit.main_pid,
+        "restarts": unit.restarts,
+    }
     state = f"{unit.active_state} ({unit.sub_state})"
     logs = f"journalctl -u {unit.name} -b"
     if unit.running:
@@ -125,10 +162,14 @@ def check_service(ctx: Context) -> Result:
             return Result.warned(detail, f"it restarted since boot: {logs} says why", **data)
         return Result.passed(detail, **data)
     if unit.active_state in ("activating", "reloading"):
-        return Result.warned(f"{state}: still starting (loading models or building TensorRT engines)",
-                             f"wait, or follow it with {logs} -f", **data)
-    return Result.failed(f"{unit.name} is {state}",
-                         f"sudo systemctl start {unit.name}; {logs} says why it stopped", **data)
+        return Result.warned(
+            f"{state}: still starting (loading models or building TensorRT engines)",
+            f"wait, or follow it with {logs} -f",
+            **data,
+        )
+    return Result.failed(
+        f"{unit.name} is {state}", f"sudo systemctl start {unit.name}; {logs} says why it stopped", **data
+    )
 
 
 def check_journal(ctx: Context) -> Result:
@@ -145,18 +186,25 @@ def check_journal(ctx: Context) -> Result:
     settings = ctx.settings
     wants_gpu = not isinstance(settings, Settings) or settings.uses_gpu
     on_cpu = sorted(model for model, providers in loads.items() if providers[0] == "CPUExecutionProvider")
-    fix = ("the GPU provider did not load: run the providers check for the reason "
-           "(CUDA/cuDNN libraries, nvidia_uvm); MACHINE_LEARNING_PROVIDER_STRICT=true makes this fatal")
+    fix = (
+        "the GPU provider did not load: run the providers check for the reason "
+        "(CUDA/cuDNN libraries, nvidia_uvm); MACHINE_LEARNING_PROVIDER_STRICT=true makes this fatal"
+    )
     if wants_gpu and (failures or on_cpu):
         first = failures[0] if failures else f"{', '.join(on_cpu)} loaded on the CPU"
         return Result.failed(f"CPU fallback: {first}", fix, **data)
     if not loads:
         if not lines:
-            return Result.warned(f"no journal lines for {ctx.options.unit} this boot",
-                                 "run as root or as a member of systemd-journal", **data)
-        return Result.warned("no model loaded since the service started",
-                             "models load on first use or with MACHINE_LEARNING_PRELOAD__*; rerun afterwards",
-                             **data)
+            return Result.warned(
+                f"no journal lines for {ctx.options.unit} this boot",
+                "run as root or as a member of systemd-journal",
+                **data,
+            )
+        return Result.warned(
+            "no model loaded since the service started",
+            "models load on first use or with MACHINE_LEARNING_PRELOAD__*; rerun afterwards",
+            **data,
+        )
     summary = "; ".join(f"{model} on {providers[0]}" for model, providers in sorted(loads.items()))
     return Result.passed(summary, **data)
 
@@ -174,22 +222,30 @@ def check_memory(ctx: Context) -> Result:
     mine = [p for p in processes if p.pid in ours]
     others = [p for p in processes if p.pid not in ours]
     used = sum(p.used_memory or 0 for p in mine)
-    data = {"service_pids": sorted(ours), "service_bytes": used,
-            "others": [{"pid": p.pid, "gpu": p.gpu, "bytes": p.used_memory} for p in others]}
+    data = {
+        "service_pids": sorted(ours),
+        "service_bytes": used,
+        "others": [{"pid": p.pid, "gpu": p.gpu, "bytes": p.used_memory} for p in others],
+    }
     shared = _describe_others(ctx, others)
     if not mine:
         settings = ctx.settings
         if isinstance(settings, Settings) and settings.provider is Provider.CPU:
             return Result.skipped("the service is configured for the CPU", **data)
-        return Result.warned(f"the service (MainPID {unit.main_pid}) holds no GPU memory{shared}",
-                             "no model loaded yet, or models run on the CPU: see the journal and API checks",
-                             **data)
+        return Result.warned(
+            f"the service (MainPID {unit.main_pid}) holds no GPU memory{shared}",
+            "no model loaded yet, or models run on the CPU: see the journal and API checks",
+            **data,
+        )
     low = [g for g in ctx.nvml.gpus if g.memory_total and (g.memory_total - g.memory_used) < g.memory_total / 10]
     detail = f"immich-ml uses {format_bytes(used)} on GPU {_gpu_list(mine)}{shared}"
     if low:
-        return Result.warned(f"{detail}; under 10% free on GPU {', '.join(str(g.index) for g in low)}",
-                             "cap it with MACHINE_LEARNING_GPU_MEM_LIMIT (NixOS: gpu.memoryLimit) or move "
-                             "services to different GPUs (gpu.deviceIds)", **data)
+        return Result.warned(
+            f"{detail}; under 10% free on GPU {', '.join(str(g.index) for g in low)}",
+            "cap it with MACHINE_LEARNING_GPU_MEM_LIMIT (NixOS: gpu.memoryLimit) or move "
+            "services to different GPUs (gpu.deviceIds)",
+            **data,
+        )
     return Result.passed(detail, **data)
 
 

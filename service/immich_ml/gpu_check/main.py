@@ -45,8 +45,10 @@ def run_checks(options: Options, selected: Sequence[str]) -> list[tuple[Check, R
     """Run every check in order; those not in `selected` are reported as skipped on request."""
     context = Context(options)
     try:
-        return [(check, check.run(context) if check.name in selected
-                 else Result.skipped("skipped on request")) for check in CHECKS]
+        return [
+            (check, check.run(context) if check.name in selected else Result.skipped("skipped on request"))
+            for check in CHECKS
+        ]
     finally:
         context.close()
 
@@ -58,8 +60,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         archs = parse_archs(args.cuda_archs) if args.cuda_archs else None
     except ValueError as error:
         _parser().error(f"--cuda-archs: {error}")
-    options = Options(url=args.url, model=args.model, unit=args.unit, root=args.root, cuda_archs=archs,
-                      probe_seconds=args.probe_seconds, timeout_s=args.timeout)
+    options = Options(
+        url=args.url,
+        model=args.model,
+        unit=args.unit,
+        root=args.root,
+        cuda_archs=archs,
+        probe_seconds=args.probe_seconds,
+        timeout_s=args.timeout,
+    )
     rows = run_checks(options, _selected(args))
     if args.json:
         print(render_json(rows, url=options.url))
@@ -84,23 +93,34 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="immich-gpu-check",
         description="Check that immich-ml really runs on the NVIDIA GPU: driver, kernel modules, CDI, the "
-                    "systemd unit, onnxruntime providers, VRAM, the HTTP API, architectures, throughput.",
-        epilog=f"checks, in order: {', '.join(_NAMES)}. Exit status: 0 when none failed, 1 otherwise.")
+        "systemd unit, onnxruntime providers, VRAM, the HTTP API, architectures, throughput.",
+        epilog=f"checks, in order: {', '.join(_NAMES)}. Exit status: 0 when none failed, 1 otherwise.",
+    )
     parser.add_argument("--url", default="http://127.0.0.1:3003", help="the ML service (default: %(default)s)")
-    parser.add_argument("--model", help="CLIP model for the /predict check (default: the one /health lists, "
-                                        "else ViT-B-32__openai)")
+    parser.add_argument(
+        "--model", help="CLIP model for the /predict check (default: the one /health lists, else ViT-B-32__openai)"
+    )
     parser.add_argument("--unit", default="immich-ml.service", help="systemd unit (default: %(default)s)")
     parser.add_argument("--skip", type=_names, metavar="NAME,...", help="checks to leave out")
     parser.add_argument("--only", type=_names, metavar="NAME,...", help="run only these checks")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--cuda-archs", default=os.environ.get(ARCHS_ENV), metavar="LIST",
-                        help=f"architectures the onnxruntime build carries, e.g. '7.5;8.6' (default: "
-                             f"${ARCHS_ENV}, else the table for official wheels)")
+    parser.add_argument(
+        "--cuda-archs",
+        default=os.environ.get(ARCHS_ENV),
+        metavar="LIST",
+        help=f"architectures the onnxruntime build carries, e.g. '7.5;8.6' (default: "
+        f"${ARCHS_ENV}, else the table for official wheels)",
+    )
     parser.add_argument("--probe-seconds", type=float, default=2.0, help="throughput probe length")
-    parser.add_argument("--timeout", type=float, default=120.0,
-                        help="HTTP timeout in seconds (a first /predict may load the model)")
-    parser.add_argument("--root", type=Path, default=Path("/"),
-                        help="filesystem root for /proc, /dev, /run and /etc (for tests and chroots)")
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="HTTP timeout in seconds (a first /predict may load the model)"
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("/"),
+        help="filesystem root for /proc, /dev, /run and /etc (for tests and chroots)",
+    )
     return parser
 
 

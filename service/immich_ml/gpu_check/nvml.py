@@ -10,23 +10,24 @@ from typing import Any
 __all__ = ["Gpu", "GpuProcess", "NvmlState", "compute_processes", "load_nvml"]
 
 NO_DRIVER = "no NVIDIA driver found: NVML library not loadable"
-NO_DRIVER_FIX = ('install the NVIDIA driver (NixOS: hardware.nvidia / '
-                 'services.xserver.videoDrivers = ["nvidia"])')
+NO_DRIVER_FIX = 'install the NVIDIA driver (NixOS: hardware.nvidia / services.xserver.videoDrivers = ["nvidia"])'
 NO_BINDING = "nvidia-ml-py is not installed (`import pynvml` failed)"
-NO_BINDING_FIX = ("pip install nvidia-ml-py (it is a dependency of immich-ml; "
-                  "NixOS: python3Packages.nvidia-ml-py)")
+NO_BINDING_FIX = "pip install nvidia-ml-py (it is a dependency of immich-ml; NixOS: python3Packages.nvidia-ml-py)"
 
 _ERROR_FIXES = {
     "NVMLError_LibraryNotFound": (NO_DRIVER, NO_DRIVER_FIX),
     "NVMLError_DriverNotLoaded": (
         "NVIDIA driver installed but its kernel module is not loaded",
-        "sudo modprobe nvidia, or reboot after a driver install (check `dmesg | grep -i nvidia`)"),
+        "sudo modprobe nvidia, or reboot after a driver install (check `dmesg | grep -i nvidia`)",
+    ),
     "NVMLError_LibRmVersionMismatch": (
         "NVIDIA driver/library version mismatch (the kernel module and libnvidia-ml differ)",
-        "reboot so the kernel module matches the driver libraries installed by the last upgrade"),
+        "reboot so the kernel module matches the driver libraries installed by the last upgrade",
+    ),
     "NVMLError_NoPermission": (
         "no permission to talk to the NVIDIA driver",
-        "run as a user allowed to open /dev/nvidiactl (group video/render, or root)"),
+        "run as a user allowed to open /dev/nvidiactl (group video/render, or root)",
+    ),
 }
 
 
@@ -121,8 +122,15 @@ def _gpu(nvml: ModuleType, index: int) -> Gpu:
         minor_number = int(nvml.nvmlDeviceGetMinorNumber(handle))
     except nvml.NVMLError:
         minor_number = index
-    return Gpu(index, _text(nvml.nvmlDeviceGetName(handle)), (int(major), int(minor)),
-               int(memory.total), int(memory.used), minor_number, handle)
+    return Gpu(
+        index,
+        _text(nvml.nvmlDeviceGetName(handle)),
+        (int(major), int(minor)),
+        int(memory.total),
+        int(memory.used),
+        minor_number,
+        handle,
+    )
 
 
 def _describe(error: Exception) -> tuple[str, str]:

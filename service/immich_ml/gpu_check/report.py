@@ -24,26 +24,38 @@ def render_table(rows: Sequence[tuple[Check, Result]], *, colour: bool) -> str:
         status = f"{result.status.value:<8}"
         if colour:
             status = f"\033[{_COLOURS[result.status]}m{status}\033[0m"
-        lines.append(f"{number:>2}  {check.name:<{name_width}}  {status} "
-                     + _wrap(result.detail, width, indent))
+        lines.append(f"{number:>2}  {check.name:<{name_width}}  {status} " + _wrap(result.detail, width, indent))
         if result.fix and result.status in (Status.FAIL, Status.WARN):
             lines.append(" " * indent + _wrap(f"fix: {result.fix}", width, indent))
     counts = {status: sum(r.status is status for _, r in rows) for status in Status}
     lines.append("")
-    lines.append(", ".join(f"{counts[s]} {s.value}" for s in Status)
-                 + ("  =>  FAILED" if counts[Status.FAIL] else "  =>  OK"))
+    lines.append(
+        ", ".join(f"{counts[s]} {s.value}" for s in Status) + ("  =>  FAILED" if counts[Status.FAIL] else "  =>  OK")
+    )
     return "\n".join(lines)
 
 
 def render_json(rows: Sequence[tuple[Check, Result]], *, url: str) -> str:
     """`{"ok": bool, "url": str, "checks": [{"name", "title", "status", "detail", "fix", "data"}]}`."""
-    return json.dumps({
-        "ok": not any(result.status is Status.FAIL for _, result in rows),
-        "url": url,
-        "checks": [{"name": check.name, "title": check.title, "status": result.status.value,
-                    "detail": result.detail, "fix": result.fix, "data": result.data}
-                   for check, result in rows],
-    }, indent=2, default=str)
+    return json.dumps(
+        {
+            "ok": not any(result.status is Status.FAIL for _, result in rows),
+            "url": url,
+            "checks": [
+                {
+                    "name": check.name,
+                    "title": check.title,
+                    "status": result.status.value,
+                    "detail": result.detail,
+                    "fix": result.fix,
+                    "data": result.data,
+                }
+                for check, result in rows
+            ],
+        },
+        indent=2,
+        default=str,
+    )
 
 
 def _wrap(text: str, width: int, indent: int) -> str:

@@ -32,19 +32,40 @@ T = TypeVar("T")
 
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
-ORT_GPU_FIX = ("install onnxruntime-gpu instead of onnxruntime (pip uninstall onnxruntime onnxruntime-gpu; "
-               "pip install onnxruntime-gpu — never both); NixOS: services.immich-ml.package = the flake's cuda")
-ARCH_FIX = ("use an onnxruntime build with kernels for this GPU (NixOS: nixpkgs.config.cudaCapabilities "
-            "for the onnxruntime override; older GPUs need a CUDA 12 build)")
+ORT_GPU_FIX = (
+    "install onnxruntime-gpu instead of onnxruntime (pip uninstall onnxruntime onnxruntime-gpu; "
+    "pip install onnxruntime-gpu — never both); NixOS: services.immich-ml.package = the flake's cuda"
+)
+ARCH_FIX = (
+    "use an onnxruntime build with kernels for this GPU (NixOS: nixpkgs.config.cudaCapabilities "
+    "for the onnxruntime override; older GPUs need a CUDA 12 build)"
+)
 _HINTS = (
-    ("libcudnn", ("cuDNN missing or of the wrong major version for this build (onnxruntime-gpu for CUDA 12 "
-                  "wants cuDNN 9): install the matching cuDNN or use the packaged CUDA build")),
-    ("libcublas", ("CUDA libraries (cuBLAS) missing or of the wrong CUDA major version: install the CUDA "
-                   "runtime this build was made for")),
-    ("libcudart", ("CUDA runtime library missing or of the wrong major version: install the CUDA runtime "
-                   "this build was made for")),
-    ("libcuda.so", ("libcuda (the driver's library) not found: NixOS needs hardware.graphics.enable "
-                    "(/run/opengl-driver/lib)")),
+    (
+        "libcudnn",
+        (
+            "cuDNN missing or of the wrong major version for this build (onnxruntime-gpu for CUDA 12 "
+            "wants cuDNN 9): install the matching cuDNN or use the packaged CUDA build"
+        ),
+    ),
+    (
+        "libcublas",
+        (
+            "CUDA libraries (cuBLAS) missing or of the wrong CUDA major version: install the CUDA "
+            "runtime this build was made for"
+        ),
+    ),
+    (
+        "libcudart",
+        (
+            "CUDA runtime library missing or of the wrong major version: install the CUDA runtime "
+            "this build was made for"
+        ),
+    ),
+    (
+        "libcuda.so",
+        ("libcuda (the driver's library) not found: NixOS needs hardware.graphics.enable (/run/opengl-driver/lib)"),
+    ),
     ("no kernel image", ARCH_FIX),
     ("insufficient for cuda runtime", "the driver is older than this build's CUDA version: update the driver"),
     ("failure 999", UVM_FIX),
@@ -69,17 +90,21 @@ def check_providers(ctx: Context) -> Result:
         return Result.failed(f"onnxruntime not importable: {error}", ORT_GPU_FIX)
     available = list(ort.get_available_providers())
     cuda_build = _build_cuda_version()
-    detail = (f"onnxruntime {ort.__version__} ({ort.get_device()} build"
-              f"{f', CUDA {cuda_build[0]}.{cuda_build[1]}' if cuda_build else ''}); "
-              f"providers {', '.join(available)}")
+    detail = (
+        f"onnxruntime {ort.__version__} ({ort.get_device()} build"
+        f"{f', CUDA {cuda_build[0]}.{cuda_build[1]}' if cuda_build else ''}); "
+        f"providers {', '.join(available)}"
+    )
     data: dict[str, object] = {"version": ort.__version__, "device": ort.get_device(), "available": available}
     settings = ctx.settings
     if isinstance(settings, ConfigError):
         return Result.failed(f"{detail}; {settings}", "fix that variable (the unit's Environment=)", **data)
     if settings.provider is Provider.CPU:
-        return Result.warned(f"{detail}; MACHINE_LEARNING_PROVIDER=cpu: the service will not use the GPU",
-                             "set MACHINE_LEARNING_PROVIDER=cuda (NixOS: services.immich-ml.gpu.enable = true)",
-                             **data)
+        return Result.warned(
+            f"{detail}; MACHINE_LEARNING_PROVIDER=cpu: the service will not use the GPU",
+            "set MACHINE_LEARNING_PROVIDER=cuda (NixOS: services.immich-ml.gpu.enable = true)",
+            **data,
+        )
     if reason := gpu_unavailable(ctx):
         return Result.skipped(f"{detail}; no inference tried ({reason})", **data)
     wanted = [CUDA] + ([TENSORRT] if settings.provider is Provider.TENSORRT else [])
@@ -96,28 +121,37 @@ def check_arch(ctx: Context) -> Result:
     if reason := gpu_unavailable(ctx):
         return Result.skipped(reason)
     build = _build_cuda_version()
-    archs = (ArchSet(ctx.options.cuda_archs, source="--cuda-archs") if ctx.options.cuda_archs
-             else OFFICIAL_BUILDS.get(build[0]) if build else None)
+    archs = (
+        ArchSet(ctx.options.cuda_archs, source="--cuda-archs")
+        if ctx.options.cuda_archs
+        else OFFICIAL_BUILDS.get(build[0])
+        if build
+        else None
+    )
     if archs is None:
         if build is None:
-            return Result.skipped("CPU-only onnxruntime build (see providers); --cuda-archs names a custom "
-                                  "build's architectures")
-        return Result.warned(f"no architecture table for CUDA {build[0]} builds",
-                             "pass the build's architectures with --cuda-archs")
+            return Result.skipped(
+                "CPU-only onnxruntime build (see providers); --cuda-archs names a custom build's architectures"
+            )
+        return Result.warned(
+            f"no architecture table for CUDA {build[0]} builds", "pass the build's architectures with --cuda-archs"
+        )
     driver_cuda = ctx.nvml.cuda_version
     if build and driver_cuda and driver_cuda[0] < build[0]:
-        return Result.failed(f"driver supports CUDA {driver_cuda[0]}.{driver_cuda[1]}, onnxruntime was built "
-                             f"for CUDA {build[0]}.{build[1]}",
-                             f"update the NVIDIA driver to one for CUDA {build[0]}, or use a CUDA "
-                             f"{driver_cuda[0]} build of onnxruntime")
+        return Result.failed(
+            f"driver supports CUDA {driver_cuda[0]}.{driver_cuda[1]}, onnxruntime was built "
+            f"for CUDA {build[0]}.{build[1]}",
+            f"update the NVIDIA driver to one for CUDA {build[0]}, or use a CUDA {driver_cuda[0]} build of onnxruntime",
+        )
     verdicts = [(gpu, judge(gpu.compute_capability, archs)) for gpu in _used_gpus(ctx)]
     detail = "; ".join(f"GPU {gpu.index}: {verdict.reason}" for gpu, verdict in verdicts)
     data = {"build_archs": archs.describe(), "source": archs.source}
     if any(verdict.ok is False for _, verdict in verdicts):
         return Result.failed(f"{detail} ({archs.describe()})", ARCH_FIX, **data)
     if any(verdict.ok is None for _, verdict in verdicts):
-        return Result.warned(f"{detail} ({archs.describe()})",
-                             "the providers check's inference shows whether kernels load", **data)
+        return Result.warned(
+            f"{detail} ({archs.describe()})", "the providers check's inference shows whether kernels load", **data
+        )
     return Result.passed(f"{detail} ({archs.describe()})", **data)
 
 
@@ -131,9 +165,11 @@ def check_throughput(ctx: Context) -> Result:
     if CUDA not in importlib.import_module("onnxruntime").get_available_providers():
         return Result.skipped(f"no {CUDA} in this onnxruntime build (see providers)")
     rng = np.random.default_rng(0)
-    feeds = {"image": rng.random((_PROBE_BATCH, 3, 224, 224), dtype=np.float32),
-             "w1": rng.standard_normal((32, 3, 3, 3), dtype=np.float32),
-             "w2": rng.standard_normal((64, 32, 3, 3), dtype=np.float32)}
+    feeds = {
+        "image": rng.random((_PROBE_BATCH, 3, 224, 224), dtype=np.float32),
+        "w1": rng.standard_normal((32, 3, 3, 3), dtype=np.float32),
+        "w2": rng.standard_normal((64, 32, 3, 3), dtype=np.float32),
+    }
     seconds = ctx.options.probe_seconds
 
     def measure(session_providers: list[str], run: Callable[[], object]) -> float | None:
@@ -148,14 +184,17 @@ def check_throughput(ctx: Context) -> Result:
         return batches * _PROBE_BATCH / elapsed
 
     try:
-        rate, _ = _with_session(settings, Provider.CUDA, graphs.CONV,
-                                lambda s: measure(s.providers, lambda: s.run(feeds)))
+        rate, _ = _with_session(
+            settings, Provider.CUDA, graphs.CONV, lambda s: measure(s.providers, lambda: s.run(feeds))
+        )
     except ProbeError as error:
         return Result.failed(f"throughput probe failed: {error}", _hint(str(error), error.log))
     if rate is None:
         return Result.skipped("the CUDA session fell back to the CPU (see providers)")
-    return Result.passed(f"{rate:.0f} images/s (batch {_PROBE_BATCH}, 3x224x224, two 3x3 convolutions) "
-                         f"on GPU {settings.device_id}", images_per_second=round(rate, 1))
+    return Result.passed(
+        f"{rate:.0f} images/s (batch {_PROBE_BATCH}, 3x224x224, two 3x3 convolutions) on GPU {settings.device_id}",
+        images_per_second=round(rate, 1),
+    )
 
 
 def _prove(settings: Settings, provider: str, detail: str, data: dict[str, object]) -> Result | None:
@@ -163,24 +202,29 @@ def _prove(settings: Settings, provider: str, detail: str, data: dict[str, objec
     x = np.arange(16, dtype=np.float32).reshape(2, 8)
     as_setting = Provider.TENSORRT if provider == TENSORRT else Provider.CUDA
     try:
-        (providers, output), log = _with_session(settings, as_setting, graphs.ADD,
-                                                 lambda s: (s.providers, s.run({"x": x})[0]))
+        (providers, output), log = _with_session(
+            settings, as_setting, graphs.ADD, lambda s: (s.providers, s.run({"x": x})[0])
+        )
     except ProbeError as error:
-        return Result.failed(f"{detail}; inference on {provider} failed: {error}",
-                             _hint(str(error), error.log), **data)
+        return Result.failed(f"{detail}; inference on {provider} failed: {error}", _hint(str(error), error.log), **data)
     data[f"{provider}_session"] = providers
     if providers[0] != provider:
         reason = next((line for line in log if "error" in line.lower()), "onnxruntime printed no reason")
-        return Result.failed(f"{detail}; a session asking for {provider} ran on {providers[0]}: {reason}",
-                             _hint(reason, log), **data)
+        return Result.failed(
+            f"{detail}; a session asking for {provider} ran on {providers[0]}: {reason}", _hint(reason, log), **data
+        )
     if not np.array_equal(output, x + x):
-        return Result.failed(f"{detail}; {provider} computed a wrong result",
-                             "the GPU or its driver is faulty: check `dmesg` for Xid errors", **data)
+        return Result.failed(
+            f"{detail}; {provider} computed a wrong result",
+            "the GPU or its driver is faulty: check `dmesg` for Xid errors",
+            **data,
+        )
     return None
 
 
-def _with_session(settings: Settings, provider: Provider, graph: bytes,
-                  body: Callable[[OnnxSession], T]) -> tuple[T, list[str]]:
+def _with_session(
+    settings: Settings, provider: Provider, graph: bytes, body: Callable[[OnnxSession], T]
+) -> tuple[T, list[str]]:
     """Load `graph` through the service's SessionFactory and call `body(session)`; stderr is captured."""
     from immich_ml.inference.sessions import (
         SessionFactory,  # imports onnxruntime, whose absence check_providers reports
@@ -190,16 +234,16 @@ def _with_session(settings: Settings, provider: Provider, graph: bytes,
     with tempfile.TemporaryDirectory(prefix="immich-gpu-check-") as tmp:
         path = Path(tmp) / "probe.onnx"
         path.write_bytes(graph)
-        probe = settings.with_overrides(provider=provider, provider_strict=False, cache_folder=Path(tmp),
-                                        tensorrt_cache_path=Path(tmp) / "tensorrt")
+        probe = settings.with_overrides(
+            provider=provider, provider_strict=False, cache_folder=Path(tmp), tensorrt_cache_path=Path(tmp) / "tensorrt"
+        )
         try:
             with _captured_stderr(log):
                 session = SessionFactory(probe).create(path, cache_key=f"gpu-check/{provider}")
                 return body(session), log
         # onnxruntime's pybind11 errors (Fail, RuntimeException, ...) share no base below Exception
         except Exception as error:  # noqa: BLE001
-            raise ProbeError(str(error).strip().splitlines()[-1] if str(error).strip() else repr(error),
-                             log) from None
+            raise ProbeError(str(error).strip().splitlines()[-1] if str(error).strip() else repr(error), log) from None
 
 
 @contextmanager
@@ -221,9 +265,11 @@ def _captured_stderr(lines: list[str]) -> Iterator[None]:
 
 def _hint(message: str, log: list[str]) -> str:
     text = " ".join([message, *log]).lower()
-    return next((fix for needle, fix in _HINTS if needle in text),
-                "read the onnxruntime error; check that libcudart, libcublas and libcudnn of the build's CUDA "
-                "version are on the library path")
+    return next(
+        (fix for needle, fix in _HINTS if needle in text),
+        "read the onnxruntime error; check that libcudart, libcublas and libcudnn of the build's CUDA "
+        "version are on the library path",
+    )
 
 
 def _build_cuda_version() -> tuple[int, int] | None:

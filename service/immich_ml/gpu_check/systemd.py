@@ -40,8 +40,16 @@ class UnitState:
 
 def show_unit(unit: str) -> UnitState:
     """`systemctl show` the unit; raise CommandError when systemctl is missing or fails."""
-    output = _run(["systemctl", "show", unit, "--no-pager",
-                   "-p", "LoadState,ActiveState,SubState,MainPID,NRestarts,Result,Environment"])
+    output = _run(
+        [
+            "systemctl",
+            "show",
+            unit,
+            "--no-pager",
+            "-p",
+            "LoadState,ActiveState,SubState,MainPID,NRestarts,Result,Environment",
+        ]
+    )
     props = dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
     return UnitState(
         name=unit,
@@ -60,7 +68,7 @@ def journal_since_start(unit: str) -> list[str]:
     output = _run(["journalctl", "-u", unit, "-b", "--no-pager", "-o", "cat"])
     lines = [line for line in output.splitlines() if not line.startswith("-- ")]
     starts = [i for i, line in enumerate(lines) if line.startswith(("Starting ", "Started "))]
-    return lines[starts[-1] + 1:] if starts else lines
+    return lines[starts[-1] + 1 :] if starts else lines
 
 
 def _run(argv: list[str]) -> str:

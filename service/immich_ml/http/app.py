@@ -29,7 +29,6 @@ __all__ = ["create_app", "preload_keys"]
 log = logging.getLogger("immich_ml.server")
 
 
-
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Map errors to `{"detail": …}` JSON: our errors by their status, anything else to 500."""
@@ -52,8 +51,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 def preload_keys(settings: Settings) -> list[ModelKey]:
     """The models named by the MACHINE_LEARNING_PRELOAD__* variables."""
-    return [ModelKey(task, model_type, clean_name(name))
-            for (task, model_type), names in settings.preload.items() for name in names]
+    return [
+        ModelKey(task, model_type, clean_name(name))
+        for (task, model_type), names in settings.preload.items()
+        for name in names
+    ]
 
 
 def create_app(settings: Settings, *, sessions: SessionFactory | None = None) -> web.Application:
@@ -68,16 +70,23 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
     app[METRICS] = metrics
     metrics.add_collector(GaugeCollector(lambda: daemon_gauges(app)))
     metrics.add_collector(GaugeCollector(GpuMemory().read))
-    runtime = Runtime(settings, sessions or SessionFactory(settings), Workers(settings.request_threads),
-                      on_batch=metrics.observe_batch)
+    runtime = Runtime(
+        settings,
+        sessions or SessionFactory(settings),
+        Workers(settings.request_threads),
+        on_batch=metrics.observe_batch,
+    )
 
     async def models_context(app: web.Application) -> AsyncIterator[None]:
         registry = ModelRegistry(ModelStore(settings), runtime)
         app[REGISTRY] = registry
-        app[PREDICTOR] = Predictor(registry, runtime.workers, max_image_pixels=settings.max_image_pixels,
-                                   jpeg_draft=settings.jpeg_draft)
-        background = [asyncio.create_task(_preload(app, registry, settings), name="preload"),
-                      asyncio.create_task(registry.evict_periodically(), name="evict")]
+        app[PREDICTOR] = Predictor(
+            registry, runtime.workers, max_image_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft
+        )
+        background = [
+            asyncio.create_task(_preload(app, registry, settings), name="preload"),
+            asyncio.create_task(registry.evict_periodically(), name="evict"),
+        ]
         yield
         for task in background:
             task.cancel()

@@ -17,8 +17,16 @@ from immich_ml.http.appkeys import REGISTRY, STATE
 from immich_ml.predict.entries import parse_entries
 from immich_ml.errors import ImmichMLError
 
-__all__ = ["CONTENT_TYPE", "METRICS", "MODELS", "GaugeCollector", "GpuMemory", "Metrics", "daemon_gauges",
-           "request_models"]
+__all__ = [
+    "CONTENT_TYPE",
+    "METRICS",
+    "MODELS",
+    "GaugeCollector",
+    "GpuMemory",
+    "Metrics",
+    "daemon_gauges",
+    "request_models",
+]
 
 log = logging.getLogger("immich_ml.metrics")
 
@@ -40,8 +48,12 @@ def request_models(entries: bytes) -> list[tuple[str, str]]:
         plans = parse_entries(entries)
     except ImmichMLError:
         return []
-    return [(str(plan.task), f"{entry.key.name}/{entry.key.type}")
-            for plan in plans for entry in (plan.first, plan.second) if entry is not None]
+    return [
+        (str(plan.task), f"{entry.key.name}/{entry.key.type}")
+        for plan in plans
+        for entry in (plan.first, plan.second)
+        if entry is not None
+    ]
 
 
 class Metrics:
@@ -49,15 +61,33 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("immich_ml_requests", "Predict requests by task, model and HTTP status",
-                                ["task", "model", "status"], registry=self.registry)
-        self.latency = Histogram("immich_ml_request_duration_seconds",
-                                 "Predict request latency (body read to response), by task",
-                                 ["task"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.batch_size = Histogram("immich_ml_batch_size", "Inputs per inference batch, by batcher",
-                                    ["batcher"], buckets=_BATCH_BUCKETS, registry=self.registry)
-        self.batch_seconds = Histogram("immich_ml_batch_duration_seconds", "Inference time per batch, by batcher",
-                                       ["batcher"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            "immich_ml_requests",
+            "Predict requests by task, model and HTTP status",
+            ["task", "model", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "immich_ml_request_duration_seconds",
+            "Predict request latency (body read to response), by task",
+            ["task"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "immich_ml_batch_size",
+            "Inputs per inference batch, by batcher",
+            ["batcher"],
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_seconds = Histogram(
+            "immich_ml_batch_duration_seconds",
+            "Inference time per batch, by batcher",
+            ["batcher"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
 
     def observe_batch(self, batcher: str, size: int, seconds: float) -> None:
         """The `Runtime.on_batch` hook: one finished batch."""
@@ -104,23 +134,47 @@ class Metrics:
 def daemon_gauges(app: web.Application) -> Gauges:
     """Readiness, requests in flight, and per loaded model: load time, queue depth, running batches."""
     state = app[STATE]
-    yield "immich_ml_ready", "1 once preloaded models are warm, 0 before and while draining", [], [
-        ([], float(state.ready and not state.draining))]
+    yield (
+        "immich_ml_ready",
+        "1 once preloaded models are warm, 0 before and while draining",
+        [],
+        [([], float(state.ready and not state.draining))],
+    )
     yield "immich_ml_requests_in_flight", "Predict requests being handled", [], [([], float(state.in_flight))]
     if (registry := app.get(REGISTRY)) is None:
         return
     loaded = registry.loaded()
     now = time.monotonic()
     yield "immich_ml_models_loaded", "Models in memory", [], [([], float(len(loaded)))]
-    yield "immich_ml_model_info", "1 per loaded model, with the providers it runs on", ["model", "providers"], [
-        ([str(key), ",".join(model.providers)], 1.0) for key, model in loaded.items()]
-    yield "immich_ml_model_load_seconds", "Time the model took to load (download included)", ["model"], [
-        ([str(key)], seconds) for key, seconds in registry.load_seconds().items()]
-    yield "immich_ml_queue_depth", "Inputs waiting for a batch, by model", ["model"], [
-        ([str(key)], float(model.queue_depth)) for key, model in loaded.items()]
-    yield "immich_ml_batch_running_seconds", "How long the batch now running has run, by batcher", ["batcher"], [
-        ([batcher.name], now - batcher.running_since) for model in loaded.values() for batcher in model.batchers
-        if batcher.running_since is not None]
+    yield (
+        "immich_ml_model_info",
+        "1 per loaded model, with the providers it runs on",
+        ["model", "providers"],
+        [([str(key), ",".join(model.providers)], 1.0) for key, model in loaded.items()],
+    )
+    yield (
+        "immich_ml_model_load_seconds",
+        "Time the model took to load (download included)",
+        ["model"],
+        [([str(key)], seconds) for key, seconds in registry.load_seconds().items()],
+    )
+    yield (
+        "immich_ml_queue_depth",
+        "Inputs waiting for a batch, by model",
+        ["model"],
+        [([str(key)], float(model.queue_depth)) for key, model in loaded.items()],
+    )
+    yield (
+        "immich_ml_batch_running_seconds",
+        "How long the batch now running has run, by batcher",
+        ["batcher"],
+        [
+            ([batcher.name], now - batcher.running_since)
+            for model in loaded.values()
+            for batcher in model.batchers
+            if batcher.running_since is not None
+        ],
+    )
 
 
 METRICS = web.AppKey("metrics", Metrics)

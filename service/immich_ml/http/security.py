@@ -52,8 +52,12 @@ def allowlist_middleware(allowed: Sequence[Network]) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         address = client_address(request)
         if address is None or not any(address in network for network in allowed):
-            log.warning("refused %s %s from %s (not in MACHINE_LEARNING_ALLOWED_CLIENTS)",
-                        request.method, request.path, address or "an unknown peer")
+            log.warning(
+                "refused %s %s from %s (not in MACHINE_LEARNING_ALLOWED_CLIENTS)",
+                request.method,
+                request.path,
+                address or "an unknown peer",
+            )
             raise Forbidden("Client not allowed (MACHINE_LEARNING_ALLOWED_CLIENTS)")
         return await handler(request)
 

@@ -90,8 +90,12 @@ class Batcher(Generic[In, Out]):
         self._queue: asyncio.Queue[_Item[In, Out]] = asyncio.Queue()
         self._slots = asyncio.Semaphore(self.concurrency)
         self._running: dict[asyncio.Task[None], float] = {}
-        self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix=f"infer-{name}",
-                                            initializer=lower_thread_priority, initargs=(niceness,))
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.concurrency,
+            thread_name_prefix=f"infer-{name}",
+            initializer=lower_thread_priority,
+            initargs=(niceness,),
+        )
         self._closing = False
         self._task: asyncio.Task[None] | None = None
 

@@ -63,8 +63,9 @@ class OnnxSession:
         batch = len(next(iter(feeds.values())))
         if self.fixed_batch != 1 or batch == 1:
             return list(self._session.run(None, feeds))
-        rows = [self._session.run(None, {name: value[i : i + 1] for name, value in feeds.items()})
-                for i in range(batch)]
+        rows = [
+            self._session.run(None, {name: value[i : i + 1] for name, value in feeds.items()}) for i in range(batch)
+        ]
         return [np.concatenate(parts) for parts in zip(*rows, strict=True)]
 
 
@@ -91,8 +92,11 @@ class SessionFactory:
         self.settings = settings
         self._available_providers = available_providers
         if len(builds := onnxruntime_builds()) > 1:
-            log.error("both %s are installed; they share one `onnxruntime` package and whichever was installed "
-                      "last wins. Uninstall both and install one (docs/gpu.md)", " and ".join(builds))
+            log.error(
+                "both %s are installed; they share one `onnxruntime` package and whichever was installed "
+                "last wins. Uninstall both and install one (docs/gpu.md)",
+                " and ".join(builds),
+            )
 
     def wanted_providers(self) -> list[str]:
         """The providers to ask for, in order: the configured preference, limited to this build's."""
@@ -100,9 +104,11 @@ class SessionFactory:
         wanted = [p for p in _WANTED[self.settings.provider] if p in available or p == CPU]
         missing = [p for p in _WANTED[self.settings.provider] if p not in wanted]
         if missing and self.settings.provider not in (Provider.AUTO, Provider.CPU):
-            message = (f"provider {self.settings.provider} asked for, but this onnxruntime build lacks "
-                       f"{', '.join(missing)} (it has {', '.join(sorted(available))}); "
-                       "install onnxruntime-gpu or use the CUDA package")
+            message = (
+                f"provider {self.settings.provider} asked for, but this onnxruntime build lacks "
+                f"{', '.join(missing)} (it has {', '.join(sorted(available))}); "
+                "install onnxruntime-gpu or use the CUDA package"
+            )
             if self.settings.provider_strict:
                 raise ProviderError(message)
             log.error(message)
@@ -112,13 +118,20 @@ class SessionFactory:
         """Load `model_path`; log the providers in use; raise in strict mode if a GPU one was lost."""
         wanted = self.wanted_providers()
         options = [self._provider_options(p, cache_key) for p in wanted]
-        session = OnnxSession(ort.InferenceSession(
-            str(model_path), sess_options=self._session_options(wanted, runs), providers=wanted,
-            provider_options=options))
+        session = OnnxSession(
+            ort.InferenceSession(
+                str(model_path),
+                sess_options=self._session_options(wanted, runs),
+                providers=wanted,
+                provider_options=options,
+            )
+        )
         used_gpu = session.providers[0] != CPU
         if wanted[0] != CPU and not used_gpu:
-            message = (f"{wanted[0]} failed to initialise for {cache_key}; running on the CPU instead "
-                       "(check the driver, CUDA/cuDNN libraries and `immich-gpu-check`)")
+            message = (
+                f"{wanted[0]} failed to initialise for {cache_key}; running on the CPU instead "
+                "(check the driver, CUDA/cuDNN libraries and `immich-gpu-check`)"
+            )
             if self.settings.provider_strict:
                 raise ProviderError(message)
             if self.settings.provider is Provider.AUTO:
@@ -137,8 +150,7 @@ class SessionFactory:
             intra = max(1, intra // runs)
         options.inter_op_num_threads = inter
         options.intra_op_num_threads = intra
-        options.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if inter > 1
-                                  else ort.ExecutionMode.ORT_SEQUENTIAL)
+        options.execution_mode = ort.ExecutionMode.ORT_PARALLEL if inter > 1 else ort.ExecutionMode.ORT_SEQUENTIAL
         options.enable_cpu_mem_arena = self.settings.model_arena
         # Idle ONNX Runtime threads spin by default; on few cores that steals time from decoding and other
         # sessions (measured in docs/benchmarks.md), so they sleep unless MODEL_THREAD_SPINNING is set.

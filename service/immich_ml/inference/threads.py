@@ -60,6 +60,7 @@ def in_background_thread(func: Callable[[], R], niceness: int) -> R:
     """
     if niceness <= 0:
         return func()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="immich-ml-bulk", initializer=lower_thread_priority,
-                            initargs=(niceness,)) as pool:
+    with ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="immich-ml-bulk", initializer=lower_thread_priority, initargs=(niceness,)
+    ) as pool:
         return pool.submit(func).result()

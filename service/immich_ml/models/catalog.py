@@ -6,7 +6,8 @@ from immich_ml.models.tasks import TASK_TYPES, ModelKey, ModelType, Task
 
 __all__ = ["OCR_LANGUAGES", "cache_name", "is_known", "ocr_language", "task_of"]
 
-_OPENCLIP = frozenset("""
+_OPENCLIP = frozenset(
+    """
 RN101__openai RN101__yfcc15m RN50__cc12m RN50__openai RN50__yfcc15m RN50x16__openai RN50x4__openai
 RN50x64__openai ViT-B-16-SigLIP-256__webli ViT-B-16-SigLIP-384__webli ViT-B-16-SigLIP-512__webli
 ViT-B-16-SigLIP-i18n-256__webli ViT-B-16-SigLIP__webli ViT-B-16-plus-240__laion400m_e31
@@ -22,16 +23,19 @@ ViT-L-16-SigLIP2-256__webli ViT-L-16-SigLIP2-384__webli ViT-L-16-SigLIP2-512__we
 ViT-SO400M-14-SigLIP2-378__webli ViT-SO400M-14-SigLIP2__webli ViT-SO400M-16-SigLIP2-256__webli
 ViT-SO400M-16-SigLIP2-384__webli ViT-SO400M-16-SigLIP2-512__webli ViT-gopt-16-SigLIP2-256__webli
 ViT-gopt-16-SigLIP2-384__webli
-""".split())
+""".split()
+)
 
 MCLIP = frozenset(
-    "LABSE-Vit-L-14 XLM-Roberta-Large-Vit-B-16Plus XLM-Roberta-Large-Vit-B-32 XLM-Roberta-Large-Vit-L-14".split())
+    "LABSE-Vit-L-14 XLM-Roberta-Large-Vit-B-16Plus XLM-Roberta-Large-Vit-B-32 XLM-Roberta-Large-Vit-L-14".split()
+)
 
 _INSIGHTFACE = frozenset("antelopev2 buffalo_s buffalo_m buffalo_l".split())
 
 OCR_LANGUAGES = ("CH", "EL", "EN", "ESLAV", "KOREAN", "LATIN", "TH")
 _OCR_BASES = frozenset({"PP-OCRv5_server", "PP-OCRv5_mobile"})
 _OCR_MOBILE_ONLY = frozenset(OCR_LANGUAGES) - {"CH"}
+
 
 def ocr_language(name: str) -> tuple[str, str]:
     """Split an OCR model name into (language, base name): `EN__PP-OCRv5_mobile` → (`EN`, `PP-OCRv5_mobile`)."""

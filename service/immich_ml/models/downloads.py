@@ -139,9 +139,7 @@ def fetch_verified(url: str, expected_sha256: str, target: Path) -> None:
         except (OSError, http.client.HTTPException, _HashMismatch) as error:
             failure = str(error) or type(error).__name__
             log.warning("download %d/%d of %s failed: %s", attempt, _ATTEMPTS, url, failure)
-    raise DownloadFailed(
-        f"{url} (expected SHA-256 {expected_sha256}) failed {_ATTEMPTS} times; last: {failure}"
-    )
+    raise DownloadFailed(f"{url} (expected SHA-256 {expected_sha256}) failed {_ATTEMPTS} times; last: {failure}")
 
 
 def _fetch_once(url: str, expected: str, target: Path) -> None:

@@ -76,8 +76,9 @@ class ModelRegistry:
     async def unload_idle(self, ttl_s: float) -> list[ModelKey]:
         """Unload models unused for `ttl_s` seconds (never preloaded ones, never ones in use)."""
         now = time.monotonic()
-        idle = [key for key, e in self._entries.items()
-                if not e.pinned and e.active == 0 and now - e.last_used >= ttl_s]
+        idle = [
+            key for key, e in self._entries.items() if not e.pinned and e.active == 0 and now - e.last_used >= ttl_s
+        ]
         for key in idle:
             entry = self._entries.pop(key)
             await entry.model.close()
@@ -117,8 +118,10 @@ class ModelRegistry:
     async def _load(self, key: ModelKey) -> InferenceModel:
         model_class = MODEL_CLASSES.get((key.task, key.type))
         if model_class is None or not (is_known(key) or self.store.is_cached(key)):
-            raise UnknownModel(f"Unknown model '{key.name}' for {key.task} {key.type}; see the supported "
-                               "models in docs/models.md, or place an export at " + str(self.store.model_dir(key)))
+            raise UnknownModel(
+                f"Unknown model '{key.name}' for {key.task} {key.type}; see the supported "
+                "models in docs/models.md, or place an export at " + str(self.store.model_dir(key))
+            )
         if (failure := self._failures.get(key)) and time.monotonic() - failure[0] < _FAILURE_MEMORY_S:
             raise ModelLoadFailed(f"Failed to load model '{key.name}': {failure[1]} (retrying later)")
         try:

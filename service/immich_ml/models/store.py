@@ -112,8 +112,9 @@ class ModelStore:
             task_dir = type_dir.parent.parent
             if task_dir.name not in {t.value for t in Task}:
                 continue
-            found.append(CachedModel(task_dir.name, type_dir.parent.name, type_dir.name,
-                                     _tree_size(type_dir), type_dir))
+            found.append(
+                CachedModel(task_dir.name, type_dir.parent.name, type_dir.name, _tree_size(type_dir), type_dir)
+            )
         return found
 
     def import_models(self, source: Path) -> list[Path]:
@@ -166,10 +167,12 @@ class ModelStore:
     def _unavailable_message(self, key: ModelKey, reason: object) -> str:
         path = self.model_dir(key) / "model.onnx"
         repo = f"{self.settings.hf_organization}/{key.name}"
-        return (f"Model '{key.name}' ({key.task} {key.type}) is not cached at {path} and could not be "
-                f"downloaded from Hugging Face ({repo}): {reason}. Fix: give this host access to the hub "
-                f"(HF_ENDPOINT for a mirror, unset HF_HUB_OFFLINE), or run `immich-ml models pull "
-                f"{key.name}` on a connected machine and `immich-ml models import` here.")
+        return (
+            f"Model '{key.name}' ({key.task} {key.type}) is not cached at {path} and could not be "
+            f"downloaded from Hugging Face ({repo}): {reason}. Fix: give this host access to the hub "
+            f"(HF_ENDPOINT for a mirror, unset HF_HUB_OFFLINE), or run `immich-ml models pull "
+            f"{key.name}` on a connected machine and `immich-ml models import` here."
+        )
 
 
 def _model_roots(tree: Path) -> Iterator[Path]:

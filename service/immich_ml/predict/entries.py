@@ -57,8 +57,11 @@ def _plan(task_name: str, models: Any) -> TaskPlan:
         raise InvalidEntries(f"{_INVALID} Unknown task '{task_name}'.") from None
     if not isinstance(models, dict) or not models:
         raise InvalidEntries(_INVALID)
-    entries = {model_type: _entry(task, type_name, spec) for type_name, spec in models.items()
-               for model_type in (_model_type(task, type_name),)}
+    entries = {
+        model_type: _entry(task, type_name, spec)
+        for type_name, spec in models.items()
+        for model_type in (_model_type(task, type_name),)
+    }
     dependents = [t for t in entries if (task, t) in _DEPENDENCIES]
     independents = [t for t in entries if (task, t) not in _DEPENDENCIES]
     for dependent in dependents:

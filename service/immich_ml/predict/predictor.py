@@ -33,8 +33,9 @@ class PredictInput:
 class Predictor:
     """Runs the models a request asks for and shapes the response like upstream."""
 
-    def __init__(self, registry: ModelRegistry, workers: Workers, *, max_image_pixels: int,
-                 jpeg_draft: bool = False) -> None:
+    def __init__(
+        self, registry: ModelRegistry, workers: Workers, *, max_image_pixels: int, jpeg_draft: bool = False
+    ) -> None:
         self.registry = registry
         self.workers = workers
         self.max_image_pixels = max_image_pixels
@@ -48,12 +49,12 @@ class Predictor:
         size = None
         if request.image is not None:
             draft_size = await self._draft_size(plans) if self.jpeg_draft else None
-            payload, size = await self.workers.run(decode_image, request.image, max_pixels=self.max_image_pixels,
-                                                   draft_size=draft_size)
+            payload, size = await self.workers.run(
+                decode_image, request.image, max_pixels=self.max_image_pixels, draft_size=draft_size
+            )
         else:
             payload = request.text or ""
-        outcomes = await asyncio.gather(*(self._run_task(plan, payload) for plan in plans),
-                                        return_exceptions=True)
+        outcomes = await asyncio.gather(*(self._run_task(plan, payload) for plan in plans), return_exceptions=True)
         for plan, outcome in zip(plans, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 raise outcome

@@ -59,7 +59,8 @@ class ClipVisual(InferenceModel):
             self.resample, self.squash = Image.Resampling.BICUBIC, False
         self.input_name = self._require_session().input_names[0]
         self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(
-            self._run, max_batch=self.runtime.settings.max_batch_clip)
+            self._run, max_batch=self.runtime.settings.max_batch_clip
+        )
 
     @property
     def min_image_side(self) -> int:
@@ -98,7 +99,8 @@ class ClipTextual(InferenceModel):
         self.is_mclip = "input_ids" in self.input_names
         self.uses_language = self.key.name.startswith("nllb")
         self.batcher: Batcher[tuple[np.ndarray, np.ndarray], np.ndarray] = self.add_batcher(
-            self._run, max_batch=self.runtime.settings.max_batch_clip)
+            self._run, max_batch=self.runtime.settings.max_batch_clip
+        )
 
     def tokenize(self, text: str, language: str | None) -> tuple[np.ndarray, np.ndarray]:
         """Clean the query, add the nllb language prefix where it applies, and encode it."""
@@ -119,8 +121,7 @@ class ClipTextual(InferenceModel):
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> str:
         text = self.text_of(payload)
         language = options.get("language")
-        encoding = await self.runtime.workers.run(
-            self.tokenize, text, language if isinstance(language, str) else None)
+        encoding = await self.runtime.workers.run(self.tokenize, text, language if isinstance(language, str) else None)
         return vector_string(await self.batcher.submit(encoding))
 
     def warmup_payload(self) -> Payload:

@@ -46,5 +46,11 @@ def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
 def align_face(image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     """The 112×112 crop of one face (uint8 HWC, same channel order as `image`), bilinear, black outside."""
     matrix = similarity_transform(landmarks, ARCFACE_TEMPLATE)
-    return cv2.warpAffine(image, matrix, (ARCFACE_SIZE, ARCFACE_SIZE), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.warpAffine(
+        image,
+        matrix,
+        (ARCFACE_SIZE, ARCFACE_SIZE),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )

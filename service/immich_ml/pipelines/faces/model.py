@@ -19,8 +19,7 @@ from immich_ml.pipelines.faces.alignment import ARCFACE_SIZE, ARCFACE_TEMPLATE, 
 from immich_ml.pipelines.base import InferenceModel, Payload, stack
 from immich_ml.inference.sessions import OnnxSession
 
-__all__ = ["DEFAULT_MIN_SCORE", "FaceDetections", "FaceDetector", "FaceRecognizer", "decode_detections",
-           "letterbox"]
+__all__ = ["DEFAULT_MIN_SCORE", "FaceDetections", "FaceDetector", "FaceRecognizer", "decode_detections", "letterbox"]
 
 DETECTION_SIZE = 640
 STRIDES = (8, 16, 32)
@@ -126,7 +125,6 @@ def has_batch_axis(session: OnnxSession) -> bool:
     return all(len(shape) == 3 and not isinstance(shape[0], int) for shape in shapes)
 
 
-
 def _min_score(options: Mapping[str, Any]) -> float:
     value = options.get("minScore", DEFAULT_MIN_SCORE)
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -137,17 +135,16 @@ def _min_score(options: Mapping[str, Any]) -> float:
 class FaceDetector(InferenceModel):
     """SCRFD with keypoints (det_10g, det_2.5g, det_500m, scrfd_10g_bnkps): boxes, scores, five landmarks."""
 
-
     def configure(self) -> None:
         session = self._require_session()
         if len(session.output_names) != 3 * len(STRIDES):
-            raise ModelLoadFailed(f"{self.model_path}: expected SCRFD with keypoints (9 outputs), "
-                                  f"got {len(session.output_names)} outputs")
+            raise ModelLoadFailed(
+                f"{self.model_path}: expected SCRFD with keypoints (9 outputs), got {len(session.output_names)} outputs"
+            )
         self.input_name = session.input_names[0]
         self.batched = has_batch_axis(session)
         max_batch = self.runtime.settings.max_batch_face_detection if self.batched else 1
-        self.batcher: Batcher[np.ndarray, list[np.ndarray]] = self.add_batcher(
-            self._run, max_batch=max_batch)
+        self.batcher: Batcher[np.ndarray, list[np.ndarray]] = self.add_batcher(self._run, max_batch=max_batch)
 
     def preprocess(self, image: Image.Image) -> tuple[np.ndarray, float]:
         """The CHW float32 RGB blob, (x − 127.5) / 128, of the letterboxed image, and the letterbox scale."""
@@ -161,8 +158,7 @@ class FaceDetector(InferenceModel):
             return [outputs]
         return [[output[i] for output in outputs] for i in range(len(blobs))]
 
-    async def predict(self, payload: Payload, options: Mapping[str, Any],
-                      dependency: Any = None) -> FaceDetections:
+    async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> FaceDetections:
         image = self.image_of(payload)
         min_score = _min_score(options)
         blob, scale = await self.runtime.workers.run(self.preprocess, image)
@@ -186,7 +182,8 @@ class FaceRecognizer(InferenceModel):
     def configure(self) -> None:
         self.input_name = self._require_session().input_names[0]
         self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(
-            self._run, max_batch=self.runtime.settings.max_batch_face_recognition)
+            self._run, max_batch=self.runtime.settings.max_batch_face_recognition
+        )
 
     def crops(self, image: Image.Image, landmarks: np.ndarray) -> list[np.ndarray]:
         """One blob per face. Upstream warps the BGR image and swaps to RGB afterwards; a warp treats every
@@ -198,8 +195,9 @@ class FaceRecognizer(InferenceModel):
         (embeddings, *_) = self._require_session().run({self.input_name: stack(crops)})
         return list(embeddings)
 
-    async def predict(self, payload: Payload, options: Mapping[str, Any],
-                      dependency: Any = None) -> list[dict[str, Any]]:
+    async def predict(
+        self, payload: Payload, options: Mapping[str, Any], dependency: Any = None
+    ) -> list[dict[str, Any]]:
         image = self.image_of(payload)
         if not isinstance(dependency, FaceDetections):
             raise TypeError(f"{self.key} got {type(dependency)} instead of detections. This is a bug.")
@@ -209,8 +207,11 @@ class FaceRecognizer(InferenceModel):
         crops = await self.runtime.workers.run(self.crops, image, landmarks)
         embeddings = await self.batcher.submit_many(crops)
         return [
-            {"boundingBox": dict(zip(("x1", "y1", "x2", "y2"), box, strict=True)),
-             "embedding": vector_string(embedding), "score": score}
+            {
+                "boundingBox": dict(zip(("x1", "y1", "x2", "y2"), box, strict=True)),
+                "embedding": vector_string(embedding),
+                "score": score,
+            }
             for box, score, embedding in zip(dependency.boxes, dependency.scores, embeddings, strict=True)
         ]
 
@@ -219,6 +220,9 @@ class FaceRecognizer(InferenceModel):
 
     async def warmup(self) -> None:
         """Embed one synthetic face whose landmarks already sit on the template (no detector needed)."""
-        face = FaceDetections(boxes=[[0.0, 0.0, float(ARCFACE_SIZE), float(ARCFACE_SIZE)]], scores=[1.0],
-                              landmarks=[ARCFACE_TEMPLATE.tolist()])
+        face = FaceDetections(
+            boxes=[[0.0, 0.0, float(ARCFACE_SIZE), float(ARCFACE_SIZE)]],
+            scores=[1.0],
+            landmarks=[ARCFACE_TEMPLATE.tolist()],
+        )
         await self.predict(self.warmup_payload(), {}, face)

@@ -32,8 +32,7 @@ def detection_params(options: Mapping[str, Any]) -> DetectionParams:
     max_resolution = _number(options, "maxResolution", DetectionParams.max_resolution)
     if max_resolution < 1 or max_resolution != int(max_resolution):
         raise InvalidEntries(
-            f"Invalid request format. Option 'maxResolution' must be a positive integer, "
-            f"not {max_resolution!r}."
+            f"Invalid request format. Option 'maxResolution' must be a positive integer, not {max_resolution!r}."
         )
     score_mode = options.get("scoreMode", "fast")
     if score_mode not in ("fast", "slow"):
@@ -47,9 +46,7 @@ def detection_params(options: Mapping[str, Any]) -> DetectionParams:
     )
 
 
-def _run_grouped(
-    session: OnnxSession, input_name: str, inputs: list[np.ndarray], max_rows: int
-) -> list[np.ndarray]:
+def _run_grouped(session: OnnxSession, input_name: str, inputs: list[np.ndarray], max_rows: int) -> list[np.ndarray]:
     """Run inputs that each carry a leading batch dimension; inputs of equal shape from any request share
     session runs of up to `max_rows` rows. Each input's rows are its own, so results never depend on
     which other requests were queued alongside."""
@@ -73,13 +70,11 @@ def _run_grouped(
     return [output for output in outputs if output is not None]
 
 
-
 class TextDetector(InferenceModel):
     """DB text detector. `maxResolution`, `minScore` and `scoreMode` are per-request parameters, so one
     loaded instance serves requests with any of them (upstream's newest code keys instances by
     `maxResolution`; here that is unnecessary). Returns `{"boxes": [N×4×[x,y]], "scores": [N]}` in
     image pixels, in reading order, as plain lists (also the detection-only response)."""
-
 
     def configure(self) -> None:
         self.input_name = self._require_session().input_names[0]
@@ -90,17 +85,13 @@ class TextDetector(InferenceModel):
         # Detector inputs vary in size; requests whose resized images match share one run.
         return _run_grouped(self._require_session(), self.input_name, inputs, self.max_rows)
 
-    async def predict(
-        self, payload: Payload, options: Mapping[str, Any], dependency: Any = None
-    ) -> dict[str, Any]:
+    async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> dict[str, Any]:
         image = self.image_of(payload)
         params = detection_params(options)
         if image.width < MIN_SIDE or image.height < MIN_SIDE:
             return {"boxes": [], "scores": []}
         workers = self.runtime.workers
-        pixels = await workers.run(
-            detection_input, image, params.max_resolution, self.runtime.settings.preprocessing
-        )
+        pixels = await workers.run(detection_input, image, params.max_resolution, self.runtime.settings.preprocessing)
         probability = await self.batcher.submit(pixels)
         found = await workers.run(boxes_from_probability, probability[0, 0], image.size, params)
         return {"boxes": found.boxes.tolist(), "scores": found.scores.tolist()}
@@ -155,9 +146,7 @@ class TextRecognizer(InferenceModel):
             for index, line in zip(chunk.members, ctc_decode(output, self.charset), strict=True)
         }
 
-    async def predict(
-        self, payload: Payload, options: Mapping[str, Any], dependency: Any = None
-    ) -> dict[str, Any]:
+    async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> dict[str, Any]:
         image = self.image_of(payload)
         min_score = _number(options, "minScore", 0.9)
         if not dependency or not dependency.get("scores"):
