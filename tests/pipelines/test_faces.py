@@ -15,12 +15,12 @@ from aiohttp.test_utils import TestClient
 from PIL import Image
 
 from immich_ml.http.appkeys import REGISTRY
+from immich_ml.inference.sessions import SessionFactory
 from immich_ml.inference.threads import Workers
 from immich_ml.models.tasks import ModelKey, ModelType, Task
-from immich_ml.pipelines.faces.alignment import similarity_transform
 from immich_ml.pipelines.base import InferenceModel, Runtime
+from immich_ml.pipelines.faces.alignment import similarity_transform
 from immich_ml.pipelines.faces.model import FaceDetector, FaceRecognizer
-from immich_ml.inference.sessions import SessionFactory
 from immich_ml.settings import Settings
 from tests import modelgen
 from tests.conftest import ClientFactory, predict_form

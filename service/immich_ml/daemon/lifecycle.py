@@ -8,8 +8,8 @@ import time
 
 from aiohttp import web
 
-from immich_ml.http.appkeys import REGISTRY, SETTINGS, STATE
 from immich_ml.daemon.systemd import Notifier
+from immich_ml.http.appkeys import REGISTRY, SETTINGS, STATE
 
 __all__ = ["EXTEND_BY_USEC", "EXTEND_EVERY_S", "Supervisor", "stalled_batchers", "status_line"]
 

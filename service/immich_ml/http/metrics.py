@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from immich_ml.errors import ImmichMLError
 from immich_ml.http.appkeys import REGISTRY, STATE
 from immich_ml.predict.entries import parse_entries
-from immich_ml.errors import ImmichMLError
 
 __all__ = [
     "CONTENT_TYPE",

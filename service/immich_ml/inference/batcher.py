@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from immich_ml.inference.threads import lower_thread_priority
 from immich_ml.errors import Overloaded, ShuttingDown
+from immich_ml.inference.threads import lower_thread_priority
 
 __all__ = ["Batcher", "BatchStats"]
 

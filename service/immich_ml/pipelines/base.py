@@ -11,11 +11,11 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 from PIL import Image
 
+from immich_ml.errors import WrongInput
 from immich_ml.inference.batcher import Batcher
+from immich_ml.inference.sessions import OnnxSession, SessionFactory
 from immich_ml.inference.threads import Workers, in_background_thread
 from immich_ml.models.tasks import ModelKey, ModelType
-from immich_ml.errors import WrongInput
-from immich_ml.inference.sessions import OnnxSession, SessionFactory
 from immich_ml.settings import Settings
 
 __all__ = ["InferenceModel", "Payload", "Runtime", "stack"]

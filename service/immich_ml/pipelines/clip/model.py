@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from immich_ml.inference.batcher import Batcher
 from immich_ml.encoding import vector_string
+from immich_ml.inference.batcher import Batcher
 from immich_ml.pipelines.base import InferenceModel, Payload, stack
-from immich_ml.settings import Preprocessing
 from immich_ml.pipelines.clip.tokenizer import TextTokenizer, clean_text, flores_code
+from immich_ml.settings import Preprocessing
 
 __all__ = ["ClipTextual", "ClipVisual", "resize_and_crop"]
 

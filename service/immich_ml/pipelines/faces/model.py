@@ -11,13 +11,13 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from immich_ml.inference.batcher import Batcher
-from immich_ml.models.tasks import ModelType
 from immich_ml.encoding import vector_string
 from immich_ml.errors import InvalidEntries, ModelLoadFailed
-from immich_ml.pipelines.faces.alignment import ARCFACE_SIZE, ARCFACE_TEMPLATE, align_face
-from immich_ml.pipelines.base import InferenceModel, Payload, stack
+from immich_ml.inference.batcher import Batcher
 from immich_ml.inference.sessions import OnnxSession
+from immich_ml.models.tasks import ModelType
+from immich_ml.pipelines.base import InferenceModel, Payload, stack
+from immich_ml.pipelines.faces.alignment import ARCFACE_SIZE, ARCFACE_TEMPLATE, align_face
 
 __all__ = ["DEFAULT_MIN_SCORE", "FaceDetections", "FaceDetector", "FaceRecognizer", "decode_detections", "letterbox"]
 

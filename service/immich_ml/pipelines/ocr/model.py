@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from immich_ml.inference.batcher import Batcher
-from immich_ml.models.tasks import ModelType
 from immich_ml.errors import InvalidEntries
+from immich_ml.inference.batcher import Batcher
+from immich_ml.inference.sessions import OnnxSession
+from immich_ml.models.tasks import ModelType
+from immich_ml.pipelines.base import InferenceModel, Payload
 from immich_ml.pipelines.ocr.boxes import MIN_SIDE, DetectionParams, boxes_from_probability, detection_input
 from immich_ml.pipelines.ocr.lines import Recognised, crop_line, ctc_decode, load_charset, recognition_batch
-from immich_ml.pipelines.base import InferenceModel, Payload
-from immich_ml.inference.sessions import OnnxSession
 
 __all__ = ["TextDetector", "TextRecognizer"]
 
