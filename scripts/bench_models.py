@@ -330,7 +330,7 @@ class ScrfdBackbone(nn.Module):
         )
         stages = []
         cin = base
-        for i, (n, c) in enumerate(zip(blocks, planes)):
+        for i, (n, c) in enumerate(zip(blocks, planes, strict=False)):
             stride = 1 if i == 0 else 2
             layers = [BasicBlock(cin, c, stride)] + [BasicBlock(c, c, 1) for _ in range(n - 1)]
             stages.append(nn.Sequential(*layers))
@@ -357,13 +357,13 @@ class PAFPN(nn.Module):
         self.pafpn = nn.ModuleList(nn.Conv2d(out, out, 3, 1, 1) for _ in in_channels[1:])
 
     def forward(self, feats):
-        lat = [conv(f) for conv, f in zip(self.lateral, feats)]
+        lat = [conv(f) for conv, f in zip(self.lateral, feats, strict=False)]
         for i in range(len(lat) - 1, 0, -1):
             lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="nearest")
-        inter = [conv(x) for conv, x in zip(self.fpn, lat)]
+        inter = [conv(x) for conv, x in zip(self.fpn, lat, strict=False)]
         for i in range(len(inter) - 1):
             inter[i + 1] = inter[i + 1] + self.down[i](inter[i])
-        return [inter[0]] + [conv(x) for conv, x in zip(self.pafpn, inter[1:])]
+        return [inter[0]] + [conv(x) for conv, x in zip(self.pafpn, inter[1:], strict=False)]
 
 
 class ScrfdHead(nn.Module):
@@ -531,7 +531,7 @@ def make_scrfd(out: Path, faces_target: float = 3.0) -> list[Path]:
         for delta in np.linspace(0.05, 3.0, 60):  # how far below the best anchor (in units of spread) passes
             gain = (peak - math.log(0.7 / 0.3)) / (delta * spread)
             counts = []
-            for z, outs in zip(raw, outs_fixed):
+            for z, outs in zip(raw, outs_fixed, strict=False):
                 sc = torch.sigmoid((z - z.max()) * gain + peak).numpy()
                 parts = np.split(sc.reshape(-1, 1), np.cumsum([o.shape[0] for o in outs[:2]]))
                 counts.append(scrfd_decode_count([*parts, *outs[3:]], 0.7)[1])
@@ -586,7 +586,7 @@ class IResNet(nn.Module):
         self.prelu = nn.PReLU(64)
         blocks: list[nn.Module] = []
         cin = 64
-        for n, c in zip(layers, widths):
+        for n, c in zip(layers, widths, strict=False):
             blocks.append(IBasicBlock(cin, c, 2))
             blocks += [IBasicBlock(c, c, 1) for _ in range(n - 1)]
             cin = c
@@ -706,7 +706,7 @@ def verify_scrfd(out: Path, runs: int) -> dict[str, float]:
     ]
     _check([o.shape for o in outs] == expect, f"detection shapes {[o.shape for o in outs]}")
     counts = []
-    for i, x in enumerate(_synthetic_canvases(8, seed=777)):  # held-out images
+    for x in _synthetic_canvases(8, seed=777):  # held-out images
         counts.append(scrfd_decode_count(sess.run(None, {"input.1": x}), 0.7))
     log(f"  held-out images: (anchors >= 0.7, faces after NMS) = {counts}")
     anchors05 = [scrfd_decode_count(sess.run(None, {"input.1": x}), 0.5)[0] for x in _synthetic_canvases(3, seed=777)]

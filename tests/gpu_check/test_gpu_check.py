@@ -19,8 +19,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from immich_ml.gpu_check import main as gpu_check
 from immich_ml.gpu_check import graphs
+from immich_ml.gpu_check import main as gpu_check
 from immich_ml.gpu_check.archs import OFFICIAL_BUILDS, ArchSet, judge, parse_archs
 from immich_ml.inference.sessions import SessionFactory
 from immich_ml.settings import Provider, Settings

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from tokenizers import Tokenizer
 
-from immich_ml.settings import Preprocessing
 from immich_ml.pipelines.clip.tokenizer import clean_text, flores_code
+from immich_ml.settings import Preprocessing
 from tests import modelgen
 from tests.conftest import ClientFactory, predict_form
 

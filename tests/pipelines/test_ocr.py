@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from PIL import Image, ImageDraw, ImageFont
 
+from immich_ml.models.downloads import DownloadFailed, fetch_verified, pinned_file
 from immich_ml.models.tasks import ModelKey, ModelType, Task
 from immich_ml.pipelines.ocr.boxes import (
     DetectionParams,
@@ -25,7 +26,6 @@ from immich_ml.pipelines.ocr.boxes import (
     detection_size,
     reading_order,
 )
-from immich_ml.models.downloads import DownloadFailed, fetch_verified, pinned_file
 from immich_ml.pipelines.ocr.lines import ctc_decode, load_charset
 from immich_ml.settings import Preprocessing
 from tests import modelgen

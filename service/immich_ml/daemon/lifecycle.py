@@ -8,8 +8,8 @@ import time
 
 from aiohttp import web
 
-from immich_ml.http.appkeys import REGISTRY, SETTINGS, STATE
 from immich_ml.daemon.systemd import Notifier
+from immich_ml.http.appkeys import REGISTRY, SETTINGS, STATE
 
 __all__ = ["EXTEND_BY_USEC", "EXTEND_EVERY_S", "Supervisor", "stalled_batchers", "status_line"]
 
@@ -25,12 +25,11 @@ def stalled_batchers(app: web.Application, older_than_s: float) -> list[str]:
     when `older_than_s` is 0 or less (the check is off)."""
     if (registry := app.get(REGISTRY)) is None or older_than_s <= 0:
         return []
-    now = time.monotonic()
     return [
         batcher.name
         for model in registry.loaded().values()
-        for batcher in model.batchers
-        if batcher.running_since is not None and now - batcher.running_since > older_than_s
+        for batcher in model.batcher_snapshots()
+        if batcher.running_for_s is not None and batcher.running_for_s > older_than_s
     ]
 
 

@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from immich_ml.daemon.server import INHERITED_FDS, PARENT_PID
-from immich_ml.settings import Settings
 from immich_ml.daemon.lifecycle import EXTEND_BY_USEC, EXTEND_EVERY_S
+from immich_ml.daemon.server import INHERITED_FDS, PARENT_PID
 from immich_ml.daemon.systemd import Notifier
+from immich_ml.settings import Settings
 
 __all__ = ["run_workers"]
 

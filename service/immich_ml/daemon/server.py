@@ -13,12 +13,12 @@ import socket
 
 from aiohttp import web
 
+from immich_ml.daemon.lifecycle import Supervisor
+from immich_ml.daemon.systemd import Notifier, listen_sockets
 from immich_ml.http.app import create_app
 from immich_ml.http.appkeys import STATE
 from immich_ml.http.security import tls_context
 from immich_ml.settings import Settings
-from immich_ml.daemon.lifecycle import Supervisor
-from immich_ml.daemon.systemd import Notifier, listen_sockets
 
 __all__ = ["INHERITED_FDS", "PARENT_PID", "run", "serve"]
 

@@ -9,20 +9,20 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from immich_ml.http.appkeys import PREDICTOR, REGISTRY, SETTINGS, STATE
-from immich_ml.inference.threads import Workers
-from immich_ml.models.tasks import ModelKey, clean_name
+from immich_ml.daemon.state import DaemonState
 from immich_ml.errors import ImmichMLError
+from immich_ml.http.appkeys import PREDICTOR, REGISTRY, SETTINGS, STATE
 from immich_ml.http.metrics import METRICS, GaugeCollector, GpuMemory, Metrics, daemon_gauges
-from immich_ml.pipelines.base import Runtime
-from immich_ml.predict.predictor import Predictor
-from immich_ml.models.registry import ModelRegistry
 from immich_ml.http.routes import json_response, routes
 from immich_ml.http.security import allowlist_middleware
 from immich_ml.inference.sessions import SessionFactory
-from immich_ml.settings import Settings
-from immich_ml.daemon.state import DaemonState
+from immich_ml.inference.threads import Workers
+from immich_ml.models.registry import ModelRegistry
 from immich_ml.models.store import ModelStore
+from immich_ml.models.tasks import ModelKey, clean_name
+from immich_ml.pipelines.base import Runtime
+from immich_ml.predict.predictor import Predictor
+from immich_ml.settings import Settings
 
 __all__ = ["create_app", "preload_keys"]
 

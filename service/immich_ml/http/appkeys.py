@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from immich_ml.predict.predictor import Predictor
-from immich_ml.models.registry import ModelRegistry
-from immich_ml.settings import Settings
 from immich_ml.daemon.state import DaemonState
+from immich_ml.models.registry import ModelRegistry
+from immich_ml.predict.predictor import Predictor
+from immich_ml.settings import Settings
 
 __all__ = ["PREDICTOR", "REGISTRY", "SETTINGS", "STATE"]
 

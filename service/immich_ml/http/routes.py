@@ -11,11 +11,11 @@ import orjson
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 
-from immich_ml.http.appkeys import PREDICTOR, REGISTRY, SETTINGS, STATE
+from immich_ml.daemon.lifecycle import stalled_batchers
 from immich_ml.errors import BadRequest, InvalidEntries, PayloadTooLarge, ShuttingDown
+from immich_ml.http.appkeys import PREDICTOR, REGISTRY, SETTINGS, STATE
 from immich_ml.http.metrics import CONTENT_TYPE, METRICS, MODELS, request_models
 from immich_ml.predict.predictor import PredictInput
-from immich_ml.daemon.lifecycle import stalled_batchers
 
 __all__ = ["routes"]
 

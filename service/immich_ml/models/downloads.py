@@ -15,9 +15,9 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from immich_ml.errors import ModelUnavailable
 from immich_ml.models.catalog import ocr_language
 from immich_ml.models.tasks import ModelKey, ModelType
-from immich_ml.errors import ModelUnavailable
 
 __all__ = [
     "DEFAULT_BASE_URL",

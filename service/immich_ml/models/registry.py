@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from immich_ml.models.catalog import is_known
-from immich_ml.models.tasks import ModelKey
 from immich_ml.errors import ImmichMLError, ModelLoadFailed, UnknownModel
+from immich_ml.inference.sessions import ProviderError
+from immich_ml.models.catalog import is_known
+from immich_ml.models.store import ModelStore
+from immich_ml.models.tasks import ModelKey
 from immich_ml.pipelines import MODEL_CLASSES, InferenceModel
 from immich_ml.pipelines.base import Runtime
-from immich_ml.inference.sessions import ProviderError
-from immich_ml.models.store import ModelStore
 
 __all__ = ["ModelRegistry"]
 

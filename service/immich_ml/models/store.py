@@ -22,10 +22,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from immich_ml.models.catalog import cache_name
-from immich_ml.models.tasks import ModelKey, ModelType, Task
 from immich_ml.errors import ModelUnavailable
+from immich_ml.models.catalog import cache_name
 from immich_ml.models.downloads import download_ocr_model
+from immich_ml.models.tasks import ModelKey, ModelType, Task
 from immich_ml.settings import Settings
 
 __all__ = ["CachedModel", "Downloader", "ModelStore"]

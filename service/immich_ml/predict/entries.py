@@ -7,9 +7,9 @@ from typing import Any
 
 import orjson
 
+from immich_ml.errors import DependencyMissing, InvalidEntries
 from immich_ml.models.catalog import cache_name
 from immich_ml.models.tasks import TASK_TYPES, ModelKey, ModelType, Task, clean_name
-from immich_ml.errors import DependencyMissing, InvalidEntries
 
 __all__ = ["Entry", "TaskPlan", "parse_entries"]
 

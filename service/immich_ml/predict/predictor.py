@@ -8,10 +8,10 @@ from typing import Any
 
 from PIL import Image
 
-from immich_ml.inference.threads import Workers
-from immich_ml.predict.entries import Entry, TaskPlan, parse_entries
 from immich_ml.imaging import decode_image
+from immich_ml.inference.threads import Workers
 from immich_ml.models.registry import ModelRegistry
+from immich_ml.predict.entries import Entry, TaskPlan, parse_entries
 
 __all__ = ["PredictInput", "Predictor"]
 
