@@ -129,3 +129,12 @@ def test_parse_size(text: str, size: int) -> None:
 def test_command_line_flags_override_the_environment(tmp_path: Path) -> None:
     settings = Settings.from_env({"IMMICH_PORT": "3004"}).with_overrides(port=4000, host=None)
     assert (settings.host, settings.port) == ("127.0.0.1", 4000)
+
+
+def test_thread_and_memory_settings() -> None:
+    defaults = Settings.from_env({})
+    assert (defaults.concurrent_batches, defaults.trim_memory, defaults.thread_spinning) == (0, True, False)
+    settings = Settings.from_env({"MACHINE_LEARNING_CONCURRENT_BATCHES": "3", "MACHINE_LEARNING_TRIM_MEMORY": "false"})
+    assert (settings.concurrent_batches, settings.trim_memory) == (3, False)
+    with pytest.raises(ConfigError, match="MACHINE_LEARNING_TRIM_MEMORY"):
+        Settings.from_env({"MACHINE_LEARNING_TRIM_MEMORY": "sometimes"})

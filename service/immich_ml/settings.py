@@ -129,7 +129,8 @@ class Settings:
     batching: bool = True
     bulk_niceness: int = 10
     thread_spinning: bool = False
-    concurrent_batches: int = 1
+    concurrent_batches: int = 0
+    trim_memory: bool = True
     provider: Provider = Provider.AUTO
     provider_strict: bool = False
     gpu_mem_limit: int | None = None
@@ -204,7 +205,8 @@ class Settings:
         put("batching", _PREFIX + "BATCHING", _parse_bool)
         put("bulk_niceness", _PREFIX + "BULK_NICENESS", _niceness)
         put("thread_spinning", _PREFIX + "MODEL_THREAD_SPINNING", _parse_bool)
-        put("concurrent_batches", _PREFIX + "CONCURRENT_BATCHES", _positive)
+        put("concurrent_batches", _PREFIX + "CONCURRENT_BATCHES", _non_negative)
+        put("trim_memory", _PREFIX + "TRIM_MEMORY", _parse_bool)
         put("provider", "ONNXRUNTIME_PROVIDER", Provider)
         put("provider", _PREFIX + "PROVIDER", Provider)
         put("provider_strict", _PREFIX + "PROVIDER_STRICT", _parse_bool)

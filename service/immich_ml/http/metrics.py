@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from immich_ml.errors import ImmichMLError
 from immich_ml.http.appkeys import REGISTRY, STATE
+from immich_ml.models.memory import peak_resident_bytes, resident_bytes
 from immich_ml.predict.entries import parse_entries
 
 __all__ = [
@@ -141,6 +142,13 @@ def daemon_gauges(app: web.Application) -> Gauges:
         [([], float(state.ready and not state.draining))],
     )
     yield "immich_ml_requests_in_flight", "Predict requests being handled", [], [([], float(state.in_flight))]
+    yield "immich_ml_resident_bytes", "Memory the process holds in RAM (VmRSS)", [], [([], float(resident_bytes()))]
+    yield (
+        "immich_ml_peak_resident_bytes",
+        "The most memory the process has held in RAM at once (VmHWM)",
+        [],
+        [([], float(peak_resident_bytes()))],
+    )
     if (registry := app.get(REGISTRY)) is None:
         return
     loaded = registry.loaded()
@@ -156,6 +164,12 @@ def daemon_gauges(app: web.Application) -> Gauges:
         "Time the model took to load (download included)",
         ["model"],
         [([str(key)], seconds) for key, seconds in registry.load_seconds().items()],
+    )
+    yield (
+        "immich_ml_model_memory_bytes",
+        "Resident memory the process grew by while the model's session was built (weights, pre-packed copies)",
+        ["model"],
+        [([str(key)], float(size)) for key, size in registry.memory_bytes().items()],
     )
     yield (
         "immich_ml_queue_depth",

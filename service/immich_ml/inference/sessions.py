@@ -105,14 +105,14 @@ class SessionFactory:
             log.error(message)
         return wanted
 
-    def create(self, model_path: Path, *, cache_key: str, runs: int = 1) -> OnnxSession:
+    def create(self, model_path: Path, *, cache_key: str) -> OnnxSession:
         """Load `model_path`; log the providers in use; raise in strict mode if a GPU one was lost."""
         wanted = self.wanted_providers()
         options = [self._provider_options(p, cache_key) for p in wanted]
         session = OnnxSession(
             ort.InferenceSession(
                 str(model_path),
-                sess_options=self._session_options(wanted, runs),
+                sess_options=self._session_options(wanted),
                 providers=wanted,
                 provider_options=options,
             )
@@ -132,13 +132,14 @@ class SessionFactory:
         log.info("loaded %s using %s", cache_key, ", ".join(session.providers))
         return session
 
-    def _session_options(self, providers: list[str], runs: int = 1) -> ort.SessionOptions:
+    def _session_options(self, providers: list[str]) -> ort.SessionOptions:
         options = ort.SessionOptions()
         cpu_only = providers == [CPU]
         inter = self.settings.inter_op_threads or (1 if cpu_only else 0)
+        # Upstream's CPU default. Batches of one session that run at once (MACHINE_LEARNING_CONCURRENT_BATCHES)
+        # share these threads: a lone batch gets all of them, two at once run mostly on their own calling
+        # threads (measured in docs/benchmarks.md), and the weights are loaded once.
         intra = self.settings.intra_op_threads or (2 if cpu_only else 0)
-        if cpu_only and runs > 1:  # `runs` batches at once share the intra-op threads instead of oversubscribing
-            intra = max(1, intra // runs)
         options.inter_op_num_threads = inter
         options.intra_op_num_threads = intra
         options.execution_mode = ort.ExecutionMode.ORT_PARALLEL if inter > 1 else ort.ExecutionMode.ORT_SEQUENTIAL

@@ -1,11 +1,8 @@
-"""Loaded models: one load at a time per model, retry after corruption, preload, and unloading after a TTL."""
+"""Loaded models: one session build at a time, retry after corruption, preload, and unloading after a TTL."""
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
-import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -15,6 +12,7 @@ from dataclasses import dataclass
 from immich_ml.errors import ImmichMLError, ModelLoadFailed, UnknownModel
 from immich_ml.inference.sessions import ProviderError
 from immich_ml.models.catalog import is_known
+from immich_ml.models.memory import resident_bytes, return_freed_memory
 from immich_ml.models.store import ModelStore
 from immich_ml.models.tasks import ModelKey
 from immich_ml.pipelines import MODEL_CLASSES, InferenceModel
@@ -45,6 +43,10 @@ class ModelRegistry:
         self._entries: dict[ModelKey, _Entry] = {}
         self._locks: dict[ModelKey, asyncio.Lock] = {}
         self._failures: dict[ModelKey, tuple[float, str]] = {}
+        self._memory: dict[ModelKey, int] = {}
+        self._building = asyncio.Lock()
+        """Sessions are built one at a time: their transient memory never adds up, and each model's share of
+        the resident memory is measurable."""
 
     @asynccontextmanager
     async def use(self, key: ModelKey) -> AsyncIterator[InferenceModel]:
@@ -58,16 +60,29 @@ class ModelRegistry:
             entry.last_used = time.monotonic()
 
     async def preload(self, keys: Iterable[ModelKey]) -> None:
-        """Load and warm up models that never expire, before the daemon reports ready."""
-        for key in keys:
+        """Load and warm up models that never expire, before the daemon reports ready.
+
+        The largest cached model loads first: building a session briefly needs about its file's size again
+        (the parsed graph), and that peak is lowest while little else is resident.
+        """
+        for key in sorted(keys, key=self._cached_size, reverse=True):
             entry = await self._entry(key, pinned=True)
             started = time.monotonic()
             await entry.model.warmup()
             log.info("warmed up %s in %.2f s", key, time.monotonic() - started)
 
+    def _cached_size(self, key: ModelKey) -> int:
+        """Bytes of the model's cached files (0 before it is downloaded)."""
+        directory = self.store.model_dir(key)
+        return sum(path.stat().st_size for path in directory.glob("*.onnx*")) if directory.is_dir() else 0
+
     def loaded(self) -> dict[ModelKey, InferenceModel]:
         """The models in memory now."""
         return {key: entry.model for key, entry in self._entries.items()}
+
+    def memory_bytes(self) -> dict[ModelKey, int]:
+        """How much the resident memory grew while each loaded model's session was built."""
+        return {key: self._memory.get(key, 0) for key in self._entries}
 
     def load_seconds(self) -> dict[ModelKey, float]:
         """How long each loaded model took to load (download included)."""
@@ -81,10 +96,11 @@ class ModelRegistry:
         ]
         for key in idle:
             entry = self._entries.pop(key)
+            self._memory.pop(key, None)
             await entry.model.close()
             log.info("unloaded %s after %.0f s idle", key, now - entry.last_used)
-        if idle:
-            _return_memory()
+        if idle and self.runtime.settings.trim_memory:
+            return_freed_memory()
         return idle
 
     async def evict_periodically(self) -> None:
@@ -142,7 +158,15 @@ class ModelRegistry:
         workers = self.runtime.workers
         model = model_class(key, await workers.run(self.store.ensure, key), self.runtime)
         try:
-            await workers.run(model.load)
+            async with self._building:
+                trim = self.runtime.settings.trim_memory
+                if trim:  # freed pages left from before would hide part of this model's growth
+                    await workers.run(return_freed_memory)
+                before = resident_bytes()
+                await workers.run(model.load)
+                if trim:
+                    await workers.run(return_freed_memory)
+                self._memory[key] = max(0, resident_bytes() - before)
         except ProviderError as error:  # a configuration problem: the files are fine, keep them
             raise ModelLoadFailed(f"Failed to load model '{key.name}': {error}") from error
         except ImmichMLError:
@@ -155,12 +179,3 @@ class ModelRegistry:
 
 class _CorruptModel(Exception):
     """The model's files exist but do not load; the cause says why."""
-
-
-def _return_memory() -> None:
-    """Give freed heap pages back to the OS, so unloading a model lowers the resident size."""
-    gc.collect()
-    if (libc_name := ctypes.util.find_library("c")) is not None:
-        libc = ctypes.CDLL(libc_name)
-        if hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)

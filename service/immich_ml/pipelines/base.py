@@ -13,7 +13,7 @@ from PIL import Image
 
 from immich_ml.errors import WrongInput
 from immich_ml.inference.batcher import Batcher, BatcherSnapshot
-from immich_ml.inference.sessions import OnnxSession, SessionFactory
+from immich_ml.inference.sessions import CPU, OnnxSession, SessionFactory
 from immich_ml.inference.threads import Workers, in_background_thread
 from immich_ml.models.tasks import ModelKey, ModelType
 from immich_ml.settings import Settings
@@ -127,8 +127,17 @@ class InferenceModel(ABC):
 
     @property
     def concurrent_batches(self) -> int:
-        """How many batches of this model may run at once (bulk models: MACHINE_LEARNING_CONCURRENT_BATCHES)."""
-        return 1 if self.interactive else self.runtime.settings.concurrent_batches
+        """How many batches of this model may run at once, sharing its session's threads.
+
+        Interactive models: 1 (a query gets all threads). Bulk models: MACHINE_LEARNING_CONCURRENT_BATCHES, or
+        by default 2 on the CPU (a lone batch still gets all intra-op threads, and two requests in flight run
+        side by side instead of one waiting while the other decodes) and 1 on a GPU.
+        """
+        if self.interactive:
+            return 1
+        if configured := self.runtime.settings.concurrent_batches:
+            return configured
+        return 2 if self._require_session().providers[0] == CPU else 1
 
     @property
     def niceness(self) -> int:
@@ -137,9 +146,7 @@ class InferenceModel(ABC):
 
     def create_session(self, path: Path, *, cache_key: str) -> OnnxSession:
         """A session whose inference threads run at this model's CPU priority. Blocking."""
-        return in_background_thread(
-            lambda: self.runtime.sessions.create(path, cache_key=cache_key, runs=self.concurrent_batches), self.niceness
-        )
+        return in_background_thread(lambda: self.runtime.sessions.create(path, cache_key=cache_key), self.niceness)
 
     def load(self) -> None:
         """Read the model's files and create its session(s). Blocking."""
