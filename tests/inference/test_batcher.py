@@ -333,3 +333,26 @@ async def test_concurrent_bulk_batches_share_the_intra_op_threads(
         for name, model in (("visual", visual), ("textual", textual))
     }
     assert threads == {"visual": 2, "textual": 2}  # shared by the concurrent batches: one alone gets both
+
+
+@pytest.mark.parametrize(("configured", "expected"), [({}, 1), ({"intra_op_threads": 2}, 2)])
+async def test_face_batches_that_run_at_once_each_get_a_part_of_the_threads(
+    make_client: ClientFactory, cache: Path, configured: dict[str, int], expected: int
+) -> None:
+    """By default two face batches at once get one thread each; an explicit thread count is kept per session."""
+    modelgen.write_scrfd(cache, "buffalo_l", faces=[modelgen.Face()])
+    modelgen.write_arcface(cache, "buffalo_l")
+    client = await make_client(provider="cpu", **configured)
+    entries = json.dumps(
+        {"facial-recognition": {"detection": {"modelName": "buffalo_l"}, "recognition": {"modelName": "buffalo_l"}}}
+    )
+    image = modelgen.jpeg_bytes(modelgen.make_gradient_image(640, 480))
+    async with client.post("/predict", data=predict_form(entries, image=image)) as resp:
+        assert resp.status == 200
+        assert len((await resp.json())["facial-recognition"]) == 1
+    assert client.app is not None
+    models = client.app[REGISTRY].loaded()
+    assert len(models) == 2
+    for model in models.values():
+        assert [b.concurrency for b in model.batchers] == [2]
+        assert model.session._session.get_session_options().intra_op_num_threads == expected  # type: ignore[union-attr]

@@ -105,14 +105,18 @@ class SessionFactory:
             log.error(message)
         return wanted
 
-    def create(self, model_path: Path, *, cache_key: str) -> OnnxSession:
-        """Load `model_path`; log the providers in use; raise in strict mode if a GPU one was lost."""
+    def create(self, model_path: Path, *, cache_key: str, split_between: int = 1) -> OnnxSession:
+        """Load `model_path`; log the providers in use; raise in strict mode if a GPU one was lost.
+
+        `split_between` > 1 divides the default CPU intra-op threads between that many runs at once (each gets
+        its part); with 1, or MACHINE_LEARNING_MODEL_INTRA_OP_THREADS set, concurrent runs share all of them.
+        """
         wanted = self.wanted_providers()
         options = [self._provider_options(p, cache_key) for p in wanted]
         session = OnnxSession(
             ort.InferenceSession(
                 str(model_path),
-                sess_options=self._session_options(wanted),
+                sess_options=self._session_options(wanted, split_between),
                 providers=wanted,
                 provider_options=options,
             )
@@ -132,14 +136,13 @@ class SessionFactory:
         log.info("loaded %s using %s", cache_key, ", ".join(session.providers))
         return session
 
-    def _session_options(self, providers: list[str]) -> ort.SessionOptions:
+    def _session_options(self, providers: list[str], split_between: int = 1) -> ort.SessionOptions:
         options = ort.SessionOptions()
         cpu_only = providers == [CPU]
         inter = self.settings.inter_op_threads or (1 if cpu_only else 0)
-        # Upstream's CPU default. Batches of one session that run at once (MACHINE_LEARNING_CONCURRENT_BATCHES)
-        # share these threads: a lone batch gets all of them, two at once run mostly on their own calling
-        # threads (measured in docs/benchmarks.md), and the weights are loaded once.
-        intra = self.settings.intra_op_threads or (2 if cpu_only else 0)
+        intra = self.settings.intra_op_threads  # set explicitly: exactly that many per session, as upstream
+        if not intra and cpu_only:  # upstream's CPU default, 2, unless concurrent runs each take a part
+            intra = max(1, 2 // split_between)
         options.inter_op_num_threads = inter
         options.intra_op_num_threads = intra
         options.execution_mode = ort.ExecutionMode.ORT_PARALLEL if inter > 1 else ort.ExecutionMode.ORT_SEQUENTIAL

@@ -69,6 +69,12 @@ class InferenceModel(ABC):
 
     depends_on: ClassVar[ModelType | None] = None
     interactive: ClassVar[bool] = False
+    shares_threads: ClassVar[bool] = False
+    """Whether batches of this model that run at once share the session's intra-op threads (a lone batch gets
+    all of them) instead of each getting an equal part. Sharing suits one-image-per-request models, whose lone
+    request can only go faster with more threads; an equal part each suits face and OCR pipelines, where
+    two requests' runs are usually in flight together and one-thread runs side by side cost about 30 % less
+    CPU per image than runs sharing two threads (docs/benchmarks.md)."""
 
     def __init__(self, key: ModelKey, model_dir: Path, runtime: Runtime) -> None:
         self.key = key
@@ -127,11 +133,11 @@ class InferenceModel(ABC):
 
     @property
     def concurrent_batches(self) -> int:
-        """How many batches of this model may run at once, sharing its session's threads.
+        """How many batches of this model may run at once (their threads: `shares_threads`).
 
         Interactive models: 1 (a query gets all threads). Bulk models: MACHINE_LEARNING_CONCURRENT_BATCHES, or
-        by default 2 on the CPU (a lone batch still gets all intra-op threads, and two requests in flight run
-        side by side instead of one waiting while the other decodes) and 1 on a GPU.
+        by default 2 on the CPU (two requests in flight run side by side instead of one waiting while the
+        other decodes) and 1 on a GPU.
         """
         if self.interactive:
             return 1
@@ -146,7 +152,11 @@ class InferenceModel(ABC):
 
     def create_session(self, path: Path, *, cache_key: str) -> OnnxSession:
         """A session whose inference threads run at this model's CPU priority. Blocking."""
-        return in_background_thread(lambda: self.runtime.sessions.create(path, cache_key=cache_key), self.niceness)
+        # The session does not exist yet: split as for the CPU (the factory ignores it for GPU sessions).
+        split = 1 if self.shares_threads or self.interactive else self.runtime.settings.concurrent_batches or 2
+        return in_background_thread(
+            lambda: self.runtime.sessions.create(path, cache_key=cache_key, split_between=split), self.niceness
+        )
 
     def load(self) -> None:
         """Read the model's files and create its session(s). Blocking."""

@@ -43,6 +43,8 @@ def resize_and_crop(image: Image.Image, size: int, *, resample: Image.Resampling
 class ClipVisual(InferenceModel):
     """Image encoder: `preprocess_cfg.json` drives resizing and normalisation; output is unit-norm."""
 
+    shares_threads = True
+
     def configure(self) -> None:
         config = json.loads((self.model_dir / "preprocess_cfg.json").read_text())
         size = config["size"]
