@@ -189,6 +189,29 @@ def test_bulk_session_threads_inherit_the_lower_priority(tmp_path: Path) -> None
     del session
 
 
+async def test_without_batching_across_calls_a_batch_holds_one_calls_inputs() -> None:
+    """MACHINE_LEARNING_BATCHING=false: a photo's faces still run together, never with another photo's."""
+    batches: list[list[int]] = []
+    gate = threading.Event()
+
+    def run(items: list[int]) -> list[int]:
+        gate.wait()
+        batches.append(list(items))
+        return [item * 10 for item in items]
+
+    batcher = Batcher("test", run, max_batch=4, max_delay_s=0.05, across_calls=False)
+    first = asyncio.create_task(batcher.submit(0))  # runs alone; the calls below queue behind it
+    await asyncio.sleep(0)
+    calls = [asyncio.create_task(batcher.submit_many(items)) for items in ([1, 2, 3], [4, 5], [6, 7, 8, 9, 10])]
+    while batcher.snapshot().depth < 10:
+        await asyncio.sleep(0.001)
+    gate.set()
+    assert await first == 0
+    assert [await call for call in calls] == [[10, 20, 30], [40, 50], [60, 70, 80, 90, 100]]
+    assert batches == [[0], [1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
+    await batcher.close()
+
+
 def test_batching_can_be_turned_off() -> None:
     settings = Settings.from_env({"MACHINE_LEARNING_BATCHING": "false", "MACHINE_LEARNING_BULK_NICENESS": "0"})
     assert (settings.batching, settings.bulk_niceness) == (False, 0)
@@ -227,7 +250,7 @@ async def test_concurrent_requests_each_get_their_own_embedding(
     stats = client.app[REGISTRY].loaded()[VISUAL_KEY].batchers[0].snapshot()
     if batching:
         assert max(stats.sizes) > 1, f"no batch was stacked: {stats.sizes}"
-    else:  # MACHINE_LEARNING_BATCHING=false: every run holds one input
+    else:  # MACHINE_LEARNING_BATCHING=false: one call (here one input) per run
         assert set(stats.sizes) == {1}, stats.sizes
 
 

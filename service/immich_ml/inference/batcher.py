@@ -26,6 +26,8 @@ log = logging.getLogger("immich_ml.batcher")
 class _Item(Generic[In, Out]):
     payload: In
     future: asyncio.Future[Out]
+    followers: int = 0
+    """How many inputs of the same call are queued right behind this one."""
 
 
 @dataclass
@@ -67,7 +69,8 @@ class Batcher(Generic[In, Out]):
     the batcher's own threads, at most `concurrency` batches at once (with 1, one session never runs two
     batches at once), and the event loop never blocks. Items that arrive while batches run join the next
     batch, up to `max_batch`. When more inputs already wait behind the first one, the batch also stays
-    open up to `max_delay_s` for stragglers; a lone or pipelined caller never pays that delay. A failed
+    open up to `max_delay_s` for stragglers; a lone or pipelined caller never pays that delay. With
+    `across_calls` false, a batch holds inputs of one `submit_many` call only (up to `max_batch`). A failed
     run fails every item in it and nothing else.
 
     Admission is bounded: when `queue_size` inputs already wait, `submit` raises `Overloaded` (503 with
@@ -86,10 +89,12 @@ class Batcher(Generic[In, Out]):
         queue_size: int = 256,
         concurrency: int = 1,
         niceness: int = 0,
+        across_calls: bool = True,
         on_batch: Callable[[str, int, float], None] | None = None,
     ) -> None:
         self.name = name
         self.max_batch = max(1, max_batch)
+        self.across_calls = across_calls
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
         self.concurrency = max(1, concurrency)
@@ -139,7 +144,9 @@ class Batcher(Generic[In, Out]):
             raise Overloaded(f"{self.name}: queue full ({waiting} waiting); retry later")
         self._ensure_started()
         loop = asyncio.get_running_loop()
-        items = [_Item[In, Out](payload, loop.create_future()) for payload in payloads]
+        items = [
+            _Item[In, Out](payload, loop.create_future(), len(payloads) - 1 - i) for i, payload in enumerate(payloads)
+        ]
         for item in items:
             self._queue.put_nowait(item)
         self._stats.peak_depth = max(self._stats.peak_depth, self._queue.qsize())
@@ -164,6 +171,10 @@ class Batcher(Generic[In, Out]):
         while True:
             await self._slots.acquire()
             batch = [await self._queue.get()]
+            if not self.across_calls:  # the call's own inputs only, which are queued right behind its first
+                batch += [self._queue.get_nowait() for _ in range(min(batch[0].followers, self.max_batch - 1))]
+                self._start(loop, batch)
+                continue
             wait_for_more = not self._queue.empty()
             deadline = loop.time() + (self.max_delay_s if wait_for_more else 0.0)
             while len(batch) < self.max_batch:
@@ -177,9 +188,12 @@ class Batcher(Generic[In, Out]):
                         break
                 else:
                     batch.append(self._queue.get_nowait())
-            task = loop.create_task(self._run_batch(loop, batch), name=f"batch-{self.name}")
-            self._running[task] = time.monotonic()
-            task.add_done_callback(self._finished)
+            self._start(loop, batch)
+
+    def _start(self, loop: asyncio.AbstractEventLoop, batch: list[_Item[In, Out]]) -> None:
+        task = loop.create_task(self._run_batch(loop, batch), name=f"batch-{self.name}")
+        self._running[task] = time.monotonic()
+        task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         del self._running[task]

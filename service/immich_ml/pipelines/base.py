@@ -45,7 +45,11 @@ class Runtime:
         concurrency: int = 1,
         niceness: int = 0,
     ) -> Batcher[In, Out]:
-        """A batcher for one session, with the configured delay, queue size and metrics hook."""
+        """A batcher for one session, with the configured delay, queue size and metrics hook.
+
+        With batching turned off (MACHINE_LEARNING_BATCHING=false) a batch holds one call's inputs only (a
+        photo's faces still run together, as upstream runs them), never inputs of different requests.
+        """
         return Batcher(
             name,
             run,
@@ -54,6 +58,7 @@ class Runtime:
             queue_size=self.settings.queue_size,
             concurrency=concurrency,
             niceness=niceness,
+            across_calls=self.settings.batching,
             on_batch=self.on_batch,
         )
 
@@ -118,9 +123,9 @@ class InferenceModel(ABC):
 
     @property
     def max_batch(self) -> int:
-        """The one decision on how many inputs a batcher stacks: `batch_size`, or 1 with batching turned
-        off (MACHINE_LEARNING_BATCHING=false) or a graph that cannot stack inputs."""
-        return self.batch_size if self.runtime.settings.batching and self.stacks_inputs() else 1
+        """The one decision on how many inputs a batcher stacks: `batch_size`, or 1 for a graph that cannot
+        stack inputs. (With batching off, the inputs stacked all come from one call: `Runtime.batcher`.)"""
+        return self.batch_size if self.stacks_inputs() else 1
 
     def add_batcher(self, run: Callable[[list[In]], Sequence[Out]], *, stage: str = "") -> Batcher[In, Out]:
         """A batcher of up to `max_batch` inputs for one of this model's session runs; closed with the model."""
