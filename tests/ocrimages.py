@@ -7,12 +7,13 @@ import functools
 import os
 import shutil
 import subprocess
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from tests import modelgen
 
 __all__ = ["SKIMAGE_WHEEL_ENV", "Line", "dejavu_sans", "render", "skimage_image", "with_text"]
 
@@ -72,39 +73,15 @@ def with_text(photo: Image.Image, text: str, origin: tuple[int, int], font_size:
     return image
 
 
-def _default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "immich-ml-test"
-
-
-def _skimage_wheel(cache_dir: Path) -> Path:
-    if env := os.environ.get(SKIMAGE_WHEEL_ENV):
-        if not Path(env).is_file():
-            raise FileNotFoundError(f"{SKIMAGE_WHEEL_ENV}={env} is not a file")
-        return Path(env)
-    wheel = cache_dir / _SKIMAGE_WHEEL_FILE
-    if not wheel.is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet"]
-        result = subprocess.run(
-            [*command, *_SKIMAGE_PLATFORM, "--dest", str(cache_dir), _SKIMAGE],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0 or not wheel.is_file():
-            raise RuntimeError(f"pip download {_SKIMAGE} failed:\n{result.stdout}{result.stderr}")
-    return wheel
-
-
 def skimage_image(name: str, cache_dir: Path | None = None) -> Image.Image:
     """`skimage/data/<name>.png` from the scikit-image wheel as RGB (e.g. `page`, `chelsea`, `coffee`)."""
-    cache = cache_dir or _default_cache_dir()
+    cache = cache_dir or modelgen.default_cache_dir()
     target = cache / "skimage-data" / f"{name}.png"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f"{target.name}.{os.getpid()}.part")
-        with zipfile.ZipFile(_skimage_wheel(cache)) as archive, archive.open(f"skimage/data/{name}.png") as src:
+        wheel = modelgen.pypi_wheel(_SKIMAGE, _SKIMAGE_WHEEL_FILE, SKIMAGE_WHEEL_ENV, cache, _SKIMAGE_PLATFORM)
+        with zipfile.ZipFile(wheel) as archive, archive.open(f"skimage/data/{name}.png") as src:
             partial.write_bytes(src.read())
         partial.replace(target)  # atomic: concurrent test workers never see half a file
     with Image.open(target) as image:
