@@ -144,7 +144,6 @@ def daemon_gauges(app: web.Application) -> Gauges:
     if (registry := app.get(REGISTRY)) is None:
         return
     loaded = registry.loaded()
-    now = time.monotonic()
     yield "immich_ml_models_loaded", "Models in memory", [], [([], float(len(loaded)))]
     yield (
         "immich_ml_model_info",
@@ -169,10 +168,10 @@ def daemon_gauges(app: web.Application) -> Gauges:
         "How long the batch now running has run, by batcher",
         ["batcher"],
         [
-            ([batcher.name], now - batcher.running_since)
+            ([batcher.name], batcher.running_for_s)
             for model in loaded.values()
-            for batcher in model.batchers
-            if batcher.running_since is not None
+            for batcher in model.batcher_snapshots()
+            if batcher.running_for_s is not None
         ],
     )
 

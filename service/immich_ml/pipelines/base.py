@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from immich_ml.errors import WrongInput
-from immich_ml.inference.batcher import Batcher
+from immich_ml.inference.batcher import Batcher, BatcherSnapshot
 from immich_ml.inference.sessions import OnnxSession, SessionFactory
 from immich_ml.inference.threads import Workers, in_background_thread
 from immich_ml.models.tasks import ModelKey, ModelType
@@ -45,14 +45,11 @@ class Runtime:
         concurrency: int = 1,
         niceness: int = 0,
     ) -> Batcher[In, Out]:
-        """A batcher for one session, with the configured delay, queue size and metrics hook.
-
-        With batching turned off (MACHINE_LEARNING_BATCHING=false) every batch holds one input.
-        """
+        """A batcher for one session, with the configured delay, queue size and metrics hook."""
         return Batcher(
             name,
             run,
-            max_batch=max_batch if self.settings.batching else 1,
+            max_batch=max_batch,
             max_delay_s=self.settings.batch_delay_ms / 1000,
             queue_size=self.settings.queue_size,
             concurrency=concurrency,
@@ -95,18 +92,35 @@ class InferenceModel(ABC):
         """The execution providers in use (empty before `load`)."""
         return self.session.providers if self.session else []
 
+    def batcher_snapshots(self) -> list[BatcherSnapshot]:
+        """The state of each of this model's batchers (queue depth, running batch, counters)."""
+        return [batcher.snapshot() for batcher in self.batchers]
+
     @property
     def queue_depth(self) -> int:
         """Inputs waiting in this model's batchers."""
-        return sum(batcher.depth for batcher in self.batchers)
+        return sum(snapshot.depth for snapshot in self.batcher_snapshots())
 
-    def add_batcher(
-        self, run: Callable[[list[In]], Sequence[Out]], *, max_batch: int, stage: str = ""
-    ) -> Batcher[In, Out]:
-        """A batcher for one of this model's session runs; closed with the model."""
+    @property
+    def batch_size(self) -> int:
+        """The configured inputs per session run for this model type (MACHINE_LEARNING_MAX_BATCH_SIZE__*)."""
+        return self.runtime.settings.max_batch_size(self.key.task, self.key.type)
+
+    def stacks_inputs(self) -> bool:
+        """Whether the loaded graph can run several inputs stacked into one batch; overridden where not."""
+        return True
+
+    @property
+    def max_batch(self) -> int:
+        """The one decision on how many inputs a batcher stacks: `batch_size`, or 1 with batching turned
+        off (MACHINE_LEARNING_BATCHING=false) or a graph that cannot stack inputs."""
+        return self.batch_size if self.runtime.settings.batching and self.stacks_inputs() else 1
+
+    def add_batcher(self, run: Callable[[list[In]], Sequence[Out]], *, stage: str = "") -> Batcher[In, Out]:
+        """A batcher of up to `max_batch` inputs for one of this model's session runs; closed with the model."""
         name = f"{self.key}{'/' + stage if stage else ''}"
         batcher = self.runtime.batcher(
-            name, run, max_batch=max_batch, concurrency=self.concurrent_batches, niceness=self.niceness
+            name, run, max_batch=self.max_batch, concurrency=self.concurrent_batches, niceness=self.niceness
         )
         self.batchers.append(batcher)
         return batcher

@@ -58,9 +58,7 @@ class ClipVisual(InferenceModel):
         else:  # the released upstream ignores both settings: bicubic, shortest side, centre crop
             self.resample, self.squash = Image.Resampling.BICUBIC, False
         self.input_name = self._require_session().input_names[0]
-        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(
-            self._run, max_batch=self.runtime.settings.max_batch_clip
-        )
+        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(self._run)
 
     @property
     def min_image_side(self) -> int:
@@ -98,9 +96,7 @@ class ClipTextual(InferenceModel):
         self.input_names = self._require_session().input_names
         self.is_mclip = "input_ids" in self.input_names
         self.uses_language = self.key.name.startswith("nllb")
-        self.batcher: Batcher[tuple[np.ndarray, np.ndarray], np.ndarray] = self.add_batcher(
-            self._run, max_batch=self.runtime.settings.max_batch_clip
-        )
+        self.batcher: Batcher[tuple[np.ndarray, np.ndarray], np.ndarray] = self.add_batcher(self._run)
 
     def tokenize(self, text: str, language: str | None) -> tuple[np.ndarray, np.ndarray]:
         """Clean the query, add the nllb language prefix where it applies, and encode it."""

@@ -143,8 +143,10 @@ class FaceDetector(InferenceModel):
             )
         self.input_name = session.input_names[0]
         self.batched = has_batch_axis(session)
-        max_batch = self.runtime.settings.max_batch_face_detection if self.batched else 1
-        self.batcher: Batcher[np.ndarray, list[np.ndarray]] = self.add_batcher(self._run, max_batch=max_batch)
+        self.batcher: Batcher[np.ndarray, list[np.ndarray]] = self.add_batcher(self._run)
+
+    def stacks_inputs(self) -> bool:
+        return self.batched
 
     def preprocess(self, image: Image.Image) -> tuple[np.ndarray, float]:
         """The CHW float32 RGB blob, (x − 127.5) / 128, of the letterboxed image, and the letterbox scale."""
@@ -181,9 +183,7 @@ class FaceRecognizer(InferenceModel):
 
     def configure(self) -> None:
         self.input_name = self._require_session().input_names[0]
-        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(
-            self._run, max_batch=self.runtime.settings.max_batch_face_recognition
-        )
+        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(self._run)
 
     def crops(self, image: Image.Image, landmarks: np.ndarray) -> list[np.ndarray]:
         """One blob per face. Upstream warps the BGR image and swaps to RGB afterwards; a warp treats every

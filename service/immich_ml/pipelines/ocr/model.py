@@ -85,12 +85,11 @@ class TextDetector(InferenceModel):
 
     def configure(self) -> None:
         self.input_name = self._require_session().input_names[0]
-        self.max_rows = self.runtime.settings.max_batch_ocr
-        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(self._run, max_batch=self.max_rows)
+        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(self._run)
 
     def _run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         # Detector inputs vary in size; requests whose resized images match share one run.
-        return _run_grouped(self._require_session(), self.input_name, inputs, self.max_rows)
+        return _run_grouped(self._require_session(), self.input_name, inputs, self.batch_size)
 
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> dict[str, Any]:
         image = self.image_of(payload)
@@ -129,19 +128,18 @@ class TextRecognizer(InferenceModel):
         session = self._require_session()
         self.decoder = text_decoder(session.metadata, self.model_dir / "charset.txt")
         self.input_name = session.input_names[0]
-        self.chunk_size = self.runtime.settings.max_batch_ocr
-        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(self._run, max_batch=self.chunk_size)
+        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(self._run)
 
     def _run(self, chunks: list[np.ndarray]) -> list[np.ndarray]:
-        return _run_grouped(self._require_session(), self.input_name, chunks, self.chunk_size)
+        return _run_grouped(self._require_session(), self.input_name, chunks, self.batch_size)
 
     def _chunks(self, image: Image.Image, boxes: np.ndarray) -> list[_Chunk]:
         crops = [crop_line(image, corners) for corners in boxes]
         order = recognition_order(crops)
         return [
             _Chunk(members, recognition_batch([crops[i] for i in members]))
-            for start in range(0, len(order), self.chunk_size)
-            for members in (order[start : start + self.chunk_size],)
+            for start in range(0, len(order), self.batch_size)
+            for members in (order[start : start + self.batch_size],)
         ]
 
     def _decode(self, chunks: Sequence[_Chunk], outputs: Sequence[np.ndarray]) -> dict[int, Recognised]:
