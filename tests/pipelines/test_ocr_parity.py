@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -110,7 +111,9 @@ def rapid_recognizer(ocr_models: tuple[Path, Path]) -> RapidTextRecognizer:
     return RapidTextRecognizer(cfg.Rec)
 
 
-def rapid_boxes(probability: NDArray[np.float32], width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+def rapid_boxes(
+    probability: NDArray[np.float32], width: int, height: int, score_mode: str = "fast"
+) -> tuple[np.ndarray, np.ndarray]:
     """rapidocr's DB post-processing with upstream Immich's parameters, then its reading order
     (`sorted_boxes` returns the boxes only; each score follows its box)."""
     post = DBPostProcess(
@@ -119,7 +122,7 @@ def rapid_boxes(probability: NDArray[np.float32], width: int, height: int) -> tu
         max_candidates=1000,
         unclip_ratio=1.6,
         use_dilation=True,
-        score_mode="fast",
+        score_mode=score_mode,
     )
     boxes, scores = post(probability, (height, width))
     if len(boxes) == 0:
@@ -158,19 +161,23 @@ def upstream_crop(image: Image.Image, box: np.ndarray) -> NDArray[np.uint8]:
     return np.ascontiguousarray(np.asarray(crop)[:, :, ::-1])
 
 
-@pytest.mark.parametrize("preprocessing", list(Preprocessing))
+@pytest.mark.parametrize(
+    ("preprocessing", "score_mode"),
+    [(Preprocessing.RELEASED, "fast"), (Preprocessing.LATEST, "fast"), (Preprocessing.RELEASED, "slow")],
+)
 @pytest.mark.parametrize("case", list(CASES))
 def test_detection_boxes_equal_rapidocr(
-    case: str, preprocessing: Preprocessing, detector: ort.InferenceSession
+    case: str, preprocessing: Preprocessing, score_mode: Literal["fast", "slow"], detector: ort.InferenceSession
 ) -> None:
     image = CASES[case]()
     (probability,) = detector.run(None, {"x": detection_input(image, MAX_RESOLUTION, preprocessing)})
-    expected_boxes, expected_scores = rapid_boxes(probability, image.width, image.height)
-    found = boxes_from_probability(probability[0, 0], image.size, DetectionParams(box_threshold=DET_MIN_SCORE))
+    expected_boxes, expected_scores = rapid_boxes(probability, image.width, image.height, score_mode)
+    params = DetectionParams(box_threshold=DET_MIN_SCORE, score_mode=score_mode)
+    found = boxes_from_probability(probability[0, 0], image.size, params)
     assert len(expected_boxes) > 0
     assert found.boxes.shape == expected_boxes.shape, (found.boxes.tolist(), expected_boxes.tolist())
     difference = float(np.abs(found.boxes - expected_boxes).max())
-    print(f"{case}/{preprocessing.value}: {len(found)} boxes, max difference {difference} px")
+    print(f"{case}/{preprocessing.value}/{score_mode}: {len(found)} boxes, max difference {difference} px")
     assert difference <= 1e-6
     np.testing.assert_allclose(found.scores, expected_scores, atol=1e-4)
 
