@@ -15,7 +15,6 @@ from immich_ml.encoding import vector_string
 from immich_ml.errors import InvalidEntries, ModelLoadFailed
 from immich_ml.inference.batcher import Batcher
 from immich_ml.inference.sessions import OnnxSession
-from immich_ml.models.tasks import ModelType
 from immich_ml.pipelines.base import InferenceModel, Payload, stack
 from immich_ml.pipelines.faces.alignment import ARCFACE_SIZE, ARCFACE_TEMPLATE, align_face
 
@@ -179,8 +178,6 @@ def face_blob(crop: np.ndarray) -> np.ndarray:
 class FaceRecognizer(InferenceModel):
     """ArcFace (w600k_r50, glintr100): a 512-float embedding per detected face, unnormalised like upstream."""
 
-    depends_on = ModelType.DETECTION
-
     def configure(self) -> None:
         self.input_name = self._require_session().input_names[0]
         self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(self._run)
@@ -199,11 +196,10 @@ class FaceRecognizer(InferenceModel):
         self, payload: Payload, options: Mapping[str, Any], dependency: Any = None
     ) -> list[dict[str, Any]]:
         image = self.image_of(payload)
-        if not isinstance(dependency, FaceDetections):
-            raise TypeError(f"{self.key} got {type(dependency)} instead of detections. This is a bug.")
-        if not dependency.scores:
+        faces = self.dependency_of(dependency, FaceDetections)
+        if not faces.scores:
             return []
-        landmarks = np.asarray(dependency.landmarks, dtype=np.float64)
+        landmarks = np.asarray(faces.landmarks, dtype=np.float64)
         crops = await self.runtime.workers.run(self.crops, image, landmarks)
         embeddings = await self.batcher.submit_many(crops)
         return [
@@ -212,7 +208,7 @@ class FaceRecognizer(InferenceModel):
                 "embedding": vector_string(embedding),
                 "score": score,
             }
-            for box, score, embedding in zip(dependency.boxes, dependency.scores, embeddings, strict=True)
+            for box, score, embedding in zip(faces.boxes, faces.scores, embeddings, strict=True)
         ]
 
     def warmup_payload(self) -> Payload:
