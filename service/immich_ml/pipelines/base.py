@@ -14,7 +14,7 @@ from PIL import Image
 from immich_ml.errors import WrongInput
 from immich_ml.inference.batcher import Batcher, BatcherSnapshot
 from immich_ml.inference.sessions import OnnxSession, SessionFactory
-from immich_ml.inference.threads import Workers, in_background_thread
+from immich_ml.inference.threads import ThreadPool, in_background_thread
 from immich_ml.models.tasks import ModelKey
 from immich_ml.settings import Settings
 
@@ -30,11 +30,11 @@ Payload = Image.Image | str
 
 @dataclass
 class Runtime:
-    """Shared services a model uses: settings, session creation, worker threads, batchers."""
+    """Shared services a model uses: settings, session creation, the thread pool, batchers."""
 
     settings: Settings
     sessions: SessionFactory
-    workers: Workers
+    pool: ThreadPool
     on_batch: Callable[[str, int, float], None] | None = None
 
     def batcher(
@@ -63,7 +63,7 @@ class InferenceModel(ABC):
     """One model of one task and type: its files, its session, and its pre- and post-processing.
 
     `load` is blocking and runs in a worker thread; `predict` runs on the event loop and sends every
-    blocking step to the workers or to the model's batcher. Models that serve a waiting user set
+    blocking step to the thread pool or to the model's batcher. Models that serve a waiting user set
     `interactive`; the others (bulk indexing) run their inference threads at a lower CPU priority
     (MACHINE_LEARNING_BULK_NICENESS), so a search query is not stuck behind a library scan.
     """

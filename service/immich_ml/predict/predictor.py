@@ -9,7 +9,7 @@ from typing import Any
 from PIL import Image
 
 from immich_ml.imaging import decode_image
-from immich_ml.inference.threads import Workers
+from immich_ml.inference.threads import ThreadPool
 from immich_ml.models.registry import ModelRegistry
 from immich_ml.predict.entries import Entry, TaskPlan
 
@@ -35,10 +35,10 @@ class Predictor:
     """Runs the models a request asks for and shapes the response like upstream."""
 
     def __init__(
-        self, registry: ModelRegistry, workers: Workers, *, max_image_pixels: int, jpeg_draft: bool = False
+        self, registry: ModelRegistry, pool: ThreadPool, *, max_image_pixels: int, jpeg_draft: bool = False
     ) -> None:
         self.registry = registry
-        self.workers = workers
+        self.pool = pool
         self.max_image_pixels = max_image_pixels
         self.jpeg_draft = jpeg_draft
 
@@ -50,7 +50,7 @@ class Predictor:
         size = None
         if request.image is not None:
             draft_size = await self._draft_size(plans) if self.jpeg_draft else None
-            payload, size = await self.workers.run(
+            payload, size = await self.pool.run(
                 decode_image, request.image, max_pixels=self.max_image_pixels, draft_size=draft_size
             )
         else:

@@ -100,10 +100,10 @@ class TextDetector(InferenceModel):
         params = detection_params(options)
         if image.width < MIN_SIDE or image.height < MIN_SIDE:
             return TextDetections(boxes=[], scores=[])
-        workers = self.runtime.workers
-        pixels = await workers.run(detection_input, image, params.max_resolution, self.runtime.settings.preprocessing)
+        pool = self.runtime.pool
+        pixels = await pool.run(detection_input, image, params.max_resolution, self.runtime.settings.preprocessing)
         probability = await self.batcher.submit(pixels)
-        found = await workers.run(boxes_from_probability, probability[0, 0], image.size, params)
+        found = await pool.run(boxes_from_probability, probability[0, 0], image.size, params)
         return TextDetections(boxes=found.boxes.tolist(), scores=found.scores.tolist())
 
     def warmup_payload(self) -> Payload:
@@ -160,10 +160,10 @@ class TextRecognizer(InferenceModel):
         if not detections.scores:
             return {"box": [], "boxScore": [], "text": [], "textScore": []}
         boxes = np.asarray(detections.boxes, dtype=np.float64)
-        workers = self.runtime.workers
-        chunks = await workers.run(self._chunks, image, boxes)
+        pool = self.runtime.pool
+        chunks = await pool.run(self._chunks, image, boxes)
         outputs = await self.batcher.submit_many([chunk.pixels for chunk in chunks])
-        lines = await workers.run(self._decode, chunks, outputs)
+        lines = await pool.run(self._decode, chunks, outputs)
         kept = [i for i in range(len(boxes)) if lines[i].score > min_score]
         normalised = boxes[kept] / np.array([image.width, image.height], dtype=np.float64)
         return {
