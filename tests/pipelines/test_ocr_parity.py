@@ -30,7 +30,7 @@ from rapidocr.utils.parse_parameters import ParseParams
 from immich_ml.pipelines.ocr.boxes import DetectionParams, boxes_from_probability, detection_input
 from immich_ml.settings import Preprocessing
 from tests import modelgen
-from tests.conftest import ClientFactory, predict_form
+from tests.conftest import ClientFactory, predict_ok
 from tests.ocrimages import render, skimage_image, with_text
 
 MAX_RESOLUTION = 736
@@ -209,10 +209,7 @@ async def test_predict_equals_rapidocr_pipeline(
             "recognition": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": 0.0}},
         }
     }
-    form = predict_form(json.dumps(entries), image=modelgen.png_bytes(image))
-    async with client.post("/predict", data=form) as resp:
-        assert resp.status == 200, await resp.text()
-        ocr = (await resp.json())["ocr"]
+    ocr = (await predict_ok(client, json.dumps(entries), image=modelgen.png_bytes(image)))["ocr"]
 
     expected_texts = [text for text, keep in zip(recognised.txts, kept, strict=True) if keep]
     print(f"{case}: {len(expected_texts)} texts, ours {ocr['text']} / rapidocr {expected_texts}")
@@ -226,22 +223,3 @@ async def test_predict_equals_rapidocr_pipeline(
         f"{case}: box difference {np.abs(got_boxes - boxes[kept]).max(initial=0.0)} px, text score difference "
         f"{np.abs(np.asarray(ocr['textScore']) - text_scores[kept]).max(initial=0.0)}"
     )
-
-
-@pytest.mark.parametrize(
-    ("text", "status"),
-    [("", 400), (" ", 200)],
-)
-async def test_empty_text_field_counts_as_absent(
-    text: str, status: int, make_client: ClientFactory, clip_cache: Path
-) -> None:
-    """Like upstream (an empty form field is no field): `text=""` is a 400; whitespace is still a query."""
-    client = await make_client()
-    entries = '{"clip":{"textual":{"modelName":"ViT-B-32__openai"}}}'
-    async with client.post("/predict", data=predict_form(entries, text=text)) as resp:
-        assert resp.status == status, (await resp.text())[:200]
-        body = await resp.json()
-    if status == 400:
-        assert body == {"detail": "Either image or text must be provided"}
-    else:
-        assert isinstance(json.loads(body["clip"]), list)
