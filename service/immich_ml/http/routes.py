@@ -1,4 +1,4 @@
-"""HTTP handlers: turn requests into calls on the predictor and results into Immich's JSON shapes."""
+"""HTTP handlers: read the form, parse `entries` once, call the predictor, answer in Immich's JSON shapes."""
 
 from __future__ import annotations
 
