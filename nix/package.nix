@@ -109,8 +109,8 @@ python3Packages.buildPythonApplication {
     pytest-aiohttp
     pytestCheckHook
     openssl # the TLS test makes a self-signed certificate
-    nodejs # plays the Immich server's client (fetch + FormData) in tests/test_immich_client.py
-    nginx # the load balancer in front of two daemons in tests/test_balancer.py
+    nodejs # plays the Immich server's client (fetch + FormData) in tests/http/test_immich_client.py
+    nginx # the load balancer in front of two daemons in tests/daemon/test_balancer.py
   ];
 
   # Our CI runs the suite with warnings as errors and --strict-config (pyproject.toml). Here it runs
@@ -135,11 +135,12 @@ python3Packages.buildPythonApplication {
   # /sys/devices/system/cpu, which the sandbox lacks), as nixpkgs' own onnxruntime notes.
   doCheck = !(stdenv.hostPlatform.isLinux && stdenv.hostPlatform.isAarch64);
 
-  # The modules the two commands start from: each imports most of the package.
+  # The modules the two commands start from (immich-ml, immich-gpu-check) and the daemon they
+  # serve with: together they import most of the package.
   pythonImportsCheck = [
     "immich_ml.cli"
-    "immich_ml.server"
-    "immich_ml.gpu_check"
+    "immich_ml.daemon.server"
+    "immich_ml.gpu_check.main"
   ];
 
   passthru = {

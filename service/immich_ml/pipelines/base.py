@@ -11,11 +11,11 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 from PIL import Image
 
-from immich_ml.batcher import Batcher
-from immich_ml.concurrency import Workers, in_background_thread
-from immich_ml.domain import ModelKey, ModelType
 from immich_ml.errors import WrongInput
-from immich_ml.sessions import OnnxSession, SessionFactory
+from immich_ml.inference.batcher import Batcher, BatcherSnapshot
+from immich_ml.inference.sessions import OnnxSession, SessionFactory
+from immich_ml.inference.threads import Workers, in_background_thread
+from immich_ml.models.tasks import ModelKey, ModelType
 from immich_ml.settings import Settings
 
 __all__ = ["InferenceModel", "Payload", "Runtime", "stack"]
@@ -36,15 +36,26 @@ class Runtime:
     workers: Workers
     on_batch: Callable[[str, int, float], None] | None = None
 
-    def batcher(self, name: str, run: Callable[[list[In]], Sequence[Out]], *, max_batch: int,
-                concurrency: int = 1, niceness: int = 0) -> Batcher[In, Out]:
-        """A batcher for one session, with the configured delay, queue size and metrics hook.
-
-        With batching turned off (MACHINE_LEARNING_BATCHING=false) every batch holds one input.
-        """
-        return Batcher(name, run, max_batch=max_batch if self.settings.batching else 1,
-                       max_delay_s=self.settings.batch_delay_ms / 1000, queue_size=self.settings.queue_size,
-                       concurrency=concurrency, niceness=niceness, on_batch=self.on_batch)
+    def batcher(
+        self,
+        name: str,
+        run: Callable[[list[In]], Sequence[Out]],
+        *,
+        max_batch: int,
+        concurrency: int = 1,
+        niceness: int = 0,
+    ) -> Batcher[In, Out]:
+        """A batcher for one session, with the configured delay, queue size and metrics hook."""
+        return Batcher(
+            name,
+            run,
+            max_batch=max_batch,
+            max_delay_s=self.settings.batch_delay_ms / 1000,
+            queue_size=self.settings.queue_size,
+            concurrency=concurrency,
+            niceness=niceness,
+            on_batch=self.on_batch,
+        )
 
 
 class InferenceModel(ABC):
@@ -81,17 +92,36 @@ class InferenceModel(ABC):
         """The execution providers in use (empty before `load`)."""
         return self.session.providers if self.session else []
 
+    def batcher_snapshots(self) -> list[BatcherSnapshot]:
+        """The state of each of this model's batchers (queue depth, running batch, counters)."""
+        return [batcher.snapshot() for batcher in self.batchers]
+
     @property
     def queue_depth(self) -> int:
         """Inputs waiting in this model's batchers."""
-        return sum(batcher.depth for batcher in self.batchers)
+        return sum(snapshot.depth for snapshot in self.batcher_snapshots())
 
-    def add_batcher(self, run: Callable[[list[In]], Sequence[Out]], *, max_batch: int,
-                    stage: str = "") -> Batcher[In, Out]:
-        """A batcher for one of this model's session runs; closed with the model."""
+    @property
+    def batch_size(self) -> int:
+        """The configured inputs per session run for this model type (MACHINE_LEARNING_MAX_BATCH_SIZE__*)."""
+        return self.runtime.settings.max_batch_size(self.key.task, self.key.type)
+
+    def stacks_inputs(self) -> bool:
+        """Whether the loaded graph can run several inputs stacked into one batch; overridden where not."""
+        return True
+
+    @property
+    def max_batch(self) -> int:
+        """The one decision on how many inputs a batcher stacks: `batch_size`, or 1 with batching turned
+        off (MACHINE_LEARNING_BATCHING=false) or a graph that cannot stack inputs."""
+        return self.batch_size if self.runtime.settings.batching and self.stacks_inputs() else 1
+
+    def add_batcher(self, run: Callable[[list[In]], Sequence[Out]], *, stage: str = "") -> Batcher[In, Out]:
+        """A batcher of up to `max_batch` inputs for one of this model's session runs; closed with the model."""
         name = f"{self.key}{'/' + stage if stage else ''}"
-        batcher = self.runtime.batcher(name, run, max_batch=max_batch, concurrency=self.concurrent_batches,
-                                       niceness=self.niceness)
+        batcher = self.runtime.batcher(
+            name, run, max_batch=self.max_batch, concurrency=self.concurrent_batches, niceness=self.niceness
+        )
         self.batchers.append(batcher)
         return batcher
 
@@ -108,8 +138,8 @@ class InferenceModel(ABC):
     def create_session(self, path: Path, *, cache_key: str) -> OnnxSession:
         """A session whose inference threads run at this model's CPU priority. Blocking."""
         return in_background_thread(
-            lambda: self.runtime.sessions.create(path, cache_key=cache_key, runs=self.concurrent_batches),
-            self.niceness)
+            lambda: self.runtime.sessions.create(path, cache_key=cache_key, runs=self.concurrent_batches), self.niceness
+        )
 
     def load(self) -> None:
         """Read the model's files and create its session(s). Blocking."""
