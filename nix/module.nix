@@ -588,9 +588,11 @@ in
 
       systemd.tmpfiles.rules = lib.optional (!cacheManagedBySystemd) "d ${cacheDir} 0750 ${cfg.user} ${cfg.group} - -";
 
-      # No boot.kernelModules: CUDA needs /dev/nvidia-uvm, and nixpkgs' NVIDIA module already loads
-      # nvidia-uvm (hardware.nvidia: `boot.kernelModules = [ "nvidia-uvm" ]`). Where NixOS does not
-      # manage the driver (WSL, gpu.suppressDriverAssertion) the module does not exist at all.
+      # No boot.kernelModules: CUDA needs /dev/nvidia-uvm, and nixpkgs' NVIDIA module loads
+      # nvidia_uvm itself (explicitly with the open kernel module; the proprietary one pulls it in
+      # through its modprobe softdep, as nixpkgs' comment there says) and its udev rules create the
+      # node. Where NixOS does not manage the driver (WSL, gpu.suppressDriverAssertion) there is no
+      # such kernel module at all. immich-gpu-check reports a missing one with the fix.
 
       networking.firewall = {
         allowedTCPPorts = mkIf (cfg.openFirewall && !clientFirewall) [ cfg.port ];
