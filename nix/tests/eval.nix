@@ -9,7 +9,13 @@
 #
 # (nix/eval-test.sh does that.) It evaluates to a summary string when every check passes and
 # throws a list of the failed checks otherwise. The flake runs the same file as a check.
-{ lib }:
+# With `--argstr output nginx` it evaluates instead to the nginx configuration the balancer
+# fixtures generate, rendered as nixpkgs' nginx module renders upstreams and locations, which
+# eval-test.sh hands to `nginx -t` where nginx is installed.
+{
+  lib,
+  output ? "checks",
+}:
 
 let
   inherit (lib) mkOption types;
@@ -837,8 +843,61 @@ let
   };
 
   failed = lib.attrNames (lib.filterAttrs (_: ok: !ok) checks);
+
+  # As nixpkgs' nginx module writes them: `server <name> <key=value or flag>...;` and the
+  # location's directives after proxy_pass.
+  upstreamParameter = key: value: if lib.isBool value then lib.optionalString value key else "${key}=${toString value}";
+  renderNginx =
+    config:
+    let
+      upstream = upstreamOf config;
+      vhost = config.services.nginx.virtualHosts.immich-ml;
+      location = locationOf config;
+    in
+    ''
+      upstream immich-ml {
+      ${lib.concatStrings (
+        lib.mapAttrsToList (
+          name: server: "server ${name} ${lib.concatStringsSep " " (lib.mapAttrsToList upstreamParameter server)};\n"
+        ) upstream.servers
+      )}
+      ${upstream.extraConfig}
+      }
+      server {
+      ${lib.concatMapStrings (listen: "listen ${listen.addr}:${toString listen.port};\n") vhost.listen}
+      location / {
+      proxy_pass ${location.proxyPass};
+      ${location.extraConfig}
+      }
+      }
+    '';
+  nginxAllowlisted = eval {
+    services.immich-ml.port = 3004;
+    services.immich-ml.balancer = {
+      enable = true;
+      host = "0.0.0.0";
+      port = 3005;
+      allowedClients = [ "192.168.1.10" "fd00::/64" ];
+      backends = [ "[fd00::21]:3003" ];
+    };
+  };
+  nginxConfig = ''
+    http {
+    ${renderNginx balanced}
+    }
+  '';
+  # A second http block is not allowed: the allowlisted variant goes into its own file.
+  nginxAllowlistedConfig = ''
+    http {
+    ${renderNginx nginxAllowlisted}
+    }
+  '';
 in
-if failed == [ ] then
+if output == "nginx" then
+  nginxConfig
+else if output == "nginx-allowlisted" then
+  nginxAllowlistedConfig
+else if failed == [ ] then
   "immich-ml module: all ${toString (lib.length (lib.attrNames checks))} evaluation checks passed"
 else
   throw "immich-ml module: failed checks: ${lib.concatStringsSep ", " failed}"
