@@ -15,7 +15,6 @@ from immich_ml.encoding import vector_string
 from immich_ml.errors import InvalidEntries, ModelLoadFailed
 from immich_ml.inference.batcher import Batcher
 from immich_ml.inference.sessions import OnnxSession
-from immich_ml.models.tasks import ModelType
 from immich_ml.pipelines.base import InferenceModel, Payload, stack
 from immich_ml.pipelines.faces.alignment import ARCFACE_SIZE, ARCFACE_TEMPLATE, align_face
 
@@ -163,9 +162,9 @@ class FaceDetector(InferenceModel):
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> FaceDetections:
         image = self.image_of(payload)
         min_score = _min_score(options)
-        blob, scale = await self.runtime.workers.run(self.preprocess, image)
+        blob, scale = await self.runtime.pool.run(self.preprocess, image)
         outputs = await self.batcher.submit(blob)
-        return await self.runtime.workers.run(decode_detections, outputs, scale, min_score)
+        return await self.runtime.pool.run(decode_detections, outputs, scale, min_score)
 
     def warmup_payload(self) -> Payload:
         return Image.new("RGB", (DETECTION_SIZE, DETECTION_SIZE), (128, 128, 128))
@@ -178,8 +177,6 @@ def face_blob(crop: np.ndarray) -> np.ndarray:
 
 class FaceRecognizer(InferenceModel):
     """ArcFace (w600k_r50, glintr100): a 512-float embedding per detected face, unnormalised like upstream."""
-
-    depends_on = ModelType.DETECTION
 
     def configure(self) -> None:
         self.input_name = self._require_session().input_names[0]
@@ -199,12 +196,11 @@ class FaceRecognizer(InferenceModel):
         self, payload: Payload, options: Mapping[str, Any], dependency: Any = None
     ) -> list[dict[str, Any]]:
         image = self.image_of(payload)
-        if not isinstance(dependency, FaceDetections):
-            raise TypeError(f"{self.key} got {type(dependency)} instead of detections. This is a bug.")
-        if not dependency.scores:
+        faces = self.dependency_of(dependency, FaceDetections)
+        if not faces.scores:
             return []
-        landmarks = np.asarray(dependency.landmarks, dtype=np.float64)
-        crops = await self.runtime.workers.run(self.crops, image, landmarks)
+        landmarks = np.asarray(faces.landmarks, dtype=np.float64)
+        crops = await self.runtime.pool.run(self.crops, image, landmarks)
         embeddings = await self.batcher.submit_many(crops)
         return [
             {
@@ -212,7 +208,7 @@ class FaceRecognizer(InferenceModel):
                 "embedding": vector_string(embedding),
                 "score": score,
             }
-            for box, score, embedding in zip(dependency.boxes, dependency.scores, embeddings, strict=True)
+            for box, score, embedding in zip(faces.boxes, faces.scores, embeddings, strict=True)
         ]
 
     def warmup_payload(self) -> Payload:
