@@ -26,9 +26,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import modelgen
+from tests.conftest import CLIP
 from tests.daemonproc import Daemon, multipart
 
-CLIP = "ViT-B-32__openai"
 BACKEND_ENV = {"MACHINE_LEARNING_PRELOAD__CLIP__TEXTUAL": CLIP, "MACHINE_LEARNING_PING_REQUIRES_READY": "true"}
 CLIENTS = 4
 DEADLINE_S = 20
