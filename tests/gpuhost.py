@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import onnxruntime as ort
 
-from immich_ml.gpu_checks.nvml import load_nvml
-from immich_ml.sessions import CUDA
+from immich_ml.gpu_check.nvml import load_nvml
+from immich_ml.inference.sessions import CUDA
 
 __all__ = ["cuda_missing", "gpu_names"]
 
@@ -33,6 +33,8 @@ def cuda_missing() -> str | None:
     if not names:
         reasons.append(f"no NVIDIA GPU ({why})")
     if CUDA not in ort.get_available_providers():
-        reasons.append(f"onnxruntime {ort.__version__} ({ort.get_device()} build) lacks {CUDA}: "
-                       "install onnxruntime-gpu instead of onnxruntime (docs/gpu.md)")
+        reasons.append(
+            f"onnxruntime {ort.__version__} ({ort.get_device()} build) lacks {CUDA}: "
+            "install onnxruntime-gpu instead of onnxruntime (docs/gpu.md)"
+        )
     return "; ".join(reasons) or None

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from immich_ml.gpu_checks.nvml import NvmlState, compute_processes, load_nvml
-from immich_ml.sessions import SessionFactory
+from immich_ml.gpu_check.nvml import NvmlState, compute_processes, load_nvml
+from immich_ml.inference.sessions import SessionFactory
 from immich_ml.settings import Settings
 
 
@@ -46,10 +46,10 @@ def probe(specs: list[str]) -> dict[str, Any]:
     result: dict[str, Any] = {"providers": [], "errors": []}
     sessions = []
     for index, spec in enumerate(specs):
-        path, shape = spec.rsplit(":", 1)
+        path, dims = spec.rsplit(":", 1)
         session = factory.create(Path(path), cache_key=f"vramprobe/{index}")
         result["providers"].append(session.providers)
-        sessions.append((session, [int(d) for d in shape.split("x")]))
+        sessions.append((session, [int(d) for d in dims.split("x")]))
     for session, shape in sessions:  # all loaded before any runs: the arenas coexist, as in the daemon
         feeds = {session.input_names[0]: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
         try:

@@ -21,7 +21,7 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image, ImageDraw, ImageFont
 
-from immich_ml.sessions import CPU, CUDA, ProviderError, SessionFactory
+from immich_ml.inference.sessions import CPU, CUDA, ProviderError, SessionFactory
 from immich_ml.settings import Provider, Settings
 from tests import modelgen
 from tests.conftest import ClientFactory, predict_form
@@ -31,7 +31,7 @@ MISSING = cuda_missing()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(MISSING is not None, reason=f"needs a GPU: {MISSING}")]
 
 MiB = 1024**2
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RecordProperty = Callable[[str, object], None]
 
 
@@ -59,12 +59,21 @@ def _ocr(cache: Path) -> None:
 
 CLIP_VISUAL = {"clip": {"visual": {"modelName": "ViT-B-32__openai"}}}
 CLIP_TEXTUAL = {"clip": {"textual": {"modelName": "ViT-B-32__openai"}}}
-FACES = {"facial-recognition": {"detection": {"modelName": "buffalo_l", "options": {"minScore": 0.5}},
-                                "recognition": {"modelName": "buffalo_l"}}}
-OCR = {"ocr": {"detection": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": 0.5}},
-               "recognition": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": 0.5}}}}
+FACES = {
+    "facial-recognition": {
+        "detection": {"modelName": "buffalo_l", "options": {"minScore": 0.5}},
+        "recognition": {"modelName": "buffalo_l"},
+    }
+}
+OCR = {
+    "ocr": {
+        "detection": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": 0.5}},
+        "recognition": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": 0.5}},
+    }
+}
 PHOTO = modelgen.jpeg_bytes(modelgen.make_gradient_image(640, 480, seed=5))
-CASES = {  # model type: (writer, entries, image, text)
+Case = tuple[Callable[[Path], None], dict[str, Any], bytes | None, str | None]
+CASES: dict[str, Case] = {  # model type: (writer, entries, image, text)
     "clip-visual": (_clip, CLIP_VISUAL, PHOTO, None),
     "clip-textual": (_clip, CLIP_TEXTUAL, None, "a photo of a dog"),
     "faces": (_faces, FACES, PHOTO, None),
@@ -92,8 +101,9 @@ async def predict(client: Any, entries: dict[str, Any], image: bytes | None, tex
 
 
 @pytest.mark.parametrize("model_type", list(CASES))
-async def test_model_type_runs_on_cuda_and_matches_the_cpu(make_client: ClientFactory, cache: Path,
-                                                           model_type: str) -> None:
+async def test_model_type_runs_on_cuda_and_matches_the_cpu(
+    make_client: ClientFactory, cache: Path, model_type: str
+) -> None:
     write, entries, image, text = CASES[model_type]
     write(cache)
     gpu = await make_client(provider=Provider.CUDA, provider_strict=True)
@@ -127,7 +137,8 @@ def test_strict_mode_refuses_a_real_cpu_fallback(clip_cache: Path) -> None:
     assert lenient.providers[0] == CPU
     with pytest.raises(ProviderError, match="failed to initialise"):
         SessionFactory(Settings.from_env({**env, "MACHINE_LEARNING_PROVIDER_STRICT": "true"})).create(
-            model, cache_key="strict")
+            model, cache_key="strict"
+        )
 
 
 # -- GPU memory, as NVML sees it ---------------------------------------------------------------------------------
@@ -136,22 +147,39 @@ def test_strict_mode_refuses_a_real_cpu_fallback(clip_cache: Path) -> None:
 def write_tile_graph(path: Path, *, width: int, copies: int) -> Path:
     """x[1, width] → Tile to [copies, width] (the big intermediate) → ReduceSum → y[width]."""
     graph = helper.make_graph(
-        [helper.make_node("Tile", ["x", "repeats"], ["tiled"]),
-         helper.make_node("ReduceSum", ["tiled", "axes"], ["y"], keepdims=0)],
-        "tile", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+        [
+            helper.make_node("Tile", ["x", "repeats"], ["tiled"]),
+            helper.make_node("ReduceSum", ["tiled", "axes"], ["y"], keepdims=0),
+        ],
+        "tile",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [width])],
-        initializer=[helper.make_tensor("repeats", TensorProto.INT64, [2], [copies, 1]),
-                     helper.make_tensor("axes", TensorProto.INT64, [1], [0])])
+        initializer=[
+            helper.make_tensor("repeats", TensorProto.INT64, [2], [copies, 1]),
+            helper.make_tensor("axes", TensorProto.INT64, [1], [0]),
+        ],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
 
 
 def vram_probe(*models: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run tests/vramprobe.py in a fresh process on CUDA (strict); its JSON answer plus the bytes it held."""
-    full_env = {**os.environ, "MACHINE_LEARNING_PROVIDER": "cuda", "MACHINE_LEARNING_PROVIDER_STRICT": "true",
-                **(env or {})}
-    done = subprocess.run([sys.executable, "-m", "tests.vramprobe", *models], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    full_env = {
+        **os.environ,
+        "MACHINE_LEARNING_PROVIDER": "cuda",
+        "MACHINE_LEARNING_PROVIDER_STRICT": "true",
+        **(env or {}),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.vramprobe", *models],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     assert "error" not in result, result

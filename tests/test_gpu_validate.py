@@ -1,0 +1,88 @@
+"""scripts/gpu-validate on a host without a GPU (CI): it runs through, says so, and exercises what it can."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from importlib.machinery import SourceFileLoader
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from tests.gpuhost import cuda_missing
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "gpu-validate"
+
+
+def load_script(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The script as a module (its dataclasses look themselves up in sys.modules)."""
+    loader = SourceFileLoader("gpu_validate", str(SCRIPT))
+    spec = importlib.util.spec_from_loader("gpu_validate", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_validate", module)
+    loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(cuda_missing() is None, reason="this host has a GPU and the CUDA build: the no-GPU path")
+def test_quick_run_without_a_gpu_reports_no_gpu_and_exits_0(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "NO GPU found" in done.stdout
+    summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+    assert summary["gpu"] is False and summary["exit_code"] == 0
+
+    tests = summary["steps"]["gpu-tests"]["data"]
+    assert tests["collected"] >= 4 and tests["skipped"] == tests["collected"]
+    for case in tests["cases"]:
+        assert "::test_" in case["test"] and case["outcome"] == "skipped"
+        assert case["message"].startswith("needs a GPU: "), case  # and says what is missing:
+        assert "NVIDIA GPU" in case["message"] or "CUDAExecutionProvider" in case["message"], case
+
+    checks = summary["steps"]["gpu-check"]["data"]["checks"]
+    assert json.loads((out / "gpu-check.json").read_text())["checks"]  # immich-gpu-check's own JSON
+    assert checks["api"]["status"] == "pass", checks["api"]  # /predict answered by the daemon the script started
+    assert checks["driver"]["status"] == "fail" or checks["providers"]["status"] != "pass"
+    assert summary["steps"]["bench"]["status"] == "skipped"
+
+    # What the device tool brings back: at most 8 files, plainly named, no folders.
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names), names
+    assert all((out / n).is_file() for n in names)
+
+
+def test_bench_figures_cover_whatever_variants_bench_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    report = {
+        "ceiling": {"1": {"1": 100.0, "16": 400.0}},
+        "bare_providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        "runs": {
+            "visual": {
+                "16": {
+                    name: {"result": {"per_s": per_s, "p50_ms": 10.0}}
+                    for name, per_s in (("on", 300.0), ("off", 150.0), ("serial", 60.0))
+                }
+            },
+            "gpu_mib": {"on": 900.0},
+        },
+    }
+    figures = load_script(monkeypatch).bench_figures(report)
+    at16 = figures["visual"]["16"]
+    assert figures["bare_ceiling_per_s"] == 400.0
+    assert at16["pct_of_bare_ceiling"] == {"on": 75.0, "off": 37.5, "serial": 15.0}
+    assert at16["ratios"]["on/serial"] == 5.0 and at16["ratios"]["off/on"] == 0.5
+    assert len(at16["ratios"]) == 6
