@@ -154,6 +154,16 @@ class Settings:
     shutdown_timeout_s: float = 30
     watchdog_inference_timeout_s: float = 300
 
+    def max_batch_size(self, task: Task, model_type: ModelType) -> int:
+        """The configured inputs per session run for one model type (MACHINE_LEARNING_MAX_BATCH_SIZE__*)."""
+        if task is Task.CLIP:
+            return self.max_batch_clip
+        if task is Task.OCR:
+            return self.max_batch_ocr
+        if model_type is ModelType.DETECTION:
+            return self.max_batch_face_detection
+        return self.max_batch_face_recognition
+
     def with_overrides(self, **changes: object) -> Settings:
         """A copy with some fields changed (command-line flags win over the environment)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]

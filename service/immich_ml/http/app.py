@@ -16,7 +16,7 @@ from immich_ml.http.metrics import METRICS, GaugeCollector, GpuMemory, Metrics, 
 from immich_ml.http.routes import json_response, routes
 from immich_ml.http.security import allowlist_middleware
 from immich_ml.inference.sessions import SessionFactory
-from immich_ml.inference.threads import Workers
+from immich_ml.inference.threads import ThreadPool
 from immich_ml.models.registry import ModelRegistry
 from immich_ml.models.store import ModelStore
 from immich_ml.models.tasks import ModelKey, clean_name
@@ -73,7 +73,7 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
     runtime = Runtime(
         settings,
         sessions or SessionFactory(settings),
-        Workers(settings.request_threads),
+        ThreadPool(settings.request_threads),
         on_batch=metrics.observe_batch,
     )
 
@@ -81,7 +81,7 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
         registry = ModelRegistry(ModelStore(settings), runtime)
         app[REGISTRY] = registry
         app[PREDICTOR] = Predictor(
-            registry, runtime.workers, max_image_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft
+            registry, runtime.pool, max_image_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft
         )
         background = [
             asyncio.create_task(_preload(app, registry, settings), name="preload"),
@@ -92,7 +92,7 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await registry.close()
-        runtime.workers.shutdown()
+        runtime.pool.shutdown()
 
     app.cleanup_ctx.append(models_context)
     app.add_routes(routes)

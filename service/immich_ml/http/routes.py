@@ -15,6 +15,7 @@ from immich_ml.daemon.lifecycle import stalled_batchers
 from immich_ml.errors import BadRequest, InvalidEntries, PayloadTooLarge, ShuttingDown
 from immich_ml.http.appkeys import PREDICTOR, REGISTRY, SETTINGS, STATE
 from immich_ml.http.metrics import CONTENT_TYPE, METRICS, MODELS, request_models
+from immich_ml.predict.entries import parse_entries
 from immich_ml.predict.predictor import PredictInput
 
 __all__ = ["routes"]
@@ -80,7 +81,7 @@ async def predict(request: web.Request) -> web.Response:
         raise ShuttingDown("Shutting down; send requests to another machine-learning URL")
     started = time.monotonic()
     predict_input = await _read_form(request)
-    request[MODELS] = request_models(predict_input.entries)
+    request[MODELS] = request_models(predict_input.plans)
     with state.track_request():
         result = await request.app[PREDICTOR].predict(predict_input)
     log.debug("predict %s %.1f ms", predict_input.describe(), (time.monotonic() - started) * 1000)
@@ -101,7 +102,8 @@ async def _read_form(request: web.Request) -> PredictInput:
     if "image" not in fields and "text" not in fields:
         raise BadRequest("Either image or text must be provided")
     text = fields["text"].decode("utf-8", errors="replace") if "text" in fields else None
-    return PredictInput(entries=fields["entries"], image=fields.get("image"), text=text)
+    entries = fields["entries"]
+    return PredictInput(entries=entries, plans=parse_entries(entries), image=fields.get("image"), text=text)
 
 
 async def _read_multipart(request: web.Request) -> dict[str, bytes]:

@@ -45,15 +45,6 @@ class OnnxSession:
         self.fixed_batch: int | None = first_dim if isinstance(first_dim, int) else None
         self.metadata: dict[str, str] = session.get_modelmeta().custom_metadata_map
 
-    @property
-    def on_gpu(self) -> bool:
-        """True when the first provider is a GPU one."""
-        return self.providers[0] != CPU
-
-    def input_shape(self, index: int = 0) -> list[int | str | None]:
-        """The declared shape of an input (symbolic dims are strings or None)."""
-        return list(self._session.get_inputs()[index].shape)
-
     def output_shape(self, index: int = 0) -> list[int | str | None]:
         """The declared shape of an output (symbolic dims are strings or None)."""
         return list(self._session.get_outputs()[index].shape)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
-__all__ = ["Workers", "in_background_thread", "lower_thread_priority"]
+__all__ = ["ThreadPool", "in_background_thread", "lower_thread_priority"]
 
 log = logging.getLogger("immich_ml.server")
 
@@ -20,7 +20,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class Workers:
+class ThreadPool:
     """The thread pool for decoding, pre- and post-processing and model loading."""
 
     def __init__(self, threads: int) -> None:

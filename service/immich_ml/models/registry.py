@@ -128,7 +128,7 @@ class ModelRegistry:
             model = await self._load_files(model_class, key)
         except _CorruptModel as error:
             log.warning("failed to load %s (%s); clearing its cache and downloading it again", key, error.__cause__)
-            await self.runtime.workers.run(self.store.remove_type, key)
+            await self.runtime.pool.run(self.store.remove_type, key)
             try:
                 model = await self._load_files(model_class, key)
             except _CorruptModel as error:
@@ -139,10 +139,10 @@ class ModelRegistry:
 
     async def _load_files(self, model_class: type[InferenceModel], key: ModelKey) -> InferenceModel:
         """Find or download the files and create the model; unreadable files raise `_CorruptModel`."""
-        workers = self.runtime.workers
-        model = model_class(key, await workers.run(self.store.ensure, key), self.runtime)
+        pool = self.runtime.pool
+        model = model_class(key, await pool.run(self.store.ensure, key), self.runtime)
         try:
-            await workers.run(model.load)
+            await pool.run(model.load)
         except ProviderError as error:  # a configuration problem: the files are fine, keep them
             raise ModelLoadFailed(f"Failed to load model '{key.name}': {error}") from error
         except ImmichMLError:
