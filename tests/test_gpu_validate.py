@@ -86,3 +86,16 @@ def test_bench_figures_cover_whatever_variants_bench_ran(monkeypatch: pytest.Mon
     assert at16["pct_of_bare_ceiling"] == {"on": 75.0, "off": 37.5, "serial": 15.0}
     assert at16["ratios"]["on/serial"] == 5.0 and at16["ratios"]["off/on"] == 0.5
     assert len(at16["ratios"]) == 6
+
+
+def test_the_carried_folders_are_git_ignored_and_are_the_ones_the_docs_carry() -> None:
+    """Every path docs/gpu.md puts in a device call's `carry` is under scripts/gpu-carry's folder and ignored by
+    git (a carried path must be ignored; otherwise the 244 MiB would also travel with every call)."""
+    carried = set(re.findall(r'"(\.gpu-carry/[^"]+)"', (ROOT / "docs" / "gpu.md").read_text()))
+    assert {".gpu-carry/wheels", ".gpu-carry/data", ".gpu-carry/part-1", ".gpu-carry/part-5"} <= carried
+    assert "CARRY=.gpu-carry\n" in (ROOT / "scripts" / "gpu-carry").read_text()
+    paths = sorted(carried | {".gpu-carry/part-2", ".gpu-carry/part-3", ".gpu-carry/part-4"})
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.split()
+    assert ignored == paths
