@@ -66,19 +66,15 @@ def test_quick_run_without_a_gpu_reports_no_gpu_and_exits_0(tmp_path: Path) -> N
     assert all((out / n).is_file() for n in names)
 
 
+def visual_runs(**per_s: float) -> dict[str, Any]:
+    return {name: {"result": {"per_s": value, "p50_ms": 10.0}} for name, value in per_s.items()}
+
+
 def test_bench_figures_cover_whatever_variants_bench_ran(monkeypatch: pytest.MonkeyPatch) -> None:
     report = {
         "ceiling": {"1": {"1": 100.0, "16": 400.0}},
         "bare_providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-        "runs": {
-            "visual": {
-                "16": {
-                    name: {"result": {"per_s": per_s, "p50_ms": 10.0}}
-                    for name, per_s in (("on", 300.0), ("off", 150.0), ("serial", 60.0))
-                }
-            },
-            "gpu_mib": {"on": 900.0},
-        },
+        "runs": {"visual": {"16": visual_runs(on=300.0, off=150.0, serial=60.0)}, "gpu_mib": {"on": 900.0}},
     }
     figures = load_script(monkeypatch).bench_figures(report)
     at16 = figures["visual"]["16"]
@@ -86,6 +82,21 @@ def test_bench_figures_cover_whatever_variants_bench_ran(monkeypatch: pytest.Mon
     assert at16["pct_of_bare_ceiling"] == {"on": 75.0, "off": 37.5, "serial": 15.0}
     assert at16["ratios"]["on/serial"] == 5.0 and at16["ratios"]["off/on"] == 0.5
     assert len(at16["ratios"]) == 6
+    assert at16["pct_of_in_flight_ceiling"] == {}
+
+
+def test_bench_figures_read_a_ceiling_of_measurement_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ceiling entry as a record (images/s beside CPU ms and thread counts) and a ceiling per client count."""
+    record = {"per_s": 50.0, "cpu_ms_per_image": 900.0, "intra_op_threads": 2}
+    report = {
+        "ceiling": {"1": {"1": {**record, "per_s": 20.0}, "8": record}, "2": {"1": {**record, "per_s": 30.0}}},
+        "in_flight_ceiling": {"8": {"per_s": 40.0, "runs": 1, "batch": 8}},
+        "runs": {"visual": {"8": visual_runs(ours=30.0, upstream=10.0)}},
+    }
+    figures = load_script(monkeypatch).bench_figures(report)
+    assert figures["bare_ceiling_per_s"] == 50.0
+    assert figures["visual"]["8"]["pct_of_in_flight_ceiling"] == {"ours": 75.0, "upstream": 25.0}
+    assert figures["visual"]["8"]["ratios"]["ours/upstream"] == 3.0
 
 
 def test_the_carried_folders_are_git_ignored_and_are_the_ones_the_docs_carry() -> None:
