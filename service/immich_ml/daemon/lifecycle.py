@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from aiohttp import web
 
 from immich_ml.daemon.systemd import Notifier, Reporter
 from immich_ml.http.appkeys import REGISTRY, SETTINGS, STATE
+from immich_ml.log import SYSTEMD_LOG as log
 
 __all__ = ["Lifecycle", "stalled_batchers", "status_line"]
 
-log = logging.getLogger("immich_ml.systemd")
 
 _TICK_S = 1.0  # how often STATUS is refreshed (sent only when it changed)
 

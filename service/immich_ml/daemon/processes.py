@@ -8,7 +8,6 @@ import asyncio
 import ctypes
 import ctypes.util
 import functools
-import logging
 import os
 import signal
 import socket
@@ -20,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from immich_ml.daemon.systemd import Notifier, Reporter
+from immich_ml.log import WORKERS_LOG as log
 from immich_ml.settings import Settings
 
 __all__ = ["inherited_sockets", "is_worker", "run_workers"]
 
-log = logging.getLogger("immich_ml.workers")
 
 INHERITED_FDS = "IMMICH_ML_INHERITED_FDS"
 """Listening sockets a worker process gets from its parent: comma-separated file descriptors."""

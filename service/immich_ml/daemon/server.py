@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import socket
@@ -17,11 +16,10 @@ from immich_ml.daemon.systemd import Notifier, listen_sockets
 from immich_ml.http.app import create_app
 from immich_ml.http.appkeys import STATE
 from immich_ml.http.security import tls_context
+from immich_ml.log import SERVER_LOG as log
 from immich_ml.settings import Settings
 
 __all__ = ["run", "serve"]
-
-log = logging.getLogger("immich_ml.server")
 
 
 def run(settings: Settings) -> int:

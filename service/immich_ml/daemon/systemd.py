@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import time
 from collections.abc import Mapping, MutableMapping
 
+from immich_ml.log import SYSTEMD_LOG as log
+
 __all__ = ["EXTEND_BY_USEC", "EXTEND_EVERY_S", "LISTEN_FDS_START", "Notifier", "Reporter", "listen_sockets"]
 
-log = logging.getLogger("immich_ml.systemd")
 
 LISTEN_FDS_START = 3
 """The first file descriptor systemd passes to a socket-activated service (SD_LISTEN_FDS_START)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -17,6 +16,7 @@ from immich_ml.http.routes import json_response, routes
 from immich_ml.http.security import allowlist_middleware
 from immich_ml.inference.sessions import SessionFactory
 from immich_ml.inference.threads import ThreadPool
+from immich_ml.log import SERVER_LOG as log
 from immich_ml.models.registry import ModelRegistry
 from immich_ml.models.store import ModelStore
 from immich_ml.models.tasks import ModelKey, clean_name
@@ -25,8 +25,6 @@ from immich_ml.predict.predictor import Predictor
 from immich_ml.settings import Settings
 
 __all__ = ["create_app", "preload_keys"]
-
-log = logging.getLogger("immich_ml.server")
 
 
 @web.middleware

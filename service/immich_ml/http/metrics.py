@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -14,6 +13,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from immich_ml.http.appkeys import REGISTRY, STATE
+from immich_ml.log import METRICS_LOG as log
 from immich_ml.predict.entries import TaskPlan
 
 __all__ = [
@@ -27,7 +27,6 @@ __all__ = [
     "request_models",
 ]
 
-log = logging.getLogger("immich_ml.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 
@@ -15,12 +14,12 @@ from immich_ml.daemon.lifecycle import stalled_batchers
 from immich_ml.errors import BadRequest, InvalidEntries, PayloadTooLarge, ShuttingDown
 from immich_ml.http.appkeys import PREDICTOR, REGISTRY, SETTINGS, STATE
 from immich_ml.http.metrics import CONTENT_TYPE, METRICS, MODELS, request_models
+from immich_ml.log import ACCESS_LOG as log
 from immich_ml.predict.entries import parse_entries
 from immich_ml.predict.predictor import PredictInput
 
 __all__ = ["routes"]
 
-log = logging.getLogger("immich_ml.access")
 
 routes = web.RouteTableDef()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -11,11 +10,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from immich_ml.log import MODELS_LOG as log
 from immich_ml.settings import Provider, Settings
 
 __all__ = ["CPU", "CUDA", "TENSORRT", "OnnxSession", "ProviderError", "SessionFactory", "onnxruntime_builds"]
 
-log = logging.getLogger("immich_ml.models")
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

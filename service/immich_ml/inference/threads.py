@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import logging
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
+from immich_ml.log import SERVER_LOG as log
+
 __all__ = ["ThreadPool", "in_background_thread", "lower_thread_priority"]
 
-log = logging.getLogger("immich_ml.server")
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -6,7 +6,6 @@ import asyncio
 import ctypes
 import ctypes.util
 import gc
-import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 
 from immich_ml.errors import ImmichMLError, ModelLoadFailed, UnknownModel
 from immich_ml.inference.sessions import ProviderError
+from immich_ml.log import MODELS_LOG as log
 from immich_ml.models.catalog import is_known
 from immich_ml.models.store import ModelStore
 from immich_ml.models.tasks import ModelKey
@@ -22,7 +22,6 @@ from immich_ml.pipelines.base import Runtime
 
 __all__ = ["ModelRegistry"]
 
-log = logging.getLogger("immich_ml.models")
 
 _FAILURE_MEMORY_S = 60.0
 
