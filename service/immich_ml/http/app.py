@@ -17,9 +17,10 @@ from immich_ml.http.security import allowlist_middleware
 from immich_ml.inference.sessions import SessionFactory
 from immich_ml.inference.threads import ThreadPool
 from immich_ml.log import SERVER_LOG as log
+from immich_ml.models.catalog import clean_name
 from immich_ml.models.registry import ModelRegistry
 from immich_ml.models.store import ModelStore
-from immich_ml.models.tasks import ModelKey, clean_name
+from immich_ml.models.tasks import ModelKey
 from immich_ml.pipelines.base import Runtime
 from immich_ml.predict.predictor import Predictor
 from immich_ml.settings import Settings
