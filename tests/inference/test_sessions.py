@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from immich_ml.errors import ProviderError
 from immich_ml.http.app import create_app
-from immich_ml.inference.sessions import CPU, CUDA, TENSORRT, ProviderError, SessionFactory
+from immich_ml.inference.sessions import CPU, CUDA, TENSORRT, SessionFactory
 from immich_ml.settings import Provider, Settings
 from tests import modelgen
 from tests.conftest import predict_form

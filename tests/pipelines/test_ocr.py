@@ -17,7 +17,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from PIL import Image, ImageDraw, ImageFont
 
-from immich_ml.models.downloads import DownloadFailed, fetch_verified, pinned_file
+from immich_ml.errors import DownloadFailed
+from immich_ml.models.downloads import fetch_verified, pinned_file
 from immich_ml.models.tasks import ModelKey, ModelType, Task
 from immich_ml.pipelines.ocr.boxes import (
     DetectionParams,

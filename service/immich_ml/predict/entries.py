@@ -14,6 +14,8 @@ from immich_ml.models.tasks import TASK_TYPES, ModelKey, ModelType, Task, clean_
 __all__ = ["Entry", "TaskPlan", "parse_entries"]
 
 _INVALID = "Invalid request format."
+_MAX_NAME_BYTES = 200
+"""Longest model name: it becomes a folder name (255 bytes at most on Linux file systems)."""
 
 # Within a task, a model of the second type consumes the output of the first.
 _DEPENDENCIES = {
@@ -91,6 +93,8 @@ def _entry(task: Task, type_name: str, spec: Any) -> Entry:
     options = spec.get("options", {})
     if not isinstance(name, str) or not name.strip() or not isinstance(options, dict):
         raise InvalidEntries(_INVALID)
+    if len(name.encode()) > _MAX_NAME_BYTES or not name.isprintable():
+        raise InvalidEntries(f"{_INVALID} 'modelName' must be printable and at most {_MAX_NAME_BYTES} bytes.")
     key = ModelKey(task, ModelType(type_name), clean_name(name.strip()))
     # Models that share files share one loaded instance (OCR detection is the same for every language).
     return Entry(ModelKey(key.task, key.type, cache_name(key)), options)

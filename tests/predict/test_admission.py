@@ -49,8 +49,11 @@ async def test_concurrent_large_images_beyond_the_pixel_budget_get_503_with_retr
 
 def test_rss_returns_near_its_value_before_a_burst_of_large_images(tmp_path: Path) -> None:
     modelgen.write_clip(tmp_path / "cache", CLIP)
-    daemon = Daemon(tmp_path, tmp_path / "cache", {"MACHINE_LEARNING_PRELOAD__CLIP__VISUAL": CLIP,
-                                                   "MACHINE_LEARNING_REQUEST_THREADS": "4"})
+    daemon = Daemon(
+        tmp_path,
+        tmp_path / "cache",
+        {"MACHINE_LEARNING_PRELOAD__CLIP__VISUAL": CLIP, "MACHINE_LEARNING_REQUEST_THREADS": "4"},
+    )
     try:
         daemon.wait_ready()
         small = modelgen.jpeg_bytes(modelgen.make_gradient_image(64, 48))
@@ -77,8 +80,10 @@ def test_rss_returns_near_its_value_before_a_burst_of_large_images(tmp_path: Pat
         while after - before > RSS_SLACK and time.monotonic() < deadline:  # the heap is returned after the burst
             time.sleep(0.1)
             after = daemon.rss_bytes()
-        print(f"\nRSS before burst {before / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB, "
-              f"after {after / 2**20:.0f} MiB ({statuses.count(200)} × 200, {statuses.count(503)} × 503)")
+        print(
+            f"\nRSS before burst {before / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB, "
+            f"after {after / 2**20:.0f} MiB ({statuses.count(200)} × 200, {statuses.count(503)} × 503)"
+        )
         assert after - before <= RSS_SLACK
     finally:
         assert daemon.stop() == 0, daemon.log()
