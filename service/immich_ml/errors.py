@@ -11,6 +11,7 @@ import errno
 from typing import ClassVar
 
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web import RequestPayloadError
 
 __all__ = [
     "BadImage",
@@ -199,6 +200,10 @@ def translate(error: BaseException) -> ImmichMLError | None:
         return error
     if isinstance(error, HttpProcessingError):
         return BadRequest(f"Malformed request: {error.message or type(error).__name__}")
+    if isinstance(error, RequestPayloadError):  # aiohttp's wrapper around a payload error while streaming
+        cause = error.__cause__
+        reason = cause.message if isinstance(cause, HttpProcessingError) and cause.message else "undecodable"
+        return BadRequest(f"Malformed request body: {reason}")
     if isinstance(error, ConnectionError):
         return ClientDisconnected("Client disconnected")
     if isinstance(error, UnicodeDecodeError):

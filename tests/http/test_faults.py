@@ -206,6 +206,7 @@ async def test_an_unavailable_model_is_logged_once_with_its_path_and_replied_wit
 async def test_a_client_that_disconnects_mid_upload_is_info_and_499(
     make_client: ClientFactory, clip_cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     client = await make_client()
     form = predict_form(VISUAL, image=modelgen.jpeg_bytes(modelgen.make_gradient_image(640, 480)))
     payload = form()

@@ -40,6 +40,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     anything unknown is a 500. Server-side failures are logged once with their reason."""
     try:
         return await handler(request)
+    except asyncio.CancelledError:  # the client left and aiohttp cancelled the handler
+        _log_reply(request, ClientDisconnected("Client disconnected"))
+        raise
     except web.HTTPException as http_error:
         if http_error.status >= 400 and http_error.empty_body is False and http_error.content_type == "text/plain":
             detail = "Not Found" if http_error.status == 404 else http_error.reason
@@ -49,16 +52,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if (error := translate(raised)) is None:
             log.exception("unexpected error while handling %s %s", request.method, request.path)
             return json_response({"detail": "Internal server error"}, status=500)
-        return _reply(request, error)
+        return await _reply(request, error)
 
 
-def _reply(request: web.Request, error: ImmichMLError) -> web.Response:
+async def _reply(request: web.Request, error: ImmichMLError) -> web.Response:
     _log_reply(request, error)
     response = json_response({"detail": error.detail}, status=error.status)
     if error.retry_after_s is not None:
         response.headers["Retry-After"] = str(error.retry_after_s)
-    if error.closes_connection:
+    if error.closes_connection:  # send the reply, then close at once: no lingering read of a stalled body
         response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()
     return response
 
 

@@ -30,9 +30,12 @@ log = logging.getLogger("immich_ml.server")
 FIRST_BYTE = web.RequestKey("first_byte", float)
 """`time.monotonic()` when the request's first byte arrived."""
 
-_RESERVED_FDS = 192
-"""File descriptors kept free beyond the cap: one accept burst (the listen backlog, 128) whose evicted sockets
-close only on the next loop iteration, plus model files, pipes and the journal."""
+_BACKLOG = 128
+"""The listen backlog, which is also how many connections asyncio accepts in one go."""
+_RESERVED_FDS = 3 * _BACKLOG + 64
+"""File descriptors kept free beyond the cap. asyncio accepts a whole backlog before the new connections are
+seen (and can evict), and evicted sockets close one loop iteration later, so up to three backlogs of sockets
+can be open beyond the cap for a moment; 64 more for model files, pipes and the journal."""
 _DEFAULT_CAP = 4096
 
 
@@ -125,6 +128,7 @@ class Connections:
             return False
         victim = min(candidates, key=lambda c: (c.phase is not _Phase.IDLE, c.last_activity))
         self.evicted += 1
+        del self._open[victim.inner]  # closing now: neither counted nor chosen again before it is gone
         victim.close(f"at the connection limit ({self.max_connections}), made room for a new connection")
         self._open[new.inner] = new
         return True
@@ -235,5 +239,5 @@ class TrackedSite(web.SockSite):
         server = self._runner.server
         assert server is not None
         self._server = await asyncio.get_running_loop().create_server(
-            self._connections.protocol_factory(server), sock=self._sock, ssl=self._ssl_context, backlog=self._backlog
+            self._connections.protocol_factory(server), sock=self._sock, ssl=self._ssl_context, backlog=_BACKLOG
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from immich_ml.errors import ImmichMLError
+from immich_ml.errors import ClientDisconnected, ImmichMLError
 from immich_ml.http.appkeys import REGISTRY, STATE
 from immich_ml.predict.entries import parse_entries
 
@@ -124,6 +125,9 @@ class Metrics:
                 return response
             except web.HTTPException as error:
                 status = error.status
+                raise
+            except asyncio.CancelledError:  # cancelled because the client disconnected
+                status = ClientDisconnected.status
                 raise
             finally:
                 self.observe_request(request.get(MODELS, []), status, time.monotonic() - started)
