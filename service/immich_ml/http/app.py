@@ -17,7 +17,8 @@ from immich_ml.http.metrics import METRICS, GaugeCollector, GpuMemory, Metrics, 
 from immich_ml.http.routes import json_response, routes
 from immich_ml.http.security import allowlist_middleware
 from immich_ml.inference.sessions import SessionFactory
-from immich_ml.inference.threads import Workers
+from immich_ml.inference.threads import ThreadPool
+from immich_ml.log import SERVER_LOG as log
 from immich_ml.log import Throttle
 from immich_ml.models.registry import ModelRegistry
 from immich_ml.models.store import ModelStore
@@ -27,8 +28,6 @@ from immich_ml.predict.predictor import Predictor
 from immich_ml.settings import Settings
 
 __all__ = ["create_app", "preload_keys"]
-
-log = logging.getLogger("immich_ml.server")
 
 
 _logged = Throttle()
@@ -114,7 +113,7 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
     runtime = Runtime(
         settings,
         sessions or SessionFactory(settings),
-        Workers(settings.request_threads),
+        ThreadPool(settings.request_threads),
         on_batch=metrics.observe_batch,
     )
 
@@ -123,7 +122,7 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
         app[REGISTRY] = registry
         app[PREDICTOR] = Predictor(
             registry,
-            runtime.workers,
+            runtime.pool,
             max_image_pixels=settings.max_image_pixels,
             max_pixels_in_flight=settings.max_pixels_in_flight,
             jpeg_draft=settings.jpeg_draft,
@@ -137,7 +136,7 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await registry.close()
-        runtime.workers.shutdown()
+        runtime.pool.shutdown()
 
     app.cleanup_ctx.append(models_context)
     app.add_routes(routes)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import logging
 import resource
 import socket
 import ssl
@@ -22,10 +21,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from immich_ml.daemon.state import DaemonState
+from immich_ml.log import SERVER_LOG as log
 
 __all__ = ["FIRST_BYTE", "Connections", "TrackedSite", "default_max_connections", "raise_file_limit"]
 
-log = logging.getLogger("immich_ml.server")
 
 FIRST_BYTE = web.RequestKey("first_byte", float)
 """`time.monotonic()` when the request's first byte arrived."""

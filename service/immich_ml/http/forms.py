@@ -15,6 +15,7 @@ import urllib.parse
 from aiohttp import BodyPartReader, MultipartReader, web
 
 from immich_ml.errors import BadRequest, InvalidEntries, PayloadTooLarge, RequestTimeout
+from immich_ml.predict.entries import parse_entries
 from immich_ml.predict.predictor import PredictInput
 
 __all__ = ["TEXT_LIMIT", "read_form"]
@@ -58,7 +59,8 @@ async def read_form(request: web.Request, *, max_body_size: int, timeout_s: floa
     if "image" not in fields and "text" not in fields:
         raise BadRequest("Either image or text must be provided")
     text = fields["text"].decode("utf-8", errors="replace") if "text" in fields else None
-    return PredictInput(entries=fields["entries"], image=fields.get("image"), text=text)
+    entries = fields["entries"]
+    return PredictInput(entries=entries, plans=parse_entries(entries), image=fields.get("image"), text=text)
 
 
 def _check_charset(charset: str | None) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 
@@ -16,10 +15,10 @@ from immich_ml.http.appkeys import CONNECTIONS, PREDICTOR, REGISTRY, SETTINGS, S
 from immich_ml.http.connections import FIRST_BYTE
 from immich_ml.http.forms import read_form
 from immich_ml.http.metrics import CONTENT_TYPE, METRICS, MODELS, request_models
+from immich_ml.log import ACCESS_LOG as log
 
 __all__ = ["routes"]
 
-log = logging.getLogger("immich_ml.access")
 
 routes = web.RouteTableDef()
 
@@ -80,7 +79,7 @@ async def predict(request: web.Request) -> web.Response:
     started = time.monotonic()
     predict_input = await read_form(request, max_body_size=settings.max_body_size, timeout_s=settings.body_timeout_s)
     request.app[CONNECTIONS].body_read(request)
-    request[MODELS] = request_models(predict_input.entries)
+    request[MODELS] = request_models(predict_input.plans)
     result = await request.app[PREDICTOR].predict(predict_input)
     log.debug("predict %s %.1f ms", predict_input.describe(), (time.monotonic() - started) * 1000)
     return json_response(result)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from immich_ml.errors import CorruptModel, ImmichMLError, ModelLoadFailed, ModelUnavailable, UnknownModel
 from immich_ml.heap import return_heap
+from immich_ml.log import MODELS_LOG as log
 from immich_ml.models.catalog import is_known
 from immich_ml.models.store import ModelStore
 from immich_ml.models.tasks import ModelKey
@@ -21,7 +21,6 @@ from immich_ml.pipelines.base import Runtime
 
 __all__ = ["ModelRegistry"]
 
-log = logging.getLogger("immich_ml.models")
 
 _FAILURE_MEMORY_S = 60.0
 
@@ -149,7 +148,7 @@ class ModelRegistry:
                 ) from None
             log.info("%s: %s is damaged (%s); downloading that file again", key, file, damage.reason)
             try:
-                await self.runtime.workers.run(self.store.repair, key, file)
+                await self.runtime.pool.run(self.store.repair, key, file)
             except ModelUnavailable as error:
                 raise self._failed(key, f"{file} is damaged and downloading it again failed", error) from None
             except OSError as error:  # a read-only or unwritable cache: nothing can be replaced
@@ -168,10 +167,10 @@ class ModelRegistry:
     async def _load_files(self, model_class: type[InferenceModel], key: ModelKey) -> InferenceModel:
         """Find or download the files and create the model. Damage raises `CorruptModel`; any other failure
         (configuration, provider, GPU memory) is a `ModelLoadFailed` that leaves the files alone."""
-        workers = self.runtime.workers
-        model = model_class(key, await workers.run(self.store.ensure, key), self.runtime)
+        pool = self.runtime.pool
+        model = model_class(key, await pool.run(self.store.ensure, key), self.runtime)
         try:
-            await workers.run(model.load)
+            await pool.run(model.load)
         except (CorruptModel, ImmichMLError):
             await model.close()
             raise

@@ -11,19 +11,20 @@ from PIL import Image
 
 from immich_ml.heap import return_heap
 from immich_ml.imaging import decode_image
-from immich_ml.inference.threads import Workers
+from immich_ml.inference.threads import ThreadPool
 from immich_ml.models.registry import ModelRegistry
 from immich_ml.predict.admission import PixelBudget
-from immich_ml.predict.entries import Entry, TaskPlan, parse_entries
+from immich_ml.predict.entries import Entry, TaskPlan
 
 __all__ = ["PredictInput", "Predictor"]
 
 
 @dataclass(frozen=True)
 class PredictInput:
-    """The raw parts of a predict request."""
+    """A predict request as the HTTP edge read it: `entries` parsed once into plans, and the raw input."""
 
     entries: bytes
+    plans: list[TaskPlan]
     image: bytes | None = None
     text: str | None = None
 
@@ -39,14 +40,14 @@ class Predictor:
     def __init__(
         self,
         registry: ModelRegistry,
-        workers: Workers,
+        pool: ThreadPool,
         *,
         max_image_pixels: int,
         max_pixels_in_flight: int,
         jpeg_draft: bool = False,
     ) -> None:
         self.registry = registry
-        self.workers = workers
+        self.pool = pool
         self.max_image_pixels = max_image_pixels
         self.pixels = PixelBudget(max_pixels_in_flight, on_idle=self._return_heap)
         self.jpeg_draft = jpeg_draft
@@ -59,18 +60,18 @@ class Predictor:
             return await self._predict(request, admit)
 
     def _return_heap(self) -> None:
-        task = asyncio.get_running_loop().create_task(self.workers.run(return_heap))
+        task = asyncio.get_running_loop().create_task(self.pool.run(return_heap))
         self._trimming.add(task)
         task.add_done_callback(self._trimming.discard)
 
     async def _predict(self, request: PredictInput, admit: Callable[[int, int], None]) -> dict[str, Any]:
-        plans = parse_entries(request.entries)
+        plans = request.plans
         response: dict[str, Any] = {}
         payload: Image.Image | str
         size = None
         if request.image is not None:
             draft_size = await self._draft_size(plans) if self.jpeg_draft else None
-            payload, size = await self.workers.run(
+            payload, size = await self.pool.run(
                 decode_image, request.image, max_pixels=self.max_image_pixels, draft_size=draft_size, admit=admit
             )
         else:
@@ -92,6 +93,7 @@ class Predictor:
             return model.min_image_side
 
     async def _run_task(self, plan: TaskPlan, payload: Image.Image | str) -> Any:
+        """The first model's output, or the second's, given the first's output (`DEPENDS_ON`)."""
         output = await self._run_model(plan.first, payload, None)
         if plan.second is not None:
             output = await self._run_model(plan.second, payload, output)

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 import string
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from immich_ml.log import MODELS_LOG as log
 from immich_ml.models.files import read_json
 
 __all__ = ["TextTokenizer", "clean_text", "flores_code"]
 
-log = logging.getLogger("immich_ml.models")
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
