@@ -249,7 +249,11 @@ def _upload_start(body_bytes: int) -> bytes:
 def _stalled_upload(port: int, *, body_bytes: int = 500) -> socket.socket:
     """A client that sends the start of a 10 MB image upload, then nothing."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    sock.sendall(_upload_start(body_bytes))
+    try:
+        sock.sendall(_upload_start(body_bytes))
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
