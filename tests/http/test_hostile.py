@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import gzip
+import http.client
 import json
 import os
 import socket
 import time
+import urllib.parse
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +22,13 @@ from hypothesis import strategies as st
 
 from tests import modelgen
 from tests.daemonproc import Daemon, multipart
+from tests.http.test_fuzz import _requests as _multipart_requests
 
 CLIP = "ViT-B-32__openai"
 VISUAL = {"clip": {"visual": {"modelName": CLIP}}}
 PRELOAD = {"MACHINE_LEARNING_PRELOAD__CLIP__VISUAL": CLIP, "MACHINE_LEARNING_PRELOAD__CLIP__TEXTUAL": CLIP}
-RAW_EXAMPLES = int(os.environ.get("IMMICH_ML_FUZZ_EXAMPLES", "60"))
-"""Raw-HTTP fuzz examples; `IMMICH_ML_FUZZ_EXAMPLES=10000` for the long run (scripts/fuzz)."""
+RAW_EXAMPLES = int(os.environ.get("IMMICH_ML_FUZZ_EXAMPLES", "90"))
+"""Fuzz examples (raw HTTP, multipart, urlencoded); `IMMICH_ML_FUZZ_EXAMPLES=10000` for the long run (scripts/fuzz)."""
 
 
 def _image() -> bytes:
@@ -183,8 +186,40 @@ def _raw_requests(draw: st.DrawFn) -> bytes:
     return head + b"Connection: close\r\n\r\n" + body
 
 
-def test_fuzzed_raw_http_is_never_a_server_fault(daemon: Daemon) -> None:
-    statuses: dict[int, int] = {}
+_names = st.sampled_from([CLIP, "", "x" * 300, "é" * 130, "a\x00b", "../../etc", "nope"])
+_charsets = st.sampled_from(["", "utf-8", "latin-1", "x-bogus", "utf-16", "ascii"])
+
+
+@st.composite
+def _urlencoded_requests(draw: st.DrawFn) -> tuple[bytes, str]:
+    """An urlencoded form: entries naming odd models, text with odd bytes and escapes, odd charsets."""
+    task, model_type = draw(st.sampled_from([("clip", "textual"), ("clip", "visual"), ("ocr", "detection")]))
+    entries = json.dumps({task: {model_type: {"modelName": draw(_names)}}}).encode()
+    text = draw(st.binary(max_size=64) | st.sampled_from([b"%ff%fe", b"%zz", b"cat", b"a" * 2000]))
+    body = b"entries=" + urllib.parse.quote_from_bytes(entries).encode() + b"&text=" + text
+    if draw(st.booleans()):
+        body += b"&" + draw(st.binary(max_size=32))
+    charset = draw(_charsets)
+    return body, "application/x-www-form-urlencoded" + (f"; charset={charset}" if charset else "")
+
+
+@st.composite
+def _fuzzed(draw: st.DrawFn) -> tuple[str, bytes, str]:
+    """One of: raw damaged HTTP, a damaged multipart form (as in test_fuzz), an urlencoded form."""
+    kind = draw(st.sampled_from(["raw", "multipart", "urlencoded"]))
+    if kind == "raw":
+        return kind, draw(_raw_requests()), ""
+    body, content_type = draw(_multipart_requests() if kind == "multipart" else _urlencoded_requests())
+    return kind, body, content_type
+
+
+def test_fuzzed_requests_are_never_a_server_fault(daemon: Daemon) -> None:
+    """Raw HTTP on fresh connections, forms on one keep-alive connection: no 5xx but 503, and the daemon serves on.
+
+    `IMMICH_ML_FUZZ_EXAMPLES=10000 scripts/fuzz` is the long run; CI runs a few dozen examples.
+    """
+    statuses: dict[str, dict[int, int]] = {"raw": {}, "multipart": {}, "urlencoded": {}}
+    connection = [daemon.connection()]
 
     @settings(
         max_examples=RAW_EXAMPLES,
@@ -192,14 +227,34 @@ def test_fuzzed_raw_http_is_never_a_server_fault(daemon: Daemon) -> None:
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
-    @given(_raw_requests())
-    def send(data: bytes) -> None:
-        status = status_of(exchange(daemon.port, data, wait_s=0.3))
-        statuses[status] = statuses.get(status, 0) + 1
-        assert_not_a_server_fault(status, data[:200])
+    @given(_fuzzed())
+    def send(request: tuple[str, bytes, str]) -> None:
+        kind, body, content_type = request
+        if kind == "raw":
+            status = status_of(exchange(daemon.port, body, wait_s=0.1))
+        else:
+            try:
+                connection[0].request("POST", "/predict", body=body, headers={"Content-Type": content_type})
+                response = connection[0].getresponse()
+                response.read()
+                status = response.status
+            except (http.client.HTTPException, ConnectionError):
+                status = 0  # the daemon closed a connection whose framing it could not trust
+                connection[0].close()
+                connection[0] = daemon.connection()
+        statuses[kind][status] = statuses[kind].get(status, 0) + 1
+        assert_not_a_server_fault(status, body[:200])
 
-    send()
-    print(f"\nraw HTTP fuzz: {sum(statuses.values())} requests, statuses {dict(sorted(statuses.items()))}")
+    try:
+        send()
+    finally:
+        connection[0].close()
+    total = sum(sum(counts.values()) for counts in statuses.values())
+    faults = sum(n for counts in statuses.values() for status, n in counts.items() if 500 <= status != 503)
+    print(
+        f"\nfuzz: {total} requests, {faults} 5xx other than 503; by kind: "
+        + "; ".join(f"{kind} {dict(sorted(counts.items()))}" for kind, counts in statuses.items())
+    )
     assert daemon.predict(VISUAL, image=_image())[0] == 200
 
 
