@@ -90,10 +90,12 @@ class Daemon:
         env: dict[str, str] | None = None,
         *,
         tls_ca: Path | None = None,
+        port: int = 0,
         file_limit: int | None = None,
     ) -> None:
-        """`file_limit` sets the daemon's RLIMIT_NOFILE, soft and hard (a systemd `LimitNOFILE=`)."""
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        """`port` 0 takes a free one; a fixed one restarts a daemon where a stopped one listened. `file_limit`
+        sets the daemon's RLIMIT_NOFILE, soft and hard (a systemd `LimitNOFILE=`)."""
+        self.listener = socket.create_server(("127.0.0.1", port))
         self.port: int = self.listener.getsockname()[1]
         self.log_path = tmp_path / f"daemon-{self.port}.log"
         self.tls_ca = tls_ca
@@ -106,7 +108,7 @@ class Daemon:
             "NO_COLOR": "1",
         }
         fd = self.listener.fileno()
-        with self.log_path.open("wb") as log:
+        with self.log_path.open("ab") as log:  # a restart on the same port appends
             self.process = subprocess.Popen(
                 [sys.executable, "-c", _ACTIVATE, str(fd)],
                 env=base | (env or {}),

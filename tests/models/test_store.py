@@ -15,11 +15,10 @@ from aiohttp.test_utils import TestServer
 
 from immich_ml.cli import main as cli_main
 from tests import modelgen
-from tests.conftest import ClientFactory, predict_form
+from tests.conftest import VISUAL, ClientFactory, predict_form
 from tests.fakehub import FakeHub
 
-VISUAL = '{"clip":{"visual":{"modelName":"ViT-B-32__openai"}}}'
-TEXTUAL = '{"clip":{"textual":{"modelName":"immich-app/ViT-B-32__openai"}}}'
+TEXTUAL_WITH_ORGANIZATION = '{"clip":{"textual":{"modelName":"immich-app/ViT-B-32__openai"}}}'
 
 
 @pytest.fixture
@@ -115,7 +114,7 @@ async def test_operator_placed_files_are_used_without_the_hub(
     make_client: ClientFactory, clip_cache: Path, jpeg: bytes
 ) -> None:
     client = await make_client(hf_endpoint="http://127.0.0.1:9", hf_offline=True)
-    async with client.post("/predict", data=predict_form(TEXTUAL, text="forest")) as resp:
+    async with client.post("/predict", data=predict_form(TEXTUAL_WITH_ORGANIZATION, text="forest")) as resp:
         assert resp.status == 200
 
 

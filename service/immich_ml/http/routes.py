@@ -1,4 +1,4 @@
-"""HTTP handlers: turn requests into calls on the predictor and results into Immich's JSON shapes."""
+"""HTTP handlers: read the form, parse `entries` once, call the predictor, answer in Immich's JSON shapes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from immich_ml.errors import ShuttingDown
 from immich_ml.http.appkeys import CONNECTIONS, PREDICTOR, REGISTRY, SETTINGS, STATE
 from immich_ml.http.connections import FIRST_BYTE
 from immich_ml.http.forms import read_form
-from immich_ml.http.metrics import CONTENT_TYPE, METRICS, MODELS, request_models
+from immich_ml.http.metrics import CONTENT_TYPE, METRICS, PLANS
 from immich_ml.log import ACCESS_LOG as log
 
 __all__ = ["routes"]
@@ -79,7 +79,7 @@ async def predict(request: web.Request) -> web.Response:
     started = time.monotonic()
     predict_input = await read_form(request, max_body_size=settings.max_body_size, timeout_s=settings.body_timeout_s)
     request.app[CONNECTIONS].body_read(request)
-    request[MODELS] = request_models(predict_input.plans)
+    request[PLANS] = predict_input.plans
     result = await request.app[PREDICTOR].predict(predict_input)
     log.debug("predict %s %.1f ms", predict_input.describe(), (time.monotonic() - started) * 1000)
     return json_response(result)

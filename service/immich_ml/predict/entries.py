@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 
 from immich_ml.errors import DependencyMissing, InvalidEntries
-from immich_ml.models.catalog import cache_name
-from immich_ml.models.tasks import DEPENDS_ON, TASK_TYPES, ModelKey, ModelType, Task, clean_name
+from immich_ml.models.catalog import served_key
+from immich_ml.models.tasks import DEPENDS_ON, TASK_TYPES, ModelKey, ModelType, Task
 
 __all__ = ["Entry", "TaskPlan", "parse_entries"]
 
@@ -90,6 +90,4 @@ def _entry(task: Task, type_name: str, spec: Any) -> Entry:
         raise InvalidEntries(_INVALID)
     if len(name.encode()) > _MAX_NAME_BYTES or not name.isprintable():
         raise InvalidEntries(f"{_INVALID} 'modelName' must be printable and at most {_MAX_NAME_BYTES} bytes.")
-    key = ModelKey(task, ModelType(type_name), clean_name(name.strip()))
-    # Models that share files share one loaded instance (OCR detection is the same for every language).
-    return Entry(ModelKey(key.task, key.type, cache_name(key)), options)
+    return Entry(served_key(task, ModelType(type_name), name.strip()), options)
