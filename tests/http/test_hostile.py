@@ -323,6 +323,14 @@ def _seconds_until_closed(sock: socket.socket, limit_s: float) -> tuple[float, b
     return time.monotonic() - started, received
 
 
+def _sample(exposition: str, name: str) -> float:
+    """One sample's value from a Prometheus text exposition."""
+    for line in exposition.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {name} in {exposition}")
+
+
 def test_stalled_header_and_body_are_closed_within_their_deadlines(tmp_path: Path) -> None:
     daemon = Daemon(
         tmp_path,
@@ -344,6 +352,8 @@ def test_stalled_header_and_body_are_closed_within_their_deadlines(tmp_path: Pat
         )
         assert body_s < 4 and status_of(body_reply) == 408, body_reply[:200]
         assert header_s < 4 and silent_s < 4
+        exposition = daemon.request("GET", "/metrics")[1].decode()
+        assert _sample(exposition, 'immich_ml_connections_dropped{reason="header_timeout"}') == 2
         assert daemon.request("GET", "/ping") == (200, b"pong")
     finally:
         assert daemon.stop() == 0, daemon.log()
@@ -375,6 +385,9 @@ def test_more_stalled_clients_than_file_descriptors_leave_ping_answering(tmp_pat
             f"max {max(latencies) * 1000:.0f} ms over {len(latencies)}"
         )
         assert max(latencies) < 1
+        exposition = daemon.request("GET", "/metrics")[1].decode()
+        assert _sample(exposition, 'immich_ml_connections_dropped{reason="connection_cap"}') > 0
+        assert _sample(exposition, "immich_ml_connections_open") <= 1024 - 448
     finally:
         for sock in stalled:
             sock.close()

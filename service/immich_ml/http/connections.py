@@ -191,6 +191,7 @@ class _Tracked(asyncio.Protocol):
         return self.first_byte
 
     def request_done(self) -> None:
+        """The request was answered; the connection waits for the next one (keep-alive)."""
         self.phase = _Phase.IDLE
 
     def close(self, reason: str) -> None:
