@@ -27,7 +27,7 @@ from tests.http.test_fuzz import _requests as _multipart_requests
 CLIP = "ViT-B-32__openai"
 VISUAL = {"clip": {"visual": {"modelName": CLIP}}}
 PRELOAD = {"MACHINE_LEARNING_PRELOAD__CLIP__VISUAL": CLIP, "MACHINE_LEARNING_PRELOAD__CLIP__TEXTUAL": CLIP}
-RAW_EXAMPLES = int(os.environ.get("IMMICH_ML_FUZZ_EXAMPLES", "90"))
+FUZZ_EXAMPLES = int(os.environ.get("IMMICH_ML_FUZZ_EXAMPLES", "90"))
 """Fuzz examples (raw HTTP, multipart, urlencoded); `IMMICH_ML_FUZZ_EXAMPLES=10000` for the long run (scripts/fuzz)."""
 
 
@@ -222,7 +222,7 @@ def test_fuzzed_requests_are_never_a_server_fault(daemon: Daemon) -> None:
     connection = [daemon.connection()]
 
     @settings(
-        max_examples=RAW_EXAMPLES,
+        max_examples=FUZZ_EXAMPLES,
         deadline=None,
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
