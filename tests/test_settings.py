@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from immich_ml.errors import ConfigError
 from immich_ml.models.tasks import ModelType, Task
-from immich_ml.settings import ConfigError, Preprocessing, Provider, Settings, parse_size
+from immich_ml.settings import Preprocessing, Provider, Settings, parse_size
 
 
 def test_defaults_are_upstreams_except_the_bind_address() -> None:
@@ -129,6 +130,26 @@ def test_parse_size(text: str, size: int) -> None:
 def test_command_line_flags_override_the_environment(tmp_path: Path) -> None:
     settings = Settings.from_env({"IMMICH_PORT": "3004"}).with_overrides(port=4000, host=None)
     assert (settings.host, settings.port) == ("127.0.0.1", 4000)
+
+
+def test_settings_built_from_plain_strings_get_typed_values(tmp_path: Path) -> None:
+    settings = Settings(provider="cpu", preprocessing="latest", cache_folder=str(tmp_path))  # type: ignore[arg-type]
+    assert settings.provider is Provider.CPU and not settings.uses_gpu  # `is` takes the right branch
+    assert settings.preprocessing is Preprocessing.LATEST
+    assert settings.cache_folder == tmp_path and isinstance(settings.cache_folder, Path)
+    assert settings.with_overrides(provider="cuda").provider is Provider.CUDA
+    preload = Settings(preload={("ocr", "detection"): ["PP-OCRv5_mobile"]}).preload  # type: ignore[dict-item]
+    assert preload == {(Task.OCR, ModelType.DETECTION): ("PP-OCRv5_mobile",)}
+    assert all(type(task) is Task and type(kind) is ModelType for task, kind in preload)
+
+
+def test_settings_built_from_a_value_that_does_not_convert_are_refused() -> None:
+    with pytest.raises(ConfigError, match="preprocessing='newest'"):
+        Settings(preprocessing="newest")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="preload"):
+        Settings(preload={("ocr", "visual"): ("PP-OCRv5_mobile",)})  # type: ignore[dict-item]
+    with pytest.raises(ConfigError, match="preload="):
+        Settings(preload={("faces", "detection"): ("buffalo_l",)})  # type: ignore[dict-item]
 
 
 def test_thread_and_memory_settings() -> None:

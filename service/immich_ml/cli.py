@@ -8,12 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from immich_ml import __version__
-from immich_ml.errors import ImmichMLError
+from immich_ml.errors import ConfigError, ImmichMLError
 from immich_ml.log import setup_logging
-from immich_ml.models.catalog import task_of
+from immich_ml.models.catalog import clean_name, task_of
 from immich_ml.models.store import ModelStore
-from immich_ml.models.tasks import TASK_TYPES, ModelKey, ModelType, Task, clean_name
-from immich_ml.settings import ConfigError, Settings
+from immich_ml.models.tasks import TASK_TYPES, ModelKey, ModelType, Task
+from immich_ml.settings import Settings
 
 __all__ = ["main"]
 

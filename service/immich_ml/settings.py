@@ -9,19 +9,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from immich_ml.errors import ConfigError
 from immich_ml.models.tasks import TASK_TYPES, ModelType, Task
 
-__all__ = ["ConfigError", "Preprocessing", "Provider", "Settings", "parse_size"]
+__all__ = ["Preprocessing", "Provider", "Settings", "parse_size"]
 
 T = TypeVar("T")
 
 _PREFIX = "MACHINE_LEARNING_"
-
-
-class ConfigError(ValueError):
-    """A configuration value is malformed; the message names the variable."""
 
 
 class Provider(StrEnum):
@@ -73,7 +70,23 @@ def _parse_ints(text: str) -> tuple[int, ...]:
 
 
 def _parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
+    return tuple(
+        _ipv4_if_mapped(ipaddress.ip_network(part.strip(), strict=False)) for part in text.split(",") if part.strip()
+    )
+
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _ipv4_if_mapped(
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """`::ffff:192.0.2.0/120` as `192.0.2.0/24`: peers are compared in IPv4 form (see http.security)."""
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96 and network.subnet_of(_MAPPED):
+        mapped = network.network_address.ipv4_mapped
+        assert mapped is not None
+        return ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - 96}")
+    return network
 
 
 _LOG_LEVELS = {
@@ -120,6 +133,9 @@ class Settings:
     device_ids: tuple[int, ...] = (0,)
     device_id: int = 0
     keepalive_s: float = 10
+    header_timeout_s: float = 10
+    body_timeout_s: float = 60
+    max_connections: int = 0
     max_batch_face_recognition: int = 4
     max_batch_ocr: int = 6
     max_batch_clip: int = 16
@@ -148,12 +164,34 @@ class Settings:
     hf_offline: bool = False
     max_body_size: int = 128 * 1024**2
     max_image_pixels: int = 100_000_000
+    max_pixels_in_flight: int = 200_000_000
+    max_ocr_resolution: int = 4096
     allowed_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     tls_cert: Path | None = None
     tls_key: Path | None = None
     ping_requires_ready: bool = False
     shutdown_timeout_s: float = 30
     watchdog_inference_timeout_s: float = 300
+
+    def __post_init__(self) -> None:
+        """Plain values become the fields' types, so `Settings(provider="cpu").provider is Provider.CPU`
+        (an `is` comparison can never silently take the other branch), and `preload` keys become
+        (Task, ModelType); a value that does not convert raises `ConfigError`."""
+        for name, kind in _CONVERTED_FIELDS.items():
+            value = getattr(self, name)
+            if value is None or isinstance(value, kind):
+                continue
+            try:
+                object.__setattr__(self, name, kind(value))
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"{name}={value!r}: {error}") from None
+        try:
+            preload = {(Task(task), ModelType(kind)): tuple(names) for (task, kind), names in self.preload.items()}
+        except ValueError as error:
+            raise ConfigError(f"preload={dict(self.preload)!r}: {error}") from None
+        if wrong := [f"{task}/{kind}" for task, kind in preload if kind not in TASK_TYPES[task]]:
+            raise ConfigError(f"preload: no model type {', '.join(wrong)}")
+        object.__setattr__(self, "preload", preload)
 
     def max_batch_size(self, task: Task, model_type: ModelType) -> int:
         """The configured inputs per session run for one model type (MACHINE_LEARNING_MAX_BATCH_SIZE__*)."""
@@ -195,6 +233,9 @@ class Settings:
         put("device_ids", _PREFIX + "DEVICE_IDS", _parse_ints)
         put("device_id", _PREFIX + "DEVICE_ID", _non_negative)
         put("keepalive_s", _PREFIX + "HTTP_KEEPALIVE_TIMEOUT_S", float)
+        put("header_timeout_s", _PREFIX + "HEADER_TIMEOUT_S", _positive_float)
+        put("body_timeout_s", _PREFIX + "BODY_TIMEOUT_S", _positive_float)
+        put("max_connections", _PREFIX + "MAX_CONNECTIONS", _non_negative)
         put("max_batch_face_recognition", _PREFIX + "MAX_BATCH_SIZE__FACIAL_RECOGNITION", _positive)
         put("max_batch_ocr", _PREFIX + "MAX_BATCH_SIZE__TEXT_RECOGNITION", _positive)
         put("max_batch_ocr", _PREFIX + "MAX_BATCH_SIZE__OCR", _positive)
@@ -226,6 +267,8 @@ class Settings:
         put("hf_offline", "HF_HUB_OFFLINE", _parse_bool)
         put("max_body_size", _PREFIX + "MAX_BODY_SIZE", parse_size)
         put("max_image_pixels", _PREFIX + "MAX_IMAGE_PIXELS", _positive)
+        put("max_pixels_in_flight", _PREFIX + "MAX_PIXELS_IN_FLIGHT", _positive)
+        put("max_ocr_resolution", _PREFIX + "MAX_OCR_RESOLUTION", _positive)
         put("allowed_clients", _PREFIX + "ALLOWED_CLIENTS", _parse_networks)
         put("tls_cert", _PREFIX + "TLS_CERT", Path)
         put("tls_key", _PREFIX + "TLS_KEY", Path)
@@ -256,6 +299,11 @@ class Settings:
             )
         if not self.device_ids:
             raise ConfigError(f"{_PREFIX}DEVICE_IDS: needs at least one device id")
+        if self.max_pixels_in_flight < self.max_image_pixels:
+            raise ConfigError(
+                f"{_PREFIX}MAX_PIXELS_IN_FLIGHT ({self.max_pixels_in_flight}) must be at least "
+                f"{_PREFIX}MAX_IMAGE_PIXELS ({self.max_image_pixels}), or the largest allowed image never fits"
+            )
 
     @property
     def uses_gpu(self) -> bool:
@@ -267,6 +315,16 @@ class Settings:
         """Where TensorRT engines and timing caches live."""
         return self.tensorrt_cache_path or self.cache_folder / "tensorrt"
 
+
+_CONVERTED_FIELDS: dict[str, type[Any]] = {
+    "provider": Provider,
+    "preprocessing": Preprocessing,
+    "cache_folder": Path,
+    "tensorrt_cache_path": Path,
+    "tls_cert": Path,
+    "tls_key": Path,
+}
+"""Fields that `Settings.__post_init__` converts from plain values (strings) to their types."""
 
 _PRELOADABLE = [(task, model_type) for task, types in TASK_TYPES.items() for model_type in types]
 
@@ -298,6 +356,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError("must be 1 or more")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be more than 0")
     return value
 
 

@@ -8,11 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from immich_ml.http.appkeys import STATE
 from tests import modelgen
-from tests.conftest import ClientFactory, predict_form
-
-CLIP = "ViT-B-32__openai"
-VISUAL = f'{{"clip": {{"visual": {{"modelName": "{CLIP}"}}}}}}'
-TEXTUAL = f'{{"clip": {{"textual": {{"modelName": "{CLIP}"}}}}}}'
+from tests.conftest import CLIP, TEXTUAL, VISUAL, ClientFactory, predict_form
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -65,7 +61,7 @@ async def test_ready_gauge_follows_preload(make_client: ClientFactory, clip_cach
     client = await make_client(preload={})
     await client.app[STATE].ready_event.wait()
     assert (await _scrape(client))[("immich_ml_ready", ())] == 1
-    client.app[STATE].draining = True
+    client.app[STATE].start_draining()
     assert (await _scrape(client))[("immich_ml_ready", ())] == 0
 
 

@@ -16,14 +16,14 @@ from PIL import Image
 
 from immich_ml.http.appkeys import REGISTRY
 from immich_ml.inference.sessions import SessionFactory
-from immich_ml.inference.threads import Workers
+from immich_ml.inference.threads import ThreadPool
 from immich_ml.models.tasks import ModelKey, ModelType, Task
 from immich_ml.pipelines.base import InferenceModel, Runtime
 from immich_ml.pipelines.faces.alignment import similarity_transform
 from immich_ml.pipelines.faces.model import FaceDetector, FaceRecognizer
 from immich_ml.settings import Settings
 from tests import modelgen
-from tests.conftest import ClientFactory, predict_form
+from tests.conftest import ClientFactory, predict_form, predict_ok
 from tests.facemodels import write_batched_scrfd
 from tests.modelgen import Face
 
@@ -54,9 +54,7 @@ def image_png(width: int, height: int, seed: int = 3) -> bytes:
 
 
 async def post(client: TestClient[Any, Any], body: str, image: bytes) -> dict[str, Any]:
-    async with client.post("/predict", data=predict_form(body, image=image)) as resp:
-        assert resp.status == 200, await resp.text()
-        return await resp.json()  # type: ignore[no-any-return]
+    return await predict_ok(client, body, image=image)  # type: ignore[no-any-return]
 
 
 def loaded(client: TestClient[Any, Any], key: ModelKey) -> InferenceModel:
@@ -145,7 +143,7 @@ async def test_detection_batches_across_requests_only_when_the_graph_has_a_batch
 async def test_a_batched_detector_splits_one_run_into_per_image_outputs(cache: Path) -> None:
     write_batched_scrfd(cache, "buffalo_m", [FACE_A])
     settings = Settings(cache_folder=cache)
-    runtime = Runtime(settings, SessionFactory(settings), Workers(1))
+    runtime = Runtime(settings, SessionFactory(settings), ThreadPool(1))
     key = ModelKey(Task.FACIAL_RECOGNITION, ModelType.DETECTION, "buffalo_m")
     detector = FaceDetector(key, cache / "facial-recognition" / "buffalo_m" / "detection", runtime)
     detector.load()
@@ -154,7 +152,7 @@ async def test_a_batched_detector_splits_one_run_into_per_image_outputs(cache: P
         outputs = await detector.batcher.submit_many([blob, blob])
     finally:
         await detector.close()
-        runtime.workers.shutdown()
+        runtime.pool.shutdown()
     assert detector.batched and detector.batcher.snapshot().batches == 1
     shapes = [(rows, k) for k in (1, 4, 10) for rows in (12800, 3200, 800)]
     assert [[output.shape for output in per_image] for per_image in outputs] == [shapes, shapes]
@@ -234,7 +232,9 @@ async def test_five_faces_with_max_batch_two_run_as_two_two_one(make_client: Cli
 async def test_recognition_warms_up_without_a_detector(face_cache: Path) -> None:
     settings = Settings(cache_folder=face_cache)
     sizes: list[int] = []
-    runtime = Runtime(settings, SessionFactory(settings), Workers(1), on_batch=lambda _, size, __: sizes.append(size))
+    runtime = Runtime(
+        settings, SessionFactory(settings), ThreadPool(1), on_batch=lambda _, size, __: sizes.append(size)
+    )
     model_dir = face_cache / "facial-recognition" / "buffalo_l" / "recognition"
     recognizer = FaceRecognizer(RECOGNITION, model_dir, runtime)
     recognizer.load()
@@ -242,7 +242,7 @@ async def test_recognition_warms_up_without_a_detector(face_cache: Path) -> None
         await recognizer.warmup()
     finally:
         await recognizer.close()
-        runtime.workers.shutdown()
+        runtime.pool.shutdown()
     assert sizes == [1]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,28 +13,27 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from immich_ml.errors import ImmichMLError
-from immich_ml.http.appkeys import REGISTRY, STATE
+from immich_ml.errors import ClientDisconnected
+from immich_ml.http.appkeys import CONNECTIONS, REGISTRY, STATE
+from immich_ml.log import METRICS_LOG as log
 from immich_ml.models.memory import peak_resident_bytes, resident_bytes
-from immich_ml.predict.entries import parse_entries
+from immich_ml.predict.entries import TaskPlan
 
 __all__ = [
     "CONTENT_TYPE",
     "METRICS",
-    "MODELS",
+    "PLANS",
     "GaugeCollector",
     "GpuMemory",
     "Metrics",
     "daemon_gauges",
-    "request_models",
 ]
 
-log = logging.getLogger("immich_ml.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-MODELS = web.RequestKey("models", list[tuple[str, str]])
-"""The (task, model) pairs a predict request asked for, set by the handler for the metrics middleware."""
+PLANS = web.RequestKey("plans", list[TaskPlan])
+"""A predict request's parsed entries, set by the handler; the metrics middleware labels the request by them."""
 
 Gauges = Iterator[tuple[str, str, list[str], list[tuple[list[str], float]]]]
 """Gauge families computed at scrape time: (name, help, label names, [(label values, value)])."""
@@ -43,12 +42,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-def request_models(entries: bytes) -> list[tuple[str, str]]:
-    """The (task, "name/type") pairs of a request's `entries`, for labels; empty if they do not parse."""
-    try:
-        plans = parse_entries(entries)
-    except ImmichMLError:
-        return []
+def _request_models(plans: list[TaskPlan]) -> list[tuple[str, str]]:
+    """The (task, "name/type") pairs of a request's plans, for labels."""
     return [
         (str(plan.task), f"{entry.key.name}/{entry.key.type}")
         for plan in plans
@@ -126,8 +121,11 @@ class Metrics:
             except web.HTTPException as error:
                 status = error.status
                 raise
+            except asyncio.CancelledError:  # cancelled because the client disconnected
+                status = ClientDisconnected.status
+                raise
             finally:
-                self.observe_request(request.get(MODELS, []), status, time.monotonic() - started)
+                self.observe_request(_request_models(request.get(PLANS, [])), status, time.monotonic() - started)
 
         return middleware
 
@@ -141,13 +139,26 @@ def daemon_gauges(app: web.Application) -> Gauges:
         [],
         [([], float(state.ready and not state.draining))],
     )
-    yield "immich_ml_requests_in_flight", "Predict requests being handled", [], [([], float(state.in_flight))]
+    yield (
+        "immich_ml_requests_in_flight",
+        "Predict requests being received or handled, and requests whose headers are arriving",
+        [],
+        [([], float(state.in_flight))],
+    )
     yield "immich_ml_resident_bytes", "Memory the process holds in RAM (VmRSS)", [], [([], float(resident_bytes()))]
     yield (
         "immich_ml_peak_resident_bytes",
         "The most memory the process has held in RAM at once (VmHWM)",
         [],
         [([], float(peak_resident_bytes()))],
+    )
+    connections = app[CONNECTIONS]
+    yield "immich_ml_connections_open", "Client connections open now", [], [([], float(len(connections)))]
+    yield (
+        "immich_ml_connections_dropped",
+        "Connections closed by the daemon since start: at the connection cap, or without headers in time",
+        ["reason"],
+        [(["connection_cap"], float(connections.evicted)), (["header_timeout"], float(connections.timed_out))],
     )
     if (registry := app.get(REGISTRY)) is None:
         return

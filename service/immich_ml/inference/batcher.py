@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -13,13 +12,12 @@ from typing import Generic, TypeVar
 
 from immich_ml.errors import Overloaded, ShuttingDown
 from immich_ml.inference.threads import lower_thread_priority
+from immich_ml.log import BATCHER_LOG as log
 
 __all__ = ["Batcher", "BatcherSnapshot"]
 
 In = TypeVar("In")
 Out = TypeVar("Out")
-
-log = logging.getLogger("immich_ml.batcher")
 
 
 @dataclass

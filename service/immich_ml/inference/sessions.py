@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -11,11 +10,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from immich_ml.errors import ProviderError
+from immich_ml.log import MODELS_LOG as log
+from immich_ml.models.files import onnx_damage
 from immich_ml.settings import Provider, Settings
 
-__all__ = ["CPU", "CUDA", "TENSORRT", "OnnxSession", "ProviderError", "SessionFactory", "onnxruntime_builds"]
+__all__ = ["CPU", "CUDA", "TENSORRT", "OnnxSession", "SessionFactory", "onnxruntime_builds"]
 
-log = logging.getLogger("immich_ml.models")
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -27,10 +28,6 @@ _WANTED: dict[Provider, tuple[str, ...]] = {
     Provider.CUDA: (CUDA, CPU),
     Provider.TENSORRT: (TENSORRT, CUDA, CPU),
 }
-
-
-class ProviderError(RuntimeError):
-    """A GPU provider was required (strict mode) but the session would run on the CPU."""
 
 
 class OnnxSession:
@@ -113,14 +110,15 @@ class SessionFactory:
         """
         wanted = self.wanted_providers()
         options = [self._provider_options(p, cache_key) for p in wanted]
-        session = OnnxSession(
-            ort.InferenceSession(
-                str(model_path),
-                sess_options=self._session_options(wanted, split_between),
-                providers=wanted,
-                provider_options=options,
+        with onnx_damage(model_path):
+            session = OnnxSession(
+                ort.InferenceSession(
+                    str(model_path),
+                    sess_options=self._session_options(wanted, split_between),
+                    providers=wanted,
+                    provider_options=options,
+                )
             )
-        )
         used_gpu = session.providers[0] != CPU
         if wanted[0] != CPU and not used_gpu:
             message = (

@@ -9,26 +9,24 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import logging
 import os
 import tempfile
 import urllib.request
 from pathlib import Path
 
-from immich_ml.errors import ModelUnavailable
+from immich_ml.errors import DownloadFailed, HashMismatch, ModelUnavailable
+from immich_ml.log import MODELS_LOG as log
 from immich_ml.models.catalog import ocr_language
 from immich_ml.models.tasks import ModelKey, ModelType
 
 __all__ = [
     "DEFAULT_BASE_URL",
-    "DownloadFailed",
     "PinnedFile",
     "download_ocr_model",
     "fetch_verified",
     "pinned_file",
 ]
 
-log = logging.getLogger("immich_ml.models")
 
 DEFAULT_BASE_URL = "https://www.modelscope.cn/models/RapidAI/RapidOCR/resolve/v3.4.0"
 
@@ -116,14 +114,6 @@ def download_ocr_model(key: ModelKey, model_dir: Path, *, base_url: str | None =
         ) from error
 
 
-class DownloadFailed(Exception):
-    """Every attempt to fetch a pinned file failed (network error or wrong bytes)."""
-
-
-class _HashMismatch(Exception):
-    """The downloaded bytes are not the pinned file."""
-
-
 def fetch_verified(url: str, expected_sha256: str, target: Path) -> None:
     """Download `url` to `target`, which appears only if the bytes hash to `expected_sha256`. Blocking.
 
@@ -136,7 +126,7 @@ def fetch_verified(url: str, expected_sha256: str, target: Path) -> None:
             _fetch_once(url, expected_sha256, target)
             return
         # urllib raises OSErrors; a connection closed mid-body raises http.client.IncompleteRead.
-        except (OSError, http.client.HTTPException, _HashMismatch) as error:
+        except (OSError, http.client.HTTPException, HashMismatch) as error:
             failure = str(error) or type(error).__name__
             log.warning("download %d/%d of %s failed: %s", attempt, _ATTEMPTS, url, failure)
     raise DownloadFailed(f"{url} (expected SHA-256 {expected_sha256}) failed {_ATTEMPTS} times; last: {failure}")
@@ -152,7 +142,7 @@ def _fetch_once(url: str, expected: str, target: Path) -> None:
                 digest.update(chunk)
                 out.write(chunk)
         if digest.hexdigest() != expected:
-            raise _HashMismatch(f"SHA-256 {digest.hexdigest()} does not match the pinned {expected}")
+            raise HashMismatch(f"SHA-256 {digest.hexdigest()} does not match the pinned {expected}")
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 from pathlib import Path
+
+from immich_ml.heap import return_heap
 
 __all__ = ["peak_resident_bytes", "resident_bytes", "return_freed_memory"]
 
@@ -35,13 +35,10 @@ def peak_resident_bytes() -> int:
 
 
 def return_freed_memory() -> None:
-    """Give freed heap pages back to the OS (glibc's `malloc_trim`).
+    """Collect garbage, then give freed heap pages back to the OS (`immich_ml.heap`). Blocking.
 
     ONNX Runtime frees a model's parsed file and the unpacked copies of pre-packed weights once a session is
     built, and a model's arrays when it is unloaded; glibc keeps such freed pages mapped until told otherwise.
     """
     gc.collect()
-    if (libc_name := ctypes.util.find_library("c")) is not None:
-        libc = ctypes.CDLL(libc_name)
-        if hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
+    return_heap()

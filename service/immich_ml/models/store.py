@@ -13,7 +13,6 @@ file that looks complete.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import shutil
 import tarfile
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from immich_ml.errors import ModelUnavailable
+from immich_ml.log import MODELS_LOG as log
 from immich_ml.models.catalog import cache_name
 from immich_ml.models.downloads import download_ocr_model
 from immich_ml.models.tasks import ModelKey, ModelType, Task
@@ -30,7 +30,6 @@ from immich_ml.settings import Settings
 
 __all__ = ["CachedModel", "Downloader", "ModelStore"]
 
-log = logging.getLogger("immich_ml.models")
 
 Downloader = Callable[[ModelKey, Path], None]
 """Fetches one model's files into its model directory (`<cache>/<task>/<name>/<type>`)."""
@@ -70,31 +69,45 @@ class ModelStore:
         """Whether the model's ONNX file is present."""
         return (self.model_dir(key) / "model.onnx").is_file()
 
+    def can_download(self, key: ModelKey) -> bool:
+        """Whether missing or damaged files of `key` may be fetched (not with HF_HUB_OFFLINE, for any task)."""
+        return not self.settings.hf_offline
+
     def ensure(self, key: ModelKey) -> Path:
         """Return the model directory, downloading the model first if it is not cached. Blocking."""
         model_dir = self.model_dir(key)
         if self.is_cached(key):
             return model_dir
+        if not self.can_download(key):
+            raise self._unavailable(key, "HF_HUB_OFFLINE is set, so nothing is downloaded")
         log.info("downloading %s into %s", key, model_dir)
-        download = self._downloaders.get(key.task, self._download_from_hub)
-        try:
-            download(key, model_dir)
-        except ModelUnavailable:
-            raise
-        except Exception as error:
-            raise ModelUnavailable(self._unavailable_message(key, error)) from error
+        self._fetch(key, None)
         if not self.is_cached(key):
-            raise ModelUnavailable(self._unavailable_message(key, "the download has no model.onnx"))
+            raise self._unavailable(key, "the download has no model.onnx")
         return model_dir
 
-    def remove_type(self, key: ModelKey) -> None:
-        """Delete one model type's files (after a failed load), leaving other types alone."""
-        model_dir = self.model_dir(key)
-        if model_dir.is_symlink() or model_dir.is_file():
-            model_dir.unlink()
-        elif model_dir.exists():
-            shutil.rmtree(model_dir)
-        log.info("cleared cache directory for %s", key)
+    def repair(self, key: ModelKey, file: str) -> None:
+        """Download one damaged file of a cached model (`visual/model.onnx`) again. Blocking.
+
+        The damaged copy is renamed aside first and put back if the download fails, so nothing is lost; a
+        read-only cache raises the `OSError` of that rename before anything is fetched.
+        """
+        target = self.model_root(key) / file
+        aside = target.with_name(target.name + ".damaged")
+        if target.exists():
+            os.replace(target, aside)
+        try:
+            self._fetch(key, file)
+        except BaseException:
+            if aside.exists() and not target.exists():
+                os.replace(aside, target)
+            raise
+        aside.unlink(missing_ok=True)
+        log.info("downloaded %s of %s again", file, key)
+
+    def redact(self, text: str) -> str:
+        """`text` with the cache folder's absolute path replaced by `<cache>` (for replies to clients)."""
+        return text.replace(str(self.root), "<cache>")
 
     def remove(self, task: Task, name: str) -> bool:
         """Delete every type of a model; returns whether anything was there."""
@@ -151,6 +164,31 @@ class ModelStore:
         self.root.mkdir(parents=True, exist_ok=True)
         return self.root
 
+    def _fetch(self, key: ModelKey, file: str | None) -> None:
+        """Download `file` of `key` (all of its files for None); every failure is `ModelUnavailable`."""
+        try:
+            if (download := self._downloaders.get(key.task)) is not None:  # OCR: its one pinned file
+                download(key, self.model_dir(key))
+            elif file is None:
+                self._download_from_hub(key, self.model_dir(key))
+            else:
+                self._download_file_from_hub(key, file)
+        except ModelUnavailable:
+            raise
+        except Exception as error:
+            raise self._unavailable(key, f"{type(error).__name__}: {error}") from error
+
+    def _download_file_from_hub(self, key: ModelKey, file: str) -> None:
+        from huggingface_hub import hf_hub_download  # imported lazily: it is slow to import
+
+        hf_hub_download(
+            f"{self.settings.hf_organization}/{key.name}",
+            file,
+            revision=self.settings.hf_revision,
+            local_dir=self.model_root(key),
+            endpoint=self.settings.hf_endpoint,
+        )
+
     def _download_from_hub(self, key: ModelKey, model_dir: Path) -> None:
         from huggingface_hub import snapshot_download  # imported lazily: it is slow to import
 
@@ -164,14 +202,21 @@ class ModelStore:
             local_files_only=self.settings.hf_offline,
         )
 
-    def _unavailable_message(self, key: ModelKey, reason: object) -> str:
+    def _unavailable(self, key: ModelKey, reason: str) -> ModelUnavailable:
         path = self.model_dir(key) / "model.onnx"
-        repo = f"{self.settings.hf_organization}/{key.name}"
-        return (
-            f"Model '{key.name}' ({key.task} {key.type}) is not cached at {path} and could not be "
-            f"downloaded from Hugging Face ({repo}): {reason}. Fix: give this host access to the hub "
-            f"(HF_ENDPOINT for a mirror, unset HF_HUB_OFFLINE), or run `immich-ml models pull "
-            f"{key.name}` on a connected machine and `immich-ml models import` here."
+        source = (
+            "its pinned URL"
+            if key.task in self._downloaders
+            else f"Hugging Face ({self.settings.hf_organization}/{key.name})"
+        )
+        fix = (
+            f"Fix: give this host access to the hub (HF_ENDPOINT for a mirror, unset HF_HUB_OFFLINE), or run "
+            f"`immich-ml models pull {key.name}` on a connected machine and `immich-ml models import` here."
+        )
+        return ModelUnavailable(
+            f"Model '{key.name}' ({key.task} {key.type}) is not cached and could not be downloaded from {source}: "
+            f"{self.redact(reason)}. {fix}",
+            log_detail=f"model {key} is not cached at {path} and could not be downloaded from {source}: {reason}",
         )
 
 

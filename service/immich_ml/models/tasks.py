@@ -1,12 +1,11 @@
-"""Names from Immich's domain: tasks, model types, and the key that identifies one loaded model."""
+"""Names from Immich's domain: tasks, their model types and dependencies, and the key of one loaded model."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-__all__ = ["TASK_TYPES", "ModelKey", "ModelType", "Task", "clean_name"]
+__all__ = ["DEPENDS_ON", "TASK_TYPES", "ModelKey", "ModelType", "Task"]
 
 
 class Task(StrEnum):
@@ -33,12 +32,11 @@ TASK_TYPES: dict[Task, tuple[ModelType, ModelType]] = {
 }
 """The model types each task has."""
 
-_SEPARATORS = re.compile(r"[:\\/]")
-
-
-def clean_name(model_name: str) -> str:
-    """Normalise a model name like upstream: last path part, `:`/`\\`/`/` → `_`, dots removed."""
-    return _SEPARATORS.sub("_", model_name.split("/")[-1]).replace(".", "")
+DEPENDS_ON: dict[tuple[Task, ModelType], ModelType] = {
+    (Task.FACIAL_RECOGNITION, ModelType.RECOGNITION): ModelType.DETECTION,
+    (Task.OCR, ModelType.RECOGNITION): ModelType.DETECTION,
+}
+"""Within a task, the model of the key's type consumes the output of the model of the value's type."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,14 +14,15 @@ from PIL import Image
 from immich_ml.errors import WrongInput
 from immich_ml.inference.batcher import Batcher, BatcherSnapshot
 from immich_ml.inference.sessions import CPU, OnnxSession, SessionFactory
-from immich_ml.inference.threads import Workers, in_background_thread
-from immich_ml.models.tasks import ModelKey, ModelType
+from immich_ml.inference.threads import ThreadPool, in_background_thread
+from immich_ml.models.tasks import ModelKey
 from immich_ml.settings import Settings
 
 __all__ = ["InferenceModel", "Payload", "Runtime", "stack"]
 
 In = TypeVar("In")
 Out = TypeVar("Out")
+T = TypeVar("T")
 
 Payload = Image.Image | str
 """What a request carries to a model: a decoded RGB image, or query text."""
@@ -29,11 +30,11 @@ Payload = Image.Image | str
 
 @dataclass
 class Runtime:
-    """Shared services a model uses: settings, session creation, worker threads, batchers."""
+    """Shared services a model uses: settings, session creation, the thread pool, batchers."""
 
     settings: Settings
     sessions: SessionFactory
-    workers: Workers
+    pool: ThreadPool
     on_batch: Callable[[str, int, float], None] | None = None
 
     def batcher(
@@ -67,12 +68,11 @@ class InferenceModel(ABC):
     """One model of one task and type: its files, its session, and its pre- and post-processing.
 
     `load` is blocking and runs in a worker thread; `predict` runs on the event loop and sends every
-    blocking step to the workers or to the model's batcher. Models that serve a waiting user set
+    blocking step to the thread pool or to the model's batcher. Models that serve a waiting user set
     `interactive`; the others (bulk indexing) run their inference threads at a lower CPU priority
     (MACHINE_LEARNING_BULK_NICENESS), so a search query is not stuck behind a library scan.
     """
 
-    depends_on: ClassVar[ModelType | None] = None
     interactive: ClassVar[bool] = False
     shares_threads: ClassVar[bool] = False
     """Whether batches of this model that run at once share the session's intra-op threads (a lone batch gets
@@ -201,6 +201,12 @@ class InferenceModel(ABC):
         if not isinstance(payload, str):
             raise WrongInput(f"{self.key.task} {self.key.type} ({self.key.name}) needs text, not an image")
         return payload
+
+    def dependency_of(self, dependency: object, kind: type[T]) -> T:
+        """The first model's output that this (second) model consumes; anything else is a bug."""
+        if not isinstance(dependency, kind):
+            raise TypeError(f"{self.key} got {type(dependency).__name__} instead of {kind.__name__}. This is a bug.")
+        return dependency
 
     def _require_session(self) -> OnnxSession:
         if self.session is None:

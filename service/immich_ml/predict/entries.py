@@ -8,18 +8,14 @@ from typing import Any
 import orjson
 
 from immich_ml.errors import DependencyMissing, InvalidEntries
-from immich_ml.models.catalog import cache_name
-from immich_ml.models.tasks import TASK_TYPES, ModelKey, ModelType, Task, clean_name
+from immich_ml.models.catalog import served_key
+from immich_ml.models.tasks import DEPENDS_ON, TASK_TYPES, ModelKey, ModelType, Task
 
 __all__ = ["Entry", "TaskPlan", "parse_entries"]
 
 _INVALID = "Invalid request format."
-
-# Within a task, a model of the second type consumes the output of the first.
-_DEPENDENCIES = {
-    (Task.FACIAL_RECOGNITION, ModelType.RECOGNITION): ModelType.DETECTION,
-    (Task.OCR, ModelType.RECOGNITION): ModelType.DETECTION,
-}
+_MAX_NAME_BYTES = 200
+"""Longest model name: it becomes a folder name (255 bytes at most on Linux file systems)."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +28,8 @@ class Entry:
 
 @dataclass(frozen=True)
 class TaskPlan:
-    """The models of one task in run order: a first model, then optionally one that consumes its output."""
+    """The models of one task in run order: a first model, then optionally one that consumes its output
+    (`DEPENDS_ON`)."""
 
     task: Task
     first: Entry
@@ -62,10 +59,10 @@ def _plan(task_name: str, models: Any) -> TaskPlan:
         for type_name, spec in models.items()
         for model_type in (_model_type(task, type_name),)
     }
-    dependents = [t for t in entries if (task, t) in _DEPENDENCIES]
-    independents = [t for t in entries if (task, t) not in _DEPENDENCIES]
+    dependents = [t for t in entries if (task, t) in DEPENDS_ON]
+    independents = [t for t in entries if (task, t) not in DEPENDS_ON]
     for dependent in dependents:
-        needed = _DEPENDENCIES[(task, dependent)]
+        needed = DEPENDS_ON[(task, dependent)]
         if needed not in entries:
             raise DependencyMissing(f"Task {task} of type {dependent} depends on output of {needed}")
     if len(independents) != 1 or len(dependents) > 1:
@@ -91,6 +88,6 @@ def _entry(task: Task, type_name: str, spec: Any) -> Entry:
     options = spec.get("options", {})
     if not isinstance(name, str) or not name.strip() or not isinstance(options, dict):
         raise InvalidEntries(_INVALID)
-    key = ModelKey(task, ModelType(type_name), clean_name(name.strip()))
-    # Models that share files share one loaded instance (OCR detection is the same for every language).
-    return Entry(ModelKey(key.task, key.type, cache_name(key)), options)
+    if len(name.encode()) > _MAX_NAME_BYTES or not name.isprintable():
+        raise InvalidEntries(f"{_INVALID} 'modelName' must be printable and at most {_MAX_NAME_BYTES} bytes.")
+    return Entry(served_key(task, ModelType(type_name), name.strip()), options)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,6 +10,7 @@ from PIL import Image
 
 from immich_ml.encoding import vector_string
 from immich_ml.inference.batcher import Batcher
+from immich_ml.models.files import read_json
 from immich_ml.pipelines.base import InferenceModel, Payload, stack
 from immich_ml.pipelines.clip.tokenizer import TextTokenizer, clean_text, flores_code
 from immich_ml.settings import Preprocessing
@@ -46,7 +46,7 @@ class ClipVisual(InferenceModel):
     shares_threads = True
 
     def configure(self) -> None:
-        config = json.loads((self.model_dir / "preprocess_cfg.json").read_text())
+        config = read_json(self.model_dir / "preprocess_cfg.json")
         size = config["size"]
         self.size = int(size[0] if isinstance(size, list) else size)
         self.mean = np.asarray(config["mean"], dtype=np.float32)
@@ -77,7 +77,7 @@ class ClipVisual(InferenceModel):
         return list(embeddings)
 
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> str:
-        pixels = await self.runtime.workers.run(self.preprocess, self.image_of(payload))
+        pixels = await self.runtime.pool.run(self.preprocess, self.image_of(payload))
         return vector_string(await self.batcher.submit(pixels))
 
     def warmup_payload(self) -> Payload:
@@ -90,7 +90,7 @@ class ClipTextual(InferenceModel):
     interactive = True
 
     def configure(self) -> None:
-        config = json.loads((self.model_dir.parent / "config.json").read_text())
+        config = read_json(self.model_dir.parent / "config.json")
         text_cfg = config.get("text_cfg", {})
         context_length = int(text_cfg.get("context_length", 77))
         self.canonicalize = text_cfg.get("tokenizer_kwargs", {}).get("clean") == "canonicalize"
@@ -119,7 +119,7 @@ class ClipTextual(InferenceModel):
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> str:
         text = self.text_of(payload)
         language = options.get("language")
-        encoding = await self.runtime.workers.run(self.tokenize, text, language if isinstance(language, str) else None)
+        encoding = await self.runtime.pool.run(self.tokenize, text, language if isinstance(language, str) else None)
         return vector_string(await self.batcher.submit(encoding))
 
     def warmup_payload(self) -> Payload:

@@ -15,7 +15,6 @@ from immich_ml.encoding import vector_string
 from immich_ml.errors import InvalidEntries, ModelLoadFailed
 from immich_ml.inference.batcher import Batcher
 from immich_ml.inference.sessions import OnnxSession
-from immich_ml.models.tasks import ModelType
 from immich_ml.pipelines.base import InferenceModel, Payload, stack
 from immich_ml.pipelines.faces.alignment import ARCFACE_SIZE, ARCFACE_TEMPLATE, align_face
 
@@ -27,6 +26,9 @@ ANCHORS_PER_CELL = 2
 NMS_THRESHOLD = 0.4
 DEFAULT_MIN_SCORE = 0.7
 """Upstream's default `minScore`; the Immich server sends its own (also 0.7 by default)."""
+MIN_SCORE_FLOOR = 0.1
+"""The lowest `minScore` accepted: the Immich server's settings allow 0.1 to 1. Lower values make the detector
+return every anchor (thousands of faces, megabytes of reply), so they are refused with 422."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,11 @@ def _min_score(options: Mapping[str, Any]) -> float:
     value = options.get("minScore", DEFAULT_MIN_SCORE)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidEntries(f"Invalid request format. minScore must be a number, not {value!r}.")
+    if not MIN_SCORE_FLOOR <= value <= 1:
+        raise InvalidEntries(
+            f"Invalid request format. minScore must be from {MIN_SCORE_FLOOR} to 1 (the Immich server's own range), "
+            f"not {value!r}."
+        )
     return float(value)
 
 
@@ -163,9 +170,9 @@ class FaceDetector(InferenceModel):
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> FaceDetections:
         image = self.image_of(payload)
         min_score = _min_score(options)
-        blob, scale = await self.runtime.workers.run(self.preprocess, image)
+        blob, scale = await self.runtime.pool.run(self.preprocess, image)
         outputs = await self.batcher.submit(blob)
-        return await self.runtime.workers.run(decode_detections, outputs, scale, min_score)
+        return await self.runtime.pool.run(decode_detections, outputs, scale, min_score)
 
     def warmup_payload(self) -> Payload:
         return Image.new("RGB", (DETECTION_SIZE, DETECTION_SIZE), (128, 128, 128))
@@ -178,8 +185,6 @@ def face_blob(crop: np.ndarray) -> np.ndarray:
 
 class FaceRecognizer(InferenceModel):
     """ArcFace (w600k_r50, glintr100): a 512-float embedding per detected face, unnormalised like upstream."""
-
-    depends_on = ModelType.DETECTION
 
     def configure(self) -> None:
         self.input_name = self._require_session().input_names[0]
@@ -199,12 +204,11 @@ class FaceRecognizer(InferenceModel):
         self, payload: Payload, options: Mapping[str, Any], dependency: Any = None
     ) -> list[dict[str, Any]]:
         image = self.image_of(payload)
-        if not isinstance(dependency, FaceDetections):
-            raise TypeError(f"{self.key} got {type(dependency)} instead of detections. This is a bug.")
-        if not dependency.scores:
+        faces = self.dependency_of(dependency, FaceDetections)
+        if not faces.scores:
             return []
-        landmarks = np.asarray(dependency.landmarks, dtype=np.float64)
-        crops = await self.runtime.workers.run(self.crops, image, landmarks)
+        landmarks = np.asarray(faces.landmarks, dtype=np.float64)
+        crops = await self.runtime.pool.run(self.crops, image, landmarks)
         embeddings = await self.batcher.submit_many(crops)
         return [
             {
@@ -212,7 +216,7 @@ class FaceRecognizer(InferenceModel):
                 "embedding": vector_string(embedding),
                 "score": score,
             }
-            for box, score, embedding in zip(dependency.boxes, dependency.scores, embeddings, strict=True)
+            for box, score, embedding in zip(faces.boxes, faces.scores, embeddings, strict=True)
         ]
 
     def warmup_payload(self) -> Payload:
