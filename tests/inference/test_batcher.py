@@ -22,7 +22,7 @@ from immich_ml.inference.threads import in_background_thread
 from immich_ml.models.tasks import ModelKey, ModelType, Task
 from immich_ml.settings import Settings
 from tests import modelgen
-from tests.conftest import VISUAL, ClientFactory, predict_form, wait_for
+from tests.conftest import TEXTUAL, VISUAL, ClientFactory, predict_form, wait_for
 
 VISUAL_KEY = ModelKey(Task.CLIP, ModelType.VISUAL, "ViT-B-32__openai")
 
@@ -237,7 +237,7 @@ def images() -> list[bytes]:
 async def test_concurrent_requests_each_get_their_own_embedding(
     make_client: ClientFactory, clip_cache: Path, images: list[bytes], batching: bool
 ) -> None:
-    client = await make_client(batch_delay_ms=100, batching=batching)
+    client = await make_client(batch_delay_ms=100, batching=batching, concurrent_batches=1)  # one slot: stacks
     alone = [(await embed(client, image))[1] for image in images]
     order = [i % len(images) for i in range(3 * len(images))]
     together = await asyncio.gather(*(embed(client, images[i]) for i in order))
@@ -256,7 +256,9 @@ async def test_a_flood_gets_results_or_503_and_nothing_else(
     make_client: ClientFactory, cache: Path, images: list[bytes]
 ) -> None:
     modelgen.write_clip(cache, "ViT-B-32__openai", image_size=896)  # a slower graph, so the queue fills
-    client = await make_client(queue_size=2, max_batch_clip=1, batch_delay_ms=0)
+    client = await make_client(
+        queue_size=2, max_batch_clip=1, batch_delay_ms=0, concurrent_batches=1, request_threads=8, bulk_niceness=0
+    )
     alone = [(await embed(client, image))[1] for image in images]
     order = [i % len(images) for i in range(40)]
     outcomes = await asyncio.gather(*(embed(client, images[i]) for i in order))
@@ -376,3 +378,22 @@ async def test_face_batches_that_run_at_once_each_get_a_part_of_the_threads(
     for model in models.values():
         assert [b.concurrency for b in model.batchers] == [2]
         assert model.session._session.get_session_options().intra_op_num_threads == expected  # type: ignore[union-attr]
+
+
+async def test_image_work_runs_in_its_own_lower_priority_pool(
+    make_client: ClientFactory, clip_cache: Path, images: list[bytes]
+) -> None:
+    """Decoding photos never holds up a text query's tokenising, and yields the cores to it."""
+    client = await make_client(bulk_niceness=5, request_threads=2)
+    assert (await embed(client, images[0]))[0] == 200
+    async with client.post("/predict", data=predict_form(TEXTUAL, text="a cat")) as resp:
+        assert resp.status == 200
+    assert client.app is not None
+    runtime = client.app[REGISTRY].runtime
+    assert runtime.images is not runtime.pool
+    base = _niceness_of(threading.get_native_id())
+    image_threads = [t.native_id for t in runtime.images.executor._threads]
+    query_threads = [t.native_id for t in runtime.pool.executor._threads]
+    assert image_threads and query_threads
+    assert {_niceness_of(t) for t in image_threads if t is not None} == {min(19, base + 5)}
+    assert {_niceness_of(t) for t in query_threads if t is not None} == {base}

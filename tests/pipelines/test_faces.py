@@ -221,7 +221,7 @@ async def test_five_faces_with_max_batch_two_run_as_two_two_one(make_client: Cli
     faces = (await post(client, entries(), modelgen.png_bytes(pixels)))["facial-recognition"]
     assert [face["score"] for face in faces] == [0.9, 0.89, 0.88, 0.87, 0.86]
     stats = loaded(client, RECOGNITION).batchers[0].snapshot()
-    assert (stats.batches, stats.items, stats.last_batch_size) == (3, 5, 1)
+    assert (stats.batches, stats.items, stats.sizes) == (3, 5, {2: 2, 1: 1})  # two batches may run at once
     for face, expected in zip(faces, five, strict=True):
         landmarks = modelgen.expected_detection(expected, 1.0).landmarks
         np.testing.assert_allclose(

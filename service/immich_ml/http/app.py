@@ -114,6 +114,7 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
         sessions or SessionFactory(settings),
         ThreadPool(settings.request_threads),
         on_batch=metrics.observe_batch,
+        image_pool=ThreadPool(settings.request_threads, niceness=settings.bulk_niceness, name="immich-ml-images"),
     )
 
     async def models_context(app: web.Application) -> AsyncIterator[None]:
@@ -121,7 +122,7 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
         app[REGISTRY] = registry
         app[PREDICTOR] = Predictor(
             registry,
-            runtime.pool,
+            runtime.images,
             max_image_pixels=settings.max_image_pixels,
             max_pixels_in_flight=settings.max_pixels_in_flight,
             jpeg_draft=settings.jpeg_draft,
@@ -135,6 +136,7 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await registry.close()
+        runtime.images.shutdown()
         runtime.pool.shutdown()
 
     app.cleanup_ctx.append(models_context)

@@ -21,10 +21,16 @@ R = TypeVar("R")
 
 
 class ThreadPool:
-    """The thread pool for decoding, pre- and post-processing and model loading."""
+    """A pool of threads for blocking work (decoding, pre- and post-processing, model loading), all running
+    `niceness` steps below normal CPU priority."""
 
-    def __init__(self, threads: int) -> None:
-        self.executor = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="immich-ml")
+    def __init__(self, threads: int, *, niceness: int = 0, name: str = "immich-ml") -> None:
+        self.executor = ThreadPoolExecutor(
+            max_workers=max(1, threads),
+            thread_name_prefix=name,
+            initializer=lower_thread_priority,
+            initargs=(niceness,),
+        )
 
     async def run(self, func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Call `func` in the pool and await its result."""

@@ -36,6 +36,15 @@ class Runtime:
     sessions: SessionFactory
     pool: ThreadPool
     on_batch: Callable[[str, int, float], None] | None = None
+    image_pool: ThreadPool | None = None
+    """Where bulk (image) work runs: decoding, pre- and post-processing, at MACHINE_LEARNING_BULK_NICENESS, so
+    a text query's tokenising never queues behind photos being decoded and indexing yields the cores to it.
+    None: `pool` does everything."""
+
+    @property
+    def images(self) -> ThreadPool:
+        """The pool for image work (`image_pool`, else `pool`)."""
+        return self.image_pool or self.pool
 
     def batcher(
         self,
@@ -149,6 +158,12 @@ class InferenceModel(ABC):
         if configured := self.runtime.settings.concurrent_batches:
             return configured
         return 2 if self._require_session().providers[0] == CPU else 1
+
+    @property
+    def pool(self) -> ThreadPool:
+        """The thread pool for this model's pre- and post-processing: the normal one for interactive models,
+        the image pool for bulk ones."""
+        return self.runtime.pool if self.interactive else self.runtime.images
 
     @property
     def niceness(self) -> int:

@@ -77,7 +77,7 @@ class ClipVisual(InferenceModel):
         return list(embeddings)
 
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> str:
-        pixels = await self.runtime.pool.run(self.preprocess, self.image_of(payload))
+        pixels = await self.pool.run(self.preprocess, self.image_of(payload))
         return vector_string(await self.batcher.submit(pixels))
 
     def warmup_payload(self) -> Payload:
@@ -119,7 +119,7 @@ class ClipTextual(InferenceModel):
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> str:
         text = self.text_of(payload)
         language = options.get("language")
-        encoding = await self.runtime.pool.run(self.tokenize, text, language if isinstance(language, str) else None)
+        encoding = await self.pool.run(self.tokenize, text, language if isinstance(language, str) else None)
         return vector_string(await self.batcher.submit(encoding))
 
     def warmup_payload(self) -> Payload:

@@ -170,9 +170,9 @@ class FaceDetector(InferenceModel):
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> FaceDetections:
         image = self.image_of(payload)
         min_score = _min_score(options)
-        blob, scale = await self.runtime.pool.run(self.preprocess, image)
+        blob, scale = await self.pool.run(self.preprocess, image)
         outputs = await self.batcher.submit(blob)
-        return await self.runtime.pool.run(decode_detections, outputs, scale, min_score)
+        return await self.pool.run(decode_detections, outputs, scale, min_score)
 
     def warmup_payload(self) -> Payload:
         return Image.new("RGB", (DETECTION_SIZE, DETECTION_SIZE), (128, 128, 128))
@@ -208,7 +208,7 @@ class FaceRecognizer(InferenceModel):
         if not faces.scores:
             return []
         landmarks = np.asarray(faces.landmarks, dtype=np.float64)
-        crops = await self.runtime.pool.run(self.crops, image, landmarks)
+        crops = await self.pool.run(self.crops, image, landmarks)
         embeddings = await self.batcher.submit_many(crops)
         return [
             {

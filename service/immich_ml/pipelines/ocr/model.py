@@ -113,7 +113,7 @@ class TextDetector(InferenceModel):
         params = detection_params(options, resolution_cap=self.runtime.settings.max_ocr_resolution)
         if image.width < MIN_SIDE or image.height < MIN_SIDE:
             return TextDetections(boxes=[], scores=[])
-        pool = self.runtime.pool
+        pool = self.pool
         pixels = await pool.run(detection_input, image, params.max_resolution, self.runtime.settings.preprocessing)
         probability = await self.batcher.submit(pixels)
         found = await pool.run(boxes_from_probability, probability[0, 0], image.size, params)
@@ -171,7 +171,7 @@ class TextRecognizer(InferenceModel):
         if not detections.scores:
             return {"box": [], "boxScore": [], "text": [], "textScore": []}
         boxes = np.asarray(detections.boxes, dtype=np.float64)
-        pool = self.runtime.pool
+        pool = self.pool
         chunks = await pool.run(self._chunks, image, boxes)
         outputs = await self.batcher.submit_many([chunk.pixels for chunk in chunks])
         lines = await pool.run(self._decode, chunks, outputs)
