@@ -92,7 +92,7 @@ python3Packages.buildPythonApplication {
     pytest-aiohttp
     pytestCheckHook
     openssl # the TLS test makes a self-signed certificate
-    nodejs # plays the Immich server's client (fetch + FormData) in tests/test_immich_client.py
+    nodejs # plays the Immich server's client (fetch + FormData) in tests/http/test_immich_client.py
   ];
 
   preCheck = ''

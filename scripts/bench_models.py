@@ -49,9 +49,7 @@ def import_open_clip():
     torchvision's compiled ops (pulled in by open_clip's transforms) are not needed; its
     `_meta_registrations` module fails against a torch it was not built for, so a stub takes its place.
     """
-    sys.modules.setdefault(
-        "torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations")
-    )
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
     import open_clip
 
     return open_clip
@@ -311,9 +309,7 @@ class BasicBlock(nn.Module):
         if stride != 1 or cin != cout:
             # "v1d/e" shortcut: average-pool then 1x1 conv instead of a strided 1x1 conv
             pool = (
-                nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
-                if stride > 1
-                else nn.Identity()
+                nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity()
             )
             self.down = nn.Sequential(pool, conv_bn_relu(cin, cout, 1, 1, relu=False))
 
@@ -334,7 +330,7 @@ class ScrfdBackbone(nn.Module):
         )
         stages = []
         cin = base
-        for i, (n, c) in enumerate(zip(blocks, planes)):
+        for i, (n, c) in enumerate(zip(blocks, planes, strict=False)):
             stride = 1 if i == 0 else 2
             layers = [BasicBlock(cin, c, stride)] + [BasicBlock(c, c, 1) for _ in range(n - 1)]
             stages.append(nn.Sequential(*layers))
@@ -361,21 +357,19 @@ class PAFPN(nn.Module):
         self.pafpn = nn.ModuleList(nn.Conv2d(out, out, 3, 1, 1) for _ in in_channels[1:])
 
     def forward(self, feats):
-        lat = [conv(f) for conv, f in zip(self.lateral, feats)]
+        lat = [conv(f) for conv, f in zip(self.lateral, feats, strict=False)]
         for i in range(len(lat) - 1, 0, -1):
             lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="nearest")
-        inter = [conv(x) for conv, x in zip(self.fpn, lat)]
+        inter = [conv(x) for conv, x in zip(self.fpn, lat, strict=False)]
         for i in range(len(inter) - 1):
             inter[i + 1] = inter[i + 1] + self.down[i](inter[i])
-        return [inter[0]] + [conv(x) for conv, x in zip(self.pafpn, inter[1:])]
+        return [inter[0]] + [conv(x) for conv, x in zip(self.pafpn, inter[1:], strict=False)]
 
 
 class ScrfdHead(nn.Module):
     """Shared (across strides) stacked convs; per anchor: 1 score logit, 4 distances, 10 keypoint offsets."""
 
-    def __init__(
-        self, cin: int = 56, feat: int = 80, stacked: int = 3, anchors: int = 2, strides=(8, 16, 32)
-    ):
+    def __init__(self, cin: int = 56, feat: int = 80, stacked: int = 3, anchors: int = 2, strides=(8, 16, 32)):
         super().__init__()
         self.anchors = anchors
         convs = [conv_bn_relu(cin, feat)] + [conv_bn_relu(feat, feat) for _ in range(stacked - 1)]
@@ -453,9 +447,7 @@ def _synthetic_canvases(n: int, seed: int) -> list[np.ndarray]:
     for i in range(n):
         h, w = (640, int(rng.integers(360, 641))) if i % 2 else (int(rng.integers(360, 641)), 640)
         low = rng.uniform(0, 255, (3, 6, 8)).astype(np.float32)
-        img = F.interpolate(torch.from_numpy(low)[None], size=(h, w), mode="bicubic", align_corners=False)[
-            0
-        ].numpy()
+        img = F.interpolate(torch.from_numpy(low)[None], size=(h, w), mode="bicubic", align_corners=False)[0].numpy()
         yy, xx = np.mgrid[0:h, 0:w]
         for _ in range(int(rng.integers(2, 6))):  # a few ellipses ("heads") and noise
             cy, cx = rng.uniform(0, h), rng.uniform(0, w)
@@ -539,7 +531,7 @@ def make_scrfd(out: Path, faces_target: float = 3.0) -> list[Path]:
         for delta in np.linspace(0.05, 3.0, 60):  # how far below the best anchor (in units of spread) passes
             gain = (peak - math.log(0.7 / 0.3)) / (delta * spread)
             counts = []
-            for z, outs in zip(raw, outs_fixed):
+            for z, outs in zip(raw, outs_fixed, strict=False):
                 sc = torch.sigmoid((z - z.max()) * gain + peak).numpy()
                 parts = np.split(sc.reshape(-1, 1), np.cumsum([o.shape[0] for o in outs[:2]]))
                 counts.append(scrfd_decode_count([*parts, *outs[3:]], 0.7)[1])
@@ -578,9 +570,7 @@ class IBasicBlock(nn.Module):
         self.bn3 = nn.BatchNorm2d(cout, eps=1e-5)
         self.down = None
         if stride != 1 or cin != cout:
-            self.down = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout, eps=1e-5)
-            )
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout, eps=1e-5))
 
     def forward(self, x):
         identity = x if self.down is None else self.down(x)
@@ -596,7 +586,7 @@ class IResNet(nn.Module):
         self.prelu = nn.PReLU(64)
         blocks: list[nn.Module] = []
         cin = 64
-        for n, c in zip(layers, widths):
+        for n, c in zip(layers, widths, strict=False):
             blocks.append(IBasicBlock(cin, c, 2))
             blocks += [IBasicBlock(c, c, 1) for _ in range(n - 1)]
             cin = c
@@ -716,12 +706,10 @@ def verify_scrfd(out: Path, runs: int) -> dict[str, float]:
     ]
     _check([o.shape for o in outs] == expect, f"detection shapes {[o.shape for o in outs]}")
     counts = []
-    for i, x in enumerate(_synthetic_canvases(8, seed=777)):  # held-out images
+    for x in _synthetic_canvases(8, seed=777):  # held-out images
         counts.append(scrfd_decode_count(sess.run(None, {"input.1": x}), 0.7))
     log(f"  held-out images: (anchors >= 0.7, faces after NMS) = {counts}")
-    anchors05 = [
-        scrfd_decode_count(sess.run(None, {"input.1": x}), 0.5)[0] for x in _synthetic_canvases(3, seed=777)
-    ]
+    anchors05 = [scrfd_decode_count(sess.run(None, {"input.1": x}), 0.5)[0] for x in _synthetic_canvases(3, seed=777)]
     log(f"  anchors >= 0.5 on 3 of them: {anchors05}")
     black = np.full((1, 3, 640, 640), -127.5 / 128.0, np.float32)
     log(f"  black image: {scrfd_decode_count(sess.run(None, {'input.1': black}), 0.7)}")
@@ -750,9 +738,7 @@ def verify_arcface(out: Path, runs: int) -> dict[str, float]:
 
 MODEL_FILES = {
     "clip-b32": lambda out: [out / "clip/ViT-B-32__openai" / t / "model.onnx" for t in ("visual", "textual")],
-    "siglip-b16": lambda out: [
-        out / "clip/ViT-B-16-SigLIP__webli" / t / "model.onnx" for t in ("visual", "textual")
-    ],
+    "siglip-b16": lambda out: [out / "clip/ViT-B-16-SigLIP__webli" / t / "model.onnx" for t in ("visual", "textual")],
     "scrfd": lambda out: [out / "facial-recognition/buffalo_l/detection/model.onnx"],
     "arcface": lambda out: [out / "facial-recognition/buffalo_l/recognition/model.onnx"],
 }
@@ -760,19 +746,11 @@ MODEL_FILES = {
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"cache root to write (default {DEFAULT_OUT})"
-    )
-    ap.add_argument(
-        "--models", default=",".join(ALL_MODELS), help=f"comma-separated subset of {','.join(ALL_MODELS)}"
-    )
-    ap.add_argument(
-        "--no-verify", action="store_true", help="skip the onnxruntime check and latency measurement"
-    )
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"cache root to write (default {DEFAULT_OUT})")
+    ap.add_argument("--models", default=",".join(ALL_MODELS), help=f"comma-separated subset of {','.join(ALL_MODELS)}")
+    ap.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check and latency measurement")
     ap.add_argument("--runs", type=int, default=10, help="timed runs per model (median reported)")
-    ap.add_argument(
-        "--verify-only", action="store_true", help="do not build; check and time the models in --out"
-    )
+    ap.add_argument("--verify-only", action="store_true", help="do not build; check and time the models in --out")
     args = ap.parse_args(argv)
 
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -804,10 +782,7 @@ def main(argv: list[str] | None = None) -> int:
                 latencies[key] = verify_scrfd(out, args.runs)
             else:
                 latencies[key] = verify_arcface(out, args.runs)
-            log(
-                f"[{key}] ok; CPU latency (median ms): "
-                + ", ".join(f"{k} {v:.1f}" for k, v in latencies[key].items())
-            )
+            log(f"[{key}] ok; CPU latency (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in latencies[key].items()))
 
     log(f"\nwrote into {out} in {time.perf_counter() - t_all:.0f}s:")
     for p in written:

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient
 
-from immich_ml.app import create_app
+from immich_ml.http.app import create_app
 from immich_ml.settings import Settings
 from tests import modelgen
 
@@ -37,8 +37,12 @@ def make_client(aiohttp_client: Any, cache: Path) -> ClientFactory:
     """Start the real application on a loopback port with settings for the test cache."""
 
     async def start(**overrides: Any) -> TestClient[Any, Any]:
-        defaults = {"cache_folder": cache, "request_threads": 2, "model_ttl_poll_s": 0,
-                    "hf_offline": True}  # tests never reach the network; store tests use a local fake hub
+        defaults = {
+            "cache_folder": cache,
+            "request_threads": 2,
+            "model_ttl_poll_s": 0,
+            "hf_offline": True,
+        }  # tests never reach the network; store tests use a local fake hub
         settings = Settings(**{**defaults, **overrides})
         return await aiohttp_client(create_app(settings))  # type: ignore[no-any-return]
 

@@ -39,8 +39,13 @@ def multipart(entries: object, *, image: bytes | None = None, text: str | None =
         parts.append((b'name="image"; filename="blob"\r\nContent-Type: application/octet-stream', image))
     if text is not None:
         parts.append((b'name="text"', text.encode()))
-    body = b"".join(b"--%s\r\nContent-Disposition: form-data; %s\r\n\r\n%s\r\n" % (boundary.encode(), head, data)
-                    for head, data in parts) + b"--%s--\r\n" % boundary.encode()
+    body = (
+        b"".join(
+            b"--%s\r\nContent-Disposition: form-data; %s\r\n\r\n%s\r\n" % (boundary.encode(), head, data)
+            for head, data in parts
+        )
+        + b"--%s--\r\n" % boundary.encode()
+    )
     return body, f"multipart/form-data; boundary={boundary}"
 
 
@@ -76,19 +81,30 @@ class NotifySocket:
 class Daemon:
     """One daemon process; `env` adds to a clean environment pointing at `cache`."""
 
-    def __init__(self, tmp_path: Path, cache: Path, env: dict[str, str] | None = None, *,
-                 tls_ca: Path | None = None) -> None:
+    def __init__(
+        self, tmp_path: Path, cache: Path, env: dict[str, str] | None = None, *, tls_ca: Path | None = None
+    ) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self.listener.getsockname()[1]
         self.log_path = tmp_path / f"daemon-{self.port}.log"
         self.tls_ca = tls_ca
         base = {key: value for key, value in os.environ.items() if key not in _SYSTEMD_VARS}
-        base |= {"MACHINE_LEARNING_CACHE_FOLDER": str(cache), "MACHINE_LEARNING_PROVIDER": "cpu",
-                 "MACHINE_LEARNING_REQUEST_THREADS": "2", "IMMICH_LOG_LEVEL": "info", "NO_COLOR": "1"}
+        base |= {
+            "MACHINE_LEARNING_CACHE_FOLDER": str(cache),
+            "MACHINE_LEARNING_PROVIDER": "cpu",
+            "MACHINE_LEARNING_REQUEST_THREADS": "2",
+            "IMMICH_LOG_LEVEL": "info",
+            "NO_COLOR": "1",
+        }
         fd = self.listener.fileno()
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-c", _ACTIVATE, str(fd)], env=base | (env or {}),
-                                            pass_fds=[fd], stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _ACTIVATE, str(fd)],
+                env=base | (env or {}),
+                pass_fds=[fd],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.listener.close()
 
     @property
@@ -106,8 +122,9 @@ class Daemon:
             return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout_s, context=context)
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
         """One request on a fresh connection: (status, body)."""
         connection = self.connection()
         try:
@@ -186,15 +203,22 @@ def write_slow_clip(root: Path, name: str, *, iterations: int = 400, size: int =
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32)
     body = helper.make_graph(
-        [helper.make_node("MatMul", ["state_in", "w"], ["product"]),
-         helper.make_node("Tanh", ["product"], ["state_out"]),
-         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        [
+            helper.make_node("MatMul", ["state_in", "w"], ["product"]),
+            helper.make_node("Tanh", ["product"], ["state_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
         "spin",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("state_in", TensorProto.FLOAT, [size, size])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [size, size])])
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_in", TensorProto.FLOAT, [size, size]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [size, size]),
+        ],
+    )
     projection = rng.standard_normal((3, 512)).astype(np.float32)
     nodes = [
         helper.make_node("Loop", ["trips", "always", "w"], ["spun"], body=body),
@@ -213,10 +237,12 @@ def write_slow_clip(root: Path, name: str, *, iterations: int = 400, size: int =
         numpy_helper.from_array(projection, "projection"),
     ]
     graph = helper.make_graph(
-        nodes, "slow_clip_visual",
+        nodes,
+        "slow_clip_visual",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 224, 224])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 512])],
-        initializer=initializers)
+        initializer=initializers,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)

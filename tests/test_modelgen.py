@@ -135,9 +135,7 @@ def test_clip_visual_graph_separates_images(clip_root: Path) -> None:
     preprocess = json.loads((model / "visual/preprocess_cfg.json").read_text())
     images = [modelgen.make_gradient_image(224, 224, seed) for seed in range(3)]
     recoded = np.asarray(Image.open(io.BytesIO(modelgen.jpeg_bytes(images[0], quality=90))))
-    batch = np.concatenate(
-        [_preprocess(i, preprocess["mean"], preprocess["std"]) for i in [*images, recoded]]
-    )
+    batch = np.concatenate([_preprocess(i, preprocess["mean"], preprocess["std"]) for i in [*images, recoded]])
     (embeddings,) = session.run(None, {"image": batch})
     assert embeddings.shape == (4, 512) and embeddings.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
@@ -203,9 +201,7 @@ def test_scrfd_outputs_fire_at_configured_anchors(tmp_path: Path, fixed_batch: b
     shape = [1, 3, 640, 640] if fixed_batch else ["batch", 3, "height", "width"]
     assert inputs == [("input.1", "tensor(float)", shape)]
     rows = [12800, 3200, 800]
-    assert [o[1] for o in outputs] == [[r, 1] for r in rows] + [[r, 4] for r in rows] + [
-        [r, 10] for r in rows
-    ]
+    assert [o[1] for o in outputs] == [[r, 1] for r in rows] + [[r, 4] for r in rows] + [[r, 10] for r in rows]
 
     blob = np.random.default_rng(0).uniform(-1, 1, (1, 3, 640, 640)).astype(np.float32)
     results = session.run(None, {"input.1": blob})
@@ -228,9 +224,7 @@ def test_scrfd_outputs_fire_at_configured_anchors(tmp_path: Path, fixed_batch: b
         _, box, landmarks = next(f for f in found if abs(f[0] - face.score) < 1e-6)
         np.testing.assert_allclose(box / scale, expected.box, atol=1e-3)
         np.testing.assert_allclose(landmarks / scale, expected.landmarks, atol=1e-3)
-    np.testing.assert_allclose(
-        modelgen.expected_detection(faces[1], 1.0).landmarks, faces[1].keypoints, atol=1e-9
-    )
+    np.testing.assert_allclose(modelgen.expected_detection(faces[1], 1.0).landmarks, faces[1].keypoints, atol=1e-9)
 
 
 def test_scrfd_scale_follows_the_letterbox() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from immich_ml.domain import ModelType, Task
+from immich_ml.models.tasks import ModelType, Task
 from immich_ml.settings import ConfigError, Preprocessing, Provider, Settings, parse_size
 
 
@@ -25,18 +25,26 @@ def test_defaults_are_upstreams_except_the_bind_address() -> None:
 
 
 def test_upstream_variables_are_read() -> None:
-    settings = Settings.from_env({
-        "IMMICH_HOST": "0.0.0.0", "IMMICH_PORT": "3004", "IMMICH_LOG_LEVEL": "verbose",
-        "MACHINE_LEARNING_CACHE_FOLDER": "/cache", "MACHINE_LEARNING_MODEL_TTL": "600",
-        "MACHINE_LEARNING_MODEL_TTL_POLL_S": "5", "MACHINE_LEARNING_REQUEST_THREADS": "3",
-        "MACHINE_LEARNING_MODEL_INTER_OP_THREADS": "1", "MACHINE_LEARNING_MODEL_INTRA_OP_THREADS": "4",
-        "MACHINE_LEARNING_MODEL_ARENA": "false", "MACHINE_LEARNING_DEVICE_IDS": "1,2",
-        "MACHINE_LEARNING_HTTP_KEEPALIVE_TIMEOUT_S": "7",
-        "MACHINE_LEARNING_MAX_BATCH_SIZE__FACIAL_RECOGNITION": "8",
-        "MACHINE_LEARNING_MAX_BATCH_SIZE__TEXT_RECOGNITION": "3",
-        "machine_learning_preload__clip__textual": "ViT-B-32__openai, nllb-clip-base-siglip__v1",
-        "MACHINE_LEARNING_PRELOAD__FACIAL_RECOGNITION__DETECTION": "buffalo_l",
-    })
+    settings = Settings.from_env(
+        {
+            "IMMICH_HOST": "0.0.0.0",
+            "IMMICH_PORT": "3004",
+            "IMMICH_LOG_LEVEL": "verbose",
+            "MACHINE_LEARNING_CACHE_FOLDER": "/cache",
+            "MACHINE_LEARNING_MODEL_TTL": "600",
+            "MACHINE_LEARNING_MODEL_TTL_POLL_S": "5",
+            "MACHINE_LEARNING_REQUEST_THREADS": "3",
+            "MACHINE_LEARNING_MODEL_INTER_OP_THREADS": "1",
+            "MACHINE_LEARNING_MODEL_INTRA_OP_THREADS": "4",
+            "MACHINE_LEARNING_MODEL_ARENA": "false",
+            "MACHINE_LEARNING_DEVICE_IDS": "1,2",
+            "MACHINE_LEARNING_HTTP_KEEPALIVE_TIMEOUT_S": "7",
+            "MACHINE_LEARNING_MAX_BATCH_SIZE__FACIAL_RECOGNITION": "8",
+            "MACHINE_LEARNING_MAX_BATCH_SIZE__TEXT_RECOGNITION": "3",
+            "machine_learning_preload__clip__textual": "ViT-B-32__openai, nllb-clip-base-siglip__v1",
+            "MACHINE_LEARNING_PRELOAD__FACIAL_RECOGNITION__DETECTION": "buffalo_l",
+        }
+    )
     assert (settings.host, settings.port, settings.log_level) == ("0.0.0.0", 3004, "DEBUG")
     assert settings.cache_folder == Path("/cache")
     assert (settings.model_ttl_s, settings.model_ttl_poll_s, settings.request_threads) == (600, 5, 3)
@@ -55,11 +63,15 @@ def test_provider_from_either_variable(variable: str) -> None:
 
 
 def test_gpu_and_security_settings() -> None:
-    settings = Settings.from_env({
-        "MACHINE_LEARNING_GPU_MEM_LIMIT": "4GiB", "TENSORRT_CACHE_PATH": "/var/cache/trt",
-        "MACHINE_LEARNING_TENSORRT_FP16": "no", "MACHINE_LEARNING_MAX_BODY_SIZE": "200MiB",
-        "MACHINE_LEARNING_ALLOWED_CLIENTS": "192.168.1.0/24, fd00::/8",
-    })
+    settings = Settings.from_env(
+        {
+            "MACHINE_LEARNING_GPU_MEM_LIMIT": "4GiB",
+            "TENSORRT_CACHE_PATH": "/var/cache/trt",
+            "MACHINE_LEARNING_TENSORRT_FP16": "no",
+            "MACHINE_LEARNING_MAX_BODY_SIZE": "200MiB",
+            "MACHINE_LEARNING_ALLOWED_CLIENTS": "192.168.1.0/24, fd00::/8",
+        }
+    )
     assert settings.gpu_mem_limit == 4 * 1024**3
     assert settings.tensorrt_cache == Path("/var/cache/trt")
     assert settings.tensorrt_fp16 is False
@@ -96,14 +108,20 @@ def test_tls_needs_both_files() -> None:
 
 def test_bad_configuration_stops_startup_with_a_message(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "immich_ml", "serve"], capture_output=True, text=True, timeout=60,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MACHINE_LEARNING_MODEL_TTL": "soon"})
+        [sys.executable, "-m", "immich_ml", "serve"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MACHINE_LEARNING_MODEL_TTL": "soon"},
+    )
     assert result.returncode == 2
     assert "MACHINE_LEARNING_MODEL_TTL='soon'" in result.stderr
 
 
-@pytest.mark.parametrize(("text", "size"), [("123", 123), ("100MiB", 100 * 1024**2), ("2G", 2 * 10**9),
-                                            ("1.5 GiB", int(1.5 * 1024**3)), ("4kb", 4000)])
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("123", 123), ("100MiB", 100 * 1024**2), ("2G", 2 * 10**9), ("1.5 GiB", int(1.5 * 1024**3)), ("4kb", 4000)],
+)
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
 

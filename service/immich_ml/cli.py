@@ -8,14 +8,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from immich_ml import __version__
-from immich_ml.catalog import task_of
-from immich_ml.domain import TASK_TYPES, ModelKey, ModelType, Task, clean_name
 from immich_ml.errors import ImmichMLError
 from immich_ml.log import setup_logging
+from immich_ml.models.catalog import task_of
+from immich_ml.models.store import ModelStore
+from immich_ml.models.tasks import TASK_TYPES, ModelKey, ModelType, Task, clean_name
 from immich_ml.settings import ConfigError, Settings
-from immich_ml.store import ModelStore
 
 __all__ = ["main"]
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="immich-ml", description="Machine-learning backend for Immich.")
@@ -33,8 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     pull = actions.add_parser("pull", help="download a model into the cache")
     pull.add_argument("name", help="model name, e.g. ViT-B-32__openai, buffalo_l, PP-OCRv5_mobile")
     pull.add_argument("--task", choices=[t.value for t in Task], help="task (guessed from the name if unset)")
-    pull.add_argument("--type", dest="model_type", choices=[t.value for t in ModelType],
-                      help="only this model type (default: all types of the task)")
+    pull.add_argument(
+        "--type",
+        dest="model_type",
+        choices=[t.value for t in ModelType],
+        help="only this model type (default: all types of the task)",
+    )
     imp = actions.add_parser("import", help="copy models from a folder or tar archive in cache layout")
     imp.add_argument("source", type=Path)
     remove = actions.add_parser("remove", help="delete a model from the cache")
@@ -47,15 +52,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `immich-ml` command."""
     args = _parser().parse_args(argv)
     try:
-        settings = Settings.from_env().with_overrides(host=getattr(args, "host", None),
-                                                      port=getattr(args, "port", None),
-                                                      cache_folder=getattr(args, "cache", None))
+        settings = Settings.from_env().with_overrides(
+            host=getattr(args, "host", None),
+            port=getattr(args, "port", None),
+            cache_folder=getattr(args, "cache", None),
+        )
     except ConfigError as error:
         print(f"immich-ml: configuration error: {error}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, no_color=settings.no_color)
     if args.command == "serve":
-        from immich_ml.server import run
+        from immich_ml.daemon.server import run
 
         return run(settings)
     return _models(args, ModelStore(settings))

@@ -36,7 +36,8 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
         if width * height > max_pixels:
             raise PayloadTooLarge(
                 f"Image too large: {width}x{height} pixels, over the limit of {max_pixels} "
-                "(MACHINE_LEARNING_MAX_IMAGE_PIXELS)")
+                "(MACHINE_LEARNING_MAX_IMAGE_PIXELS)"
+            )
         if draft_size is not None and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
         image.load()

@@ -8,8 +8,7 @@ import sys
 
 __all__ = ["setup_logging"]
 
-_COLOURS = {"DEBUG": "\033[36m", "INFO": "\033[32m", "WARNING": "\033[33m", "ERROR": "\033[31m",
-            "CRITICAL": "\033[41m"}
+_COLOURS = {"DEBUG": "\033[36m", "INFO": "\033[32m", "WARNING": "\033[33m", "ERROR": "\033[31m", "CRITICAL": "\033[41m"}
 _PRIORITIES = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}  # syslog levels, for journald
 
 
@@ -44,8 +43,9 @@ def setup_logging(level: str, *, no_color: bool) -> None:
     plain lines with a priority prefix."""
     on_terminal = sys.stderr.isatty()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(colour=on_terminal and not no_color, timestamps=on_terminal,
-                                    journal=_stderr_is_journal()))
+    handler.setFormatter(
+        _Formatter(colour=on_terminal and not no_color, timestamps=on_terminal, journal=_stderr_is_journal())
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

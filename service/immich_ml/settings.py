@@ -11,7 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
-from immich_ml.domain import TASK_TYPES, ModelType, Task
+from immich_ml.models.tasks import TASK_TYPES, ModelType, Task
 
 __all__ = ["ConfigError", "Preprocessing", "Provider", "Settings", "parse_size"]
 
@@ -77,8 +77,15 @@ def _parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Ne
 
 
 _LOG_LEVELS = {
-    "verbose": "DEBUG", "debug": "DEBUG", "log": "INFO", "info": "INFO", "warn": "WARNING",
-    "warning": "WARNING", "error": "ERROR", "critical": "CRITICAL", "fatal": "CRITICAL",
+    "verbose": "DEBUG",
+    "debug": "DEBUG",
+    "log": "INFO",
+    "info": "INFO",
+    "warn": "WARNING",
+    "warning": "WARNING",
+    "error": "ERROR",
+    "critical": "CRITICAL",
+    "fatal": "CRITICAL",
 }
 
 
@@ -193,8 +200,7 @@ class Settings:
         put("provider_strict", _PREFIX + "PROVIDER_STRICT", _parse_bool)
         put("gpu_mem_limit", _PREFIX + "GPU_MEM_LIMIT", parse_size)
         put("cuda_arena_strategy", _PREFIX + "CUDA_ARENA_STRATEGY", _one_of("kNextPowerOfTwo", "kSameAsRequested"))
-        put("cudnn_conv_algo_search", _PREFIX + "CUDNN_CONV_ALGO_SEARCH",
-            _one_of("EXHAUSTIVE", "HEURISTIC", "DEFAULT"))
+        put("cudnn_conv_algo_search", _PREFIX + "CUDNN_CONV_ALGO_SEARCH", _one_of("EXHAUSTIVE", "HEURISTIC", "DEFAULT"))
         put("tensorrt_cache_path", "TENSORRT_CACHE_PATH", Path)
         put("tensorrt_cache_path", _PREFIX + "TENSORRT_CACHE_PATH", Path)
         put("tensorrt_fp16", _PREFIX + "TENSORRT_FP16", _parse_bool)
@@ -232,8 +238,10 @@ class Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError(f"{_PREFIX}TLS_CERT and {_PREFIX}TLS_KEY must be set together")
         if self.hf_revision != "main":
-            raise ConfigError(f"{_PREFIX}MODEL_REVISION={self.hf_revision!r}: only 'main' (the fp32 exports "
-                              "Immich releases use) is supported")
+            raise ConfigError(
+                f"{_PREFIX}MODEL_REVISION={self.hf_revision!r}: only 'main' (the fp32 exports "
+                "Immich releases use) is supported"
+            )
         if not self.device_ids:
             raise ConfigError(f"{_PREFIX}DEVICE_IDS: needs at least one device id")
 

@@ -11,8 +11,7 @@ import pytest
 IMMICH_UNIT = "immich-ml.service"
 CDI_UNIT = "nvidia-container-toolkit-cdi-generator.service"
 ALL_MODULES = ("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")
-NOT_FOUND = {"LoadState": "not-found", "ActiveState": "inactive", "SubState": "dead", "MainPID": "0",
-             "NRestarts": "0"}
+NOT_FOUND = {"LoadState": "not-found", "ActiveState": "inactive", "SubState": "dead", "MainPID": "0", "NRestarts": "0"}
 
 
 class FakeHost:

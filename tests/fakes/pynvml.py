@@ -45,8 +45,9 @@ _init_error: NVMLError | None = None
 initialised = False
 
 
-def configure(*, gpus: list[FakeGpu], driver: str = "550.54.14", cuda: int = 12040,
-              init_error: NVMLError | None = None) -> None:
+def configure(
+    *, gpus: list[FakeGpu], driver: str = "550.54.14", cuda: int = 12040, init_error: NVMLError | None = None
+) -> None:
     """Set what this fake NVML reports."""
     global _driver, _cuda, _gpus, _init_error
     _driver, _cuda, _gpus, _init_error = driver, cuda, gpus, init_error

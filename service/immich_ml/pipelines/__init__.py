@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from immich_ml.domain import ModelType, Task
+from immich_ml.models.tasks import ModelType, Task
 from immich_ml.pipelines.base import InferenceModel
-from immich_ml.pipelines.clip import ClipTextual, ClipVisual
-from immich_ml.pipelines.faces import FaceDetector, FaceRecognizer
-from immich_ml.pipelines.ocr import TextDetector, TextRecognizer
+from immich_ml.pipelines.clip.model import ClipTextual, ClipVisual
+from immich_ml.pipelines.faces.model import FaceDetector, FaceRecognizer
+from immich_ml.pipelines.ocr.model import TextDetector, TextRecognizer
 
 __all__ = ["MODEL_CLASSES", "InferenceModel"]
 

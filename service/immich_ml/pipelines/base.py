@@ -11,11 +11,11 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 from PIL import Image
 
-from immich_ml.batcher import Batcher
-from immich_ml.concurrency import Workers, in_background_thread
-from immich_ml.domain import ModelKey, ModelType
 from immich_ml.errors import WrongInput
-from immich_ml.sessions import OnnxSession, SessionFactory
+from immich_ml.inference.batcher import Batcher
+from immich_ml.inference.sessions import OnnxSession, SessionFactory
+from immich_ml.inference.threads import Workers, in_background_thread
+from immich_ml.models.tasks import ModelKey, ModelType
 from immich_ml.settings import Settings
 
 __all__ = ["InferenceModel", "Payload", "Runtime", "stack"]
@@ -36,15 +36,29 @@ class Runtime:
     workers: Workers
     on_batch: Callable[[str, int, float], None] | None = None
 
-    def batcher(self, name: str, run: Callable[[list[In]], Sequence[Out]], *, max_batch: int,
-                concurrency: int = 1, niceness: int = 0) -> Batcher[In, Out]:
+    def batcher(
+        self,
+        name: str,
+        run: Callable[[list[In]], Sequence[Out]],
+        *,
+        max_batch: int,
+        concurrency: int = 1,
+        niceness: int = 0,
+    ) -> Batcher[In, Out]:
         """A batcher for one session, with the configured delay, queue size and metrics hook.
 
         With batching turned off (MACHINE_LEARNING_BATCHING=false) every batch holds one input.
         """
-        return Batcher(name, run, max_batch=max_batch if self.settings.batching else 1,
-                       max_delay_s=self.settings.batch_delay_ms / 1000, queue_size=self.settings.queue_size,
-                       concurrency=concurrency, niceness=niceness, on_batch=self.on_batch)
+        return Batcher(
+            name,
+            run,
+            max_batch=max_batch if self.settings.batching else 1,
+            max_delay_s=self.settings.batch_delay_ms / 1000,
+            queue_size=self.settings.queue_size,
+            concurrency=concurrency,
+            niceness=niceness,
+            on_batch=self.on_batch,
+        )
 
 
 class InferenceModel(ABC):
@@ -86,12 +100,14 @@ class InferenceModel(ABC):
         """Inputs waiting in this model's batchers."""
         return sum(batcher.depth for batcher in self.batchers)
 
-    def add_batcher(self, run: Callable[[list[In]], Sequence[Out]], *, max_batch: int,
-                    stage: str = "") -> Batcher[In, Out]:
+    def add_batcher(
+        self, run: Callable[[list[In]], Sequence[Out]], *, max_batch: int, stage: str = ""
+    ) -> Batcher[In, Out]:
         """A batcher for one of this model's session runs; closed with the model."""
         name = f"{self.key}{'/' + stage if stage else ''}"
-        batcher = self.runtime.batcher(name, run, max_batch=max_batch, concurrency=self.concurrent_batches,
-                                       niceness=self.niceness)
+        batcher = self.runtime.batcher(
+            name, run, max_batch=max_batch, concurrency=self.concurrent_batches, niceness=self.niceness
+        )
         self.batchers.append(batcher)
         return batcher
 
@@ -108,8 +124,8 @@ class InferenceModel(ABC):
     def create_session(self, path: Path, *, cache_key: str) -> OnnxSession:
         """A session whose inference threads run at this model's CPU priority. Blocking."""
         return in_background_thread(
-            lambda: self.runtime.sessions.create(path, cache_key=cache_key, runs=self.concurrent_batches),
-            self.niceness)
+            lambda: self.runtime.sessions.create(path, cache_key=cache_key, runs=self.concurrent_batches), self.niceness
+        )
 
     def load(self) -> None:
         """Read the model's files and create its session(s). Blocking."""

@@ -1,0 +1,1 @@
+"""The running daemon: listening, systemd notification, lifecycle and worker processes."""

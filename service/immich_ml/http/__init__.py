@@ -1,0 +1,1 @@
+"""The HTTP edge: the aiohttp application, its routes, client allowlist/TLS and Prometheus metrics."""

@@ -1,0 +1,202 @@
+"""Per-model dynamic batching: concurrent calls for one session are stacked into single runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from immich_ml.errors import Overloaded, ShuttingDown
+from immich_ml.inference.threads import lower_thread_priority
+
+__all__ = ["Batcher", "BatchStats"]
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+log = logging.getLogger("immich_ml.batcher")
+
+
+@dataclass
+class _Item(Generic[In, Out]):
+    payload: In
+    future: asyncio.Future[Out]
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchStats:
+    """What a batcher has done; read by metrics and the readiness endpoint."""
+
+    batches: int = 0
+    items: int = 0
+    last_batch_size: int = 0
+    sizes: Counter[int] = field(default_factory=Counter)
+    """How many batches had each size."""
+    peak_depth: int = 0
+    """The most inputs ever waiting at once."""
+    rejected: int = 0
+    """Inputs refused with 503 because the queue was full."""
+    waited_s: float = 0.0
+    """Total time inputs spent queued before their batch started."""
+
+    @property
+    def mean_batch_size(self) -> float:
+        """Inputs per batch so far (0 before the first batch)."""
+        return self.items / self.batches if self.batches else 0.0
+
+
+class Batcher(Generic[In, Out]):
+    """Stack concurrent calls for one model into single session runs.
+
+    `run` is blocking: it gets a list of inputs and returns one output per input, in order. It runs in
+    the batcher's own threads, at most `concurrency` batches at once (with 1, one session never runs two
+    batches at once), and the event loop never blocks. Items that arrive while batches run join the next
+    batch, up to `max_batch`. When more inputs already wait behind the first one, the batch also stays
+    open up to `max_delay_s` for stragglers; a lone or pipelined caller never pays that delay. A failed
+    run fails every item in it and nothing else.
+
+    Admission is bounded: when `queue_size` inputs already wait, `submit` raises `Overloaded` (503 with
+    `Retry-After`) instead of queueing; an input once admitted always gets its output or its batch's error.
+    `niceness` > 0 runs the batcher's threads that many steps below normal CPU priority (bulk work that
+    must yield the cores to interactive queries).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[list[In]], Sequence[Out]],
+        *,
+        max_batch: int,
+        max_delay_s: float = 0.002,
+        queue_size: int = 256,
+        concurrency: int = 1,
+        niceness: int = 0,
+        on_batch: Callable[[str, int, float], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.max_batch = max(1, max_batch)
+        self.max_delay_s = max_delay_s
+        self.queue_size = queue_size
+        self.concurrency = max(1, concurrency)
+        self.stats = BatchStats()
+        self._run = run
+        self._on_batch = on_batch
+        self._queue: asyncio.Queue[_Item[In, Out]] = asyncio.Queue()
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._running: dict[asyncio.Task[None], float] = {}
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.concurrency,
+            thread_name_prefix=f"infer-{name}",
+            initializer=lower_thread_priority,
+            initargs=(niceness,),
+        )
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def depth(self) -> int:
+        """Inputs waiting for a batch (not counting those running)."""
+        return self._queue.qsize()
+
+    @property
+    def running_since(self) -> float | None:
+        """When the oldest batch now running started (`time.monotonic()`), or None when idle."""
+        return min(self._running.values(), default=None)
+
+    async def submit(self, payload: In) -> Out:
+        """Queue one input and wait for its own output."""
+        (result,) = await self.submit_many([payload])
+        return result
+
+    async def submit_many(self, payloads: Sequence[In]) -> list[Out]:
+        """Queue several inputs at once (all admitted or none) and wait for their outputs, in order."""
+        if self._closing:
+            raise ShuttingDown(f"{self.name} is shutting down")
+        waiting = self._queue.qsize()
+        if waiting + len(payloads) > self.queue_size and waiting > 0:  # one oversized call alone is admitted
+            self.stats.rejected += len(payloads)
+            raise Overloaded(f"{self.name}: queue full ({waiting} waiting); retry later")
+        self._ensure_started()
+        loop = asyncio.get_running_loop()
+        items = [_Item[In, Out](payload, loop.create_future()) for payload in payloads]
+        for item in items:
+            self._queue.put_nowait(item)
+        self.stats.peak_depth = max(self.stats.peak_depth, self._queue.qsize())
+        return list(await asyncio.gather(*(item.future for item in items)))
+
+    async def close(self) -> None:
+        """Stop admitting, finish everything already queued, then stop the worker thread."""
+        self._closing = True
+        if self._task is not None:
+            await self._queue.join()
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None  # the cancelled task's traceback would keep this batcher and its model alive
+        self._executor.shutdown(wait=True)
+
+    def _ensure_started(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._serve(), name=f"batcher-{self.name}")
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()
+            batch = [await self._queue.get()]
+            wait_for_more = not self._queue.empty()
+            deadline = loop.time() + (self.max_delay_s if wait_for_more else 0.0)
+            while len(batch) < self.max_batch:
+                if self._queue.empty():
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    except TimeoutError:
+                        break
+                else:
+                    batch.append(self._queue.get_nowait())
+            task = loop.create_task(self._run_batch(loop, batch), name=f"batch-{self.name}")
+            self._running[task] = time.monotonic()
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        del self._running[task]
+        self._slots.release()
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item[In, Out]]) -> None:
+        try:
+            if live := [item for item in batch if not item.future.done()]:  # skip callers that left
+                await self._run_live(loop, live)
+        finally:
+            for _ in batch:
+                self._queue.task_done()
+
+    async def _run_live(self, loop: asyncio.AbstractEventLoop, live: list[_Item[In, Out]]) -> None:
+        started = time.monotonic()
+        self.stats.waited_s += sum(started - item.queued_at for item in live)
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run, [i.payload for i in live])
+            if len(outputs) != len(live):
+                raise RuntimeError(f"{self.name}: {len(outputs)} outputs for {len(live)} inputs. This is a bug.")
+        except Exception as error:  # every caller in the batch gets the error; the batcher lives on
+            log.warning("%s: batch of %d failed: %s", self.name, len(live), error)
+            for item in live:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        for item, output in zip(live, outputs, strict=True):
+            if not item.future.done():
+                item.future.set_result(output)
+        self.stats.batches += 1
+        self.stats.items += len(live)
+        self.stats.last_batch_size = len(live)
+        self.stats.sizes[len(live)] += 1
+        if self._on_batch is not None:
+            self._on_batch(self.name, len(live), time.monotonic() - started)

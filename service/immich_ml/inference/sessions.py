@@ -1,0 +1,186 @@
+"""ONNX Runtime sessions: provider choice and options from settings, and the providers really in use."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from immich_ml.settings import Provider, Settings
+
+__all__ = ["CPU", "CUDA", "TENSORRT", "OnnxSession", "ProviderError", "SessionFactory", "onnxruntime_builds"]
+
+log = logging.getLogger("immich_ml.models")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+
+_WANTED: dict[Provider, tuple[str, ...]] = {
+    Provider.AUTO: (CUDA, CPU),
+    Provider.CPU: (CPU,),
+    Provider.CUDA: (CUDA, CPU),
+    Provider.TENSORRT: (TENSORRT, CUDA, CPU),
+}
+
+
+class ProviderError(RuntimeError):
+    """A GPU provider was required (strict mode) but the session would run on the CPU."""
+
+
+class OnnxSession:
+    """One loaded ONNX graph and the providers ONNX Runtime actually chose for it."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self._session = session
+        self.providers: list[str] = session.get_providers()
+        self.input_names = [node.name for node in session.get_inputs()]
+        self.output_names = [node.name for node in session.get_outputs()]
+        first_dim = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
+        self.fixed_batch: int | None = first_dim if isinstance(first_dim, int) else None
+        self.metadata: dict[str, str] = session.get_modelmeta().custom_metadata_map
+
+    @property
+    def on_gpu(self) -> bool:
+        """True when the first provider is a GPU one."""
+        return self.providers[0] != CPU
+
+    def input_shape(self, index: int = 0) -> list[int | str | None]:
+        """The declared shape of an input (symbolic dims are strings or None)."""
+        return list(self._session.get_inputs()[index].shape)
+
+    def output_shape(self, index: int = 0) -> list[int | str | None]:
+        """The declared shape of an output (symbolic dims are strings or None)."""
+        return list(self._session.get_outputs()[index].shape)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the graph; a graph with a fixed batch of 1 is run row by row and the rows stacked."""
+        batch = len(next(iter(feeds.values())))
+        if self.fixed_batch != 1 or batch == 1:
+            return list(self._session.run(None, feeds))
+        rows = [
+            self._session.run(None, {name: value[i : i + 1] for name, value in feeds.items()}) for i in range(batch)
+        ]
+        return [np.concatenate(parts) for parts in zip(*rows, strict=True)]
+
+
+def onnxruntime_builds() -> list[str]:
+    """The ONNX Runtime distributions installed; more than one means they overwrite each other's files."""
+    builds = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            builds.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return builds
+
+
+class SessionFactory:
+    """Creates sessions with the configured providers, threads and memory options."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        available_providers: Callable[[], Sequence[str]] = ort.get_available_providers,
+    ) -> None:
+        self.settings = settings
+        self._available_providers = available_providers
+        if len(builds := onnxruntime_builds()) > 1:
+            log.error(
+                "both %s are installed; they share one `onnxruntime` package and whichever was installed "
+                "last wins. Uninstall both and install one (docs/gpu.md)",
+                " and ".join(builds),
+            )
+
+    def wanted_providers(self) -> list[str]:
+        """The providers to ask for, in order: the configured preference, limited to this build's."""
+        available = set(self._available_providers())
+        wanted = [p for p in _WANTED[self.settings.provider] if p in available or p == CPU]
+        missing = [p for p in _WANTED[self.settings.provider] if p not in wanted]
+        if missing and self.settings.provider not in (Provider.AUTO, Provider.CPU):
+            message = (
+                f"provider {self.settings.provider} asked for, but this onnxruntime build lacks "
+                f"{', '.join(missing)} (it has {', '.join(sorted(available))}); "
+                "install onnxruntime-gpu or use the CUDA package"
+            )
+            if self.settings.provider_strict:
+                raise ProviderError(message)
+            log.error(message)
+        return wanted
+
+    def create(self, model_path: Path, *, cache_key: str, runs: int = 1) -> OnnxSession:
+        """Load `model_path`; log the providers in use; raise in strict mode if a GPU one was lost."""
+        wanted = self.wanted_providers()
+        options = [self._provider_options(p, cache_key) for p in wanted]
+        session = OnnxSession(
+            ort.InferenceSession(
+                str(model_path),
+                sess_options=self._session_options(wanted, runs),
+                providers=wanted,
+                provider_options=options,
+            )
+        )
+        used_gpu = session.providers[0] != CPU
+        if wanted[0] != CPU and not used_gpu:
+            message = (
+                f"{wanted[0]} failed to initialise for {cache_key}; running on the CPU instead "
+                "(check the driver, CUDA/cuDNN libraries and `immich-gpu-check`)"
+            )
+            if self.settings.provider_strict:
+                raise ProviderError(message)
+            if self.settings.provider is Provider.AUTO:
+                log.warning(message)
+            else:
+                log.error(message)
+        log.info("loaded %s using %s", cache_key, ", ".join(session.providers))
+        return session
+
+    def _session_options(self, providers: list[str], runs: int = 1) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        cpu_only = providers == [CPU]
+        inter = self.settings.inter_op_threads or (1 if cpu_only else 0)
+        intra = self.settings.intra_op_threads or (2 if cpu_only else 0)
+        if cpu_only and runs > 1:  # `runs` batches at once share the intra-op threads instead of oversubscribing
+            intra = max(1, intra // runs)
+        options.inter_op_num_threads = inter
+        options.intra_op_num_threads = intra
+        options.execution_mode = ort.ExecutionMode.ORT_PARALLEL if inter > 1 else ort.ExecutionMode.ORT_SEQUENTIAL
+        options.enable_cpu_mem_arena = self.settings.model_arena
+        # Idle ONNX Runtime threads spin by default; on few cores that steals time from decoding and other
+        # sessions (measured in docs/benchmarks.md), so they sleep unless MODEL_THREAD_SPINNING is set.
+        spinning = "1" if self.settings.thread_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return options
+
+    def _provider_options(self, provider: str, cache_key: str) -> dict[str, Any]:
+        s = self.settings
+        if provider == CPU:
+            return {"arena_extend_strategy": "kSameAsRequested"}
+        if provider == CUDA:
+            options: dict[str, Any] = {
+                "device_id": s.device_id,
+                "arena_extend_strategy": s.cuda_arena_strategy,
+                "cudnn_conv_algo_search": s.cudnn_conv_algo_search,
+            }
+            if s.gpu_mem_limit is not None:
+                options["gpu_mem_limit"] = s.gpu_mem_limit
+            return options
+        engine_dir = s.tensorrt_cache / cache_key.replace("/", "_")
+        engine_dir.mkdir(parents=True, exist_ok=True)
+        return {
+            "device_id": s.device_id,
+            "trt_fp16_enable": s.tensorrt_fp16,
+            "trt_max_workspace_size": s.tensorrt_workspace,
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(engine_dir),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(s.tensorrt_cache),
+        }

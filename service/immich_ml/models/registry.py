@@ -1,0 +1,166 @@
+"""Loaded models: one load at a time per model, retry after corruption, preload, and unloading after a TTL."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import gc
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from immich_ml.errors import ImmichMLError, ModelLoadFailed, UnknownModel
+from immich_ml.inference.sessions import ProviderError
+from immich_ml.models.catalog import is_known
+from immich_ml.models.store import ModelStore
+from immich_ml.models.tasks import ModelKey
+from immich_ml.pipelines import MODEL_CLASSES, InferenceModel
+from immich_ml.pipelines.base import Runtime
+
+__all__ = ["ModelRegistry"]
+
+log = logging.getLogger("immich_ml.models")
+
+_FAILURE_MEMORY_S = 60.0
+
+
+@dataclass
+class _Entry:
+    model: InferenceModel
+    pinned: bool
+    last_used: float
+    active: int = 0
+    load_seconds: float = 0.0
+
+
+class ModelRegistry:
+    """Hands out loaded models by key, loading each at most once at a time and unloading idle ones."""
+
+    def __init__(self, store: ModelStore, runtime: Runtime) -> None:
+        self.store = store
+        self.runtime = runtime
+        self._entries: dict[ModelKey, _Entry] = {}
+        self._locks: dict[ModelKey, asyncio.Lock] = {}
+        self._failures: dict[ModelKey, tuple[float, str]] = {}
+
+    @asynccontextmanager
+    async def use(self, key: ModelKey) -> AsyncIterator[InferenceModel]:
+        """Yield the loaded model for `key`; it is not unloaded while in use."""
+        entry = await self._entry(key, pinned=False)
+        entry.active += 1
+        try:
+            yield entry.model
+        finally:
+            entry.active -= 1
+            entry.last_used = time.monotonic()
+
+    async def preload(self, keys: Iterable[ModelKey]) -> None:
+        """Load and warm up models that never expire, before the daemon reports ready."""
+        for key in keys:
+            entry = await self._entry(key, pinned=True)
+            started = time.monotonic()
+            await entry.model.warmup()
+            log.info("warmed up %s in %.2f s", key, time.monotonic() - started)
+
+    def loaded(self) -> dict[ModelKey, InferenceModel]:
+        """The models in memory now."""
+        return {key: entry.model for key, entry in self._entries.items()}
+
+    def load_seconds(self) -> dict[ModelKey, float]:
+        """How long each loaded model took to load (download included)."""
+        return {key: entry.load_seconds for key, entry in self._entries.items()}
+
+    async def unload_idle(self, ttl_s: float) -> list[ModelKey]:
+        """Unload models unused for `ttl_s` seconds (never preloaded ones, never ones in use)."""
+        now = time.monotonic()
+        idle = [
+            key for key, e in self._entries.items() if not e.pinned and e.active == 0 and now - e.last_used >= ttl_s
+        ]
+        for key in idle:
+            entry = self._entries.pop(key)
+            await entry.model.close()
+            log.info("unloaded %s after %.0f s idle", key, now - entry.last_used)
+        if idle:
+            _return_memory()
+        return idle
+
+    async def evict_periodically(self) -> None:
+        """Run `unload_idle` every poll interval, forever (a background task)."""
+        settings = self.runtime.settings
+        if settings.model_ttl_s <= 0 or settings.model_ttl_poll_s <= 0:
+            return
+        while True:
+            await asyncio.sleep(settings.model_ttl_poll_s)
+            await self.unload_idle(settings.model_ttl_s)
+
+    async def close(self) -> None:
+        """Finish queued work of every model and unload them all."""
+        entries, self._entries = self._entries, {}
+        await asyncio.gather(*(entry.model.close() for entry in entries.values()))
+
+    async def _entry(self, key: ModelKey, *, pinned: bool) -> _Entry:
+        if (entry := self._entries.get(key)) is not None:
+            entry.pinned |= pinned
+            entry.last_used = time.monotonic()
+            return entry
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            if (entry := self._entries.get(key)) is None:
+                started = time.monotonic()
+                model = await self._load(key)
+                entry = _Entry(model, pinned, time.monotonic(), load_seconds=time.monotonic() - started)
+                self._entries[key] = entry
+            entry.pinned |= pinned
+            return entry
+
+    async def _load(self, key: ModelKey) -> InferenceModel:
+        model_class = MODEL_CLASSES.get((key.task, key.type))
+        if model_class is None or not (is_known(key) or self.store.is_cached(key)):
+            raise UnknownModel(
+                f"Unknown model '{key.name}' for {key.task} {key.type}; see the supported "
+                "models in docs/models.md, or place an export at " + str(self.store.model_dir(key))
+            )
+        if (failure := self._failures.get(key)) and time.monotonic() - failure[0] < _FAILURE_MEMORY_S:
+            raise ModelLoadFailed(f"Failed to load model '{key.name}': {failure[1]} (retrying later)")
+        try:
+            model = await self._load_files(model_class, key)
+        except _CorruptModel as error:
+            log.warning("failed to load %s (%s); clearing its cache and downloading it again", key, error.__cause__)
+            await self.runtime.workers.run(self.store.remove_type, key)
+            try:
+                model = await self._load_files(model_class, key)
+            except _CorruptModel as error:
+                self._failures[key] = (time.monotonic(), str(error.__cause__))
+                raise ModelLoadFailed(f"Failed to load model '{key.name}': {error.__cause__}") from error
+        self._failures.pop(key, None)
+        return model
+
+    async def _load_files(self, model_class: type[InferenceModel], key: ModelKey) -> InferenceModel:
+        """Find or download the files and create the model; unreadable files raise `_CorruptModel`."""
+        workers = self.runtime.workers
+        model = model_class(key, await workers.run(self.store.ensure, key), self.runtime)
+        try:
+            await workers.run(model.load)
+        except ProviderError as error:  # a configuration problem: the files are fine, keep them
+            raise ModelLoadFailed(f"Failed to load model '{key.name}': {error}") from error
+        except ImmichMLError:
+            raise
+        except Exception as error:
+            await model.close()
+            raise _CorruptModel from error
+        return model
+
+
+class _CorruptModel(Exception):
+    """The model's files exist but do not load; the cause says why."""
+
+
+def _return_memory() -> None:
+    """Give freed heap pages back to the OS, so unloading a model lowers the resident size."""
+    gc.collect()
+    if (libc_name := ctypes.util.find_library("c")) is not None:
+        libc = ctypes.CDLL(libc_name)
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)

@@ -1,0 +1,1 @@
+"""CLIP: the visual and textual encoders and the query-text tokenizer."""

@@ -1,0 +1,128 @@
+"""CLIP for smart search: image and text encoders (OpenCLIP, SigLIP, M-CLIP, nllb-clip)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from immich_ml.encoding import vector_string
+from immich_ml.inference.batcher import Batcher
+from immich_ml.pipelines.base import InferenceModel, Payload, stack
+from immich_ml.pipelines.clip.tokenizer import TextTokenizer, clean_text, flores_code
+from immich_ml.settings import Preprocessing
+
+__all__ = ["ClipTextual", "ClipVisual", "resize_and_crop"]
+
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def resize_and_crop(image: Image.Image, size: int, *, resample: Image.Resampling, squash: bool) -> Image.Image:
+    """Resize to `size`×`size`: squash directly, or shorter side to `size` then centre crop (upstream's way)."""
+    if squash:
+        return image.resize((size, size), resample=resample)
+    width, height = image.size
+    if width < height:
+        new_size = (size, int(height / width * size))
+    else:
+        new_size = (int(width / height * size), size)
+    image = image.resize(new_size, resample=resample)
+    left = int(new_size[0] / 2 - size / 2)
+    top = int(new_size[1] / 2 - size / 2)
+    return image.crop((left, top, left + size, top + size))
+
+
+class ClipVisual(InferenceModel):
+    """Image encoder: `preprocess_cfg.json` drives resizing and normalisation; output is unit-norm."""
+
+    def configure(self) -> None:
+        config = json.loads((self.model_dir / "preprocess_cfg.json").read_text())
+        size = config["size"]
+        self.size = int(size[0] if isinstance(size, list) else size)
+        self.mean = np.asarray(config["mean"], dtype=np.float32)
+        self.std = np.asarray(config["std"], dtype=np.float32)
+        if self.runtime.settings.preprocessing is Preprocessing.LATEST:
+            self.resample = _RESAMPLE[config.get("interpolation", "bicubic")]
+            mode = config.get("resize_mode", "shortest")
+            if mode not in ("shortest", "squash"):
+                raise ValueError(f"{self.model_dir}: unsupported resize_mode {mode!r}")
+            self.squash = mode == "squash"
+        else:  # the released upstream ignores both settings: bicubic, shortest side, centre crop
+            self.resample, self.squash = Image.Resampling.BICUBIC, False
+        self.input_name = self._require_session().input_names[0]
+        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(
+            self._run, max_batch=self.runtime.settings.max_batch_clip
+        )
+
+    @property
+    def min_image_side(self) -> int:
+        return self.size
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """The normalised CHW float32 array the graph takes for one image."""
+        image = resize_and_crop(image, self.size, resample=self.resample, squash=self.squash)
+        pixels = np.asarray(image, dtype=np.float32) / 255.0
+        return ((pixels - self.mean) / self.std).transpose(2, 0, 1)
+
+    def _run(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        (embeddings, *_) = self._require_session().run({self.input_name: stack(images)})
+        return list(embeddings)
+
+    async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> str:
+        pixels = await self.runtime.workers.run(self.preprocess, self.image_of(payload))
+        return vector_string(await self.batcher.submit(pixels))
+
+    def warmup_payload(self) -> Payload:
+        return Image.new("RGB", (self.size, self.size), (128, 128, 128))
+
+
+class ClipTextual(InferenceModel):
+    """Text encoder: OpenCLIP (`text`) or M-CLIP (`input_ids` + `attention_mask`), told apart by the graph."""
+
+    interactive = True
+
+    def configure(self) -> None:
+        config = json.loads((self.model_dir.parent / "config.json").read_text())
+        text_cfg = config.get("text_cfg", {})
+        context_length = int(text_cfg.get("context_length", 77))
+        self.canonicalize = text_cfg.get("tokenizer_kwargs", {}).get("clean") == "canonicalize"
+        self.tokenizer = TextTokenizer(self.model_dir, context_length)
+        self.input_names = self._require_session().input_names
+        self.is_mclip = "input_ids" in self.input_names
+        self.uses_language = self.key.name.startswith("nllb")
+        self.batcher: Batcher[tuple[np.ndarray, np.ndarray], np.ndarray] = self.add_batcher(
+            self._run, max_batch=self.runtime.settings.max_batch_clip
+        )
+
+    def tokenize(self, text: str, language: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """Clean the query, add the nllb language prefix where it applies, and encode it."""
+        text = clean_text(text, canonicalize=self.canonicalize)
+        if self.uses_language and language:
+            text = flores_code(language) + text
+        return self.tokenizer.encode(text)
+
+    def _run(self, encodings: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        ids = stack([ids for ids, _ in encodings])
+        if self.is_mclip:
+            feeds = {"input_ids": ids, "attention_mask": stack([mask for _, mask in encodings])}
+        else:
+            feeds = {self.input_names[0]: ids}
+        (embeddings, *_) = self._require_session().run(feeds)
+        return list(embeddings)
+
+    async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> str:
+        text = self.text_of(payload)
+        language = options.get("language")
+        encoding = await self.runtime.workers.run(self.tokenize, text, language if isinstance(language, str) else None)
+        return vector_string(await self.batcher.submit(encoding))
+
+    def warmup_payload(self) -> Payload:
+        return "a photo of a cat"

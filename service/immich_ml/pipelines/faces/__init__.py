@@ -1,0 +1,1 @@
+"""Faces: SCRFD detection and ArcFace recognition with alignment."""

@@ -1,0 +1,1 @@
+"""OCR: PP-OCR text detection (boxes) and recognition (lines)."""

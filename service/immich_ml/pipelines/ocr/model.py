@@ -1,0 +1,173 @@
+"""OCR: the PP-OCRv5 text detector and the CTC text recogniser that reads its boxes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from immich_ml.errors import InvalidEntries
+from immich_ml.inference.batcher import Batcher
+from immich_ml.inference.sessions import OnnxSession
+from immich_ml.models.tasks import ModelType
+from immich_ml.pipelines.base import InferenceModel, Payload
+from immich_ml.pipelines.ocr.boxes import MIN_SIDE, DetectionParams, boxes_from_probability, detection_input
+from immich_ml.pipelines.ocr.lines import Recognised, crop_line, ctc_decode, load_charset, recognition_batch
+
+__all__ = ["TextDetector", "TextRecognizer"]
+
+
+def _number(options: Mapping[str, Any], name: str, default: float) -> float:
+    value = options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidEntries(f"Invalid request format. Option '{name}' must be a number, not {value!r}.")
+    return float(value)
+
+
+def detection_params(options: Mapping[str, Any]) -> DetectionParams:
+    """The `ocr.detection` options of one request (`minScore`, `maxResolution`, `scoreMode`)."""
+    max_resolution = _number(options, "maxResolution", DetectionParams.max_resolution)
+    if max_resolution < 1 or max_resolution != int(max_resolution):
+        raise InvalidEntries(
+            f"Invalid request format. Option 'maxResolution' must be a positive integer, not {max_resolution!r}."
+        )
+    score_mode = options.get("scoreMode", "fast")
+    if score_mode not in ("fast", "slow"):
+        raise InvalidEntries(
+            f"Invalid request format. Option 'scoreMode' must be 'fast' or 'slow', not {score_mode!r}."
+        )
+    return DetectionParams(
+        box_threshold=_number(options, "minScore", DetectionParams.box_threshold),
+        max_resolution=int(max_resolution),
+        score_mode=score_mode,
+    )
+
+
+def _run_grouped(session: OnnxSession, input_name: str, inputs: list[np.ndarray], max_rows: int) -> list[np.ndarray]:
+    """Run inputs that each carry a leading batch dimension; inputs of equal shape from any request share
+    session runs of up to `max_rows` rows. Each input's rows are its own, so results never depend on
+    which other requests were queued alongside."""
+    outputs: list[np.ndarray | None] = [None] * len(inputs)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, array in enumerate(inputs):
+        groups.setdefault(array.shape[1:], []).append(index)
+    runs: list[list[int]] = []
+    for members in groups.values():
+        runs.append([])
+        for index in members:
+            if runs[-1] and sum(len(inputs[i]) for i in runs[-1]) + len(inputs[index]) > max_rows:
+                runs.append([])
+            runs[-1].append(index)
+    for members in runs:
+        (result, *_) = session.run({input_name: np.concatenate([inputs[i] for i in members])})
+        offset = 0
+        for index in members:
+            outputs[index] = result[offset : offset + len(inputs[index])]
+            offset += len(inputs[index])
+    return [output for output in outputs if output is not None]
+
+
+class TextDetector(InferenceModel):
+    """DB text detector. `maxResolution`, `minScore` and `scoreMode` are per-request parameters, so one
+    loaded instance serves requests with any of them (upstream's newest code keys instances by
+    `maxResolution`; here that is unnecessary). Returns `{"boxes": [N×4×[x,y]], "scores": [N]}` in
+    image pixels, in reading order, as plain lists (also the detection-only response)."""
+
+    def configure(self) -> None:
+        self.input_name = self._require_session().input_names[0]
+        self.max_rows = self.runtime.settings.max_batch_ocr
+        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(self._run, max_batch=self.max_rows)
+
+    def _run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        # Detector inputs vary in size; requests whose resized images match share one run.
+        return _run_grouped(self._require_session(), self.input_name, inputs, self.max_rows)
+
+    async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> dict[str, Any]:
+        image = self.image_of(payload)
+        params = detection_params(options)
+        if image.width < MIN_SIDE or image.height < MIN_SIDE:
+            return {"boxes": [], "scores": []}
+        workers = self.runtime.workers
+        pixels = await workers.run(detection_input, image, params.max_resolution, self.runtime.settings.preprocessing)
+        probability = await self.batcher.submit(pixels)
+        found = await workers.run(boxes_from_probability, probability[0, 0], image.size, params)
+        return {"boxes": found.boxes.tolist(), "scores": found.scores.tolist()}
+
+    def warmup_payload(self) -> Payload:
+        return Image.new("RGB", (64, 64), (255, 255, 255))
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Up to `max_batch_ocr` crops of one request, resized and padded to one width: one batcher item."""
+
+    members: list[int]
+    pixels: np.ndarray
+
+
+class TextRecognizer(InferenceModel):
+    """CTC recogniser over the detector's boxes; keeps lines whose text score is above `minScore`.
+
+    Crops are sorted by aspect ratio and cut into chunks of `max_batch_ocr`, each padded to its own width
+    as upstream does, so a request's results never depend on other requests. A whole chunk is one batcher
+    item: chunks of equal width (most short lines pad to 320 px) from concurrent requests share a run.
+    """
+
+    depends_on = ModelType.DETECTION
+
+    def configure(self) -> None:
+        session = self._require_session()
+        charset_file = self.model_dir / "charset.txt"
+        fallback = charset_file.read_text(encoding="utf-8").splitlines() if charset_file.is_file() else None
+        self.charset = load_charset(session.metadata, fallback)
+        self.input_name = session.input_names[0]
+        self.chunk_size = self.runtime.settings.max_batch_ocr
+        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(self._run, max_batch=self.chunk_size)
+
+    def _run(self, chunks: list[np.ndarray]) -> list[np.ndarray]:
+        return _run_grouped(self._require_session(), self.input_name, chunks, self.chunk_size)
+
+    def _chunks(self, image: Image.Image, boxes: np.ndarray) -> list[_Chunk]:
+        crops = [crop_line(image, corners) for corners in boxes]
+        order = sorted(range(len(crops)), key=lambda i: crops[i].width / crops[i].height)
+        return [
+            _Chunk(members, recognition_batch([crops[i] for i in members]))
+            for start in range(0, len(order), self.chunk_size)
+            for members in (order[start : start + self.chunk_size],)
+        ]
+
+    def _decode(self, chunks: Sequence[_Chunk], outputs: Sequence[np.ndarray]) -> dict[int, Recognised]:
+        return {
+            index: line
+            for chunk, output in zip(chunks, outputs, strict=True)
+            for index, line in zip(chunk.members, ctc_decode(output, self.charset), strict=True)
+        }
+
+    async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> dict[str, Any]:
+        image = self.image_of(payload)
+        min_score = _number(options, "minScore", 0.9)
+        if not dependency or not dependency.get("scores"):
+            return {"box": [], "boxScore": [], "text": [], "textScore": []}
+        boxes = np.asarray(dependency["boxes"], dtype=np.float64)
+        workers = self.runtime.workers
+        chunks = await workers.run(self._chunks, image, boxes)
+        outputs = await self.batcher.submit_many([chunk.pixels for chunk in chunks])
+        lines = await workers.run(self._decode, chunks, outputs)
+        kept = [i for i in range(len(boxes)) if lines[i].score > min_score]
+        normalised = boxes[kept] / np.array([image.width, image.height], dtype=np.float64)
+        return {
+            "box": normalised.reshape(-1).tolist(),
+            "boxScore": [float(dependency["scores"][i]) for i in kept],
+            "text": [lines[i].text for i in kept],
+            "textScore": [lines[i].score for i in kept],
+        }
+
+    def warmup_payload(self) -> Payload:
+        return Image.new("RGB", (320, 48), (255, 255, 255))
+
+    async def warmup(self) -> None:
+        line = [[0.0, 0.0], [319.0, 0.0], [319.0, 47.0], [0.0, 47.0]]
+        await self.predict(self.warmup_payload(), {}, {"boxes": [line], "scores": [1.0]})

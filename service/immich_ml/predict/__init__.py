@@ -1,0 +1,1 @@
+"""One predict request: the entries parsed into plans, run across the models."""

@@ -1,0 +1,81 @@
+"""One predict request end to end: decode the input, run each task's models in order, build the response."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from immich_ml.imaging import decode_image
+from immich_ml.inference.threads import Workers
+from immich_ml.models.registry import ModelRegistry
+from immich_ml.predict.entries import Entry, TaskPlan, parse_entries
+
+__all__ = ["PredictInput", "Predictor"]
+
+
+@dataclass(frozen=True)
+class PredictInput:
+    """The raw parts of a predict request."""
+
+    entries: bytes
+    image: bytes | None = None
+    text: str | None = None
+
+    def describe(self) -> str:
+        """A log-safe summary: never the image or the query text."""
+        kind = f"image {len(self.image)} B" if self.image is not None else f"text {len(self.text or '')} chars"
+        return f"{self.entries[:200].decode(errors='replace')} ({kind})"
+
+
+class Predictor:
+    """Runs the models a request asks for and shapes the response like upstream."""
+
+    def __init__(
+        self, registry: ModelRegistry, workers: Workers, *, max_image_pixels: int, jpeg_draft: bool = False
+    ) -> None:
+        self.registry = registry
+        self.workers = workers
+        self.max_image_pixels = max_image_pixels
+        self.jpeg_draft = jpeg_draft
+
+    async def predict(self, request: PredictInput) -> dict[str, Any]:
+        """The response body: one key per task, plus the image size for image input."""
+        plans = parse_entries(request.entries)
+        response: dict[str, Any] = {}
+        payload: Image.Image | str
+        size = None
+        if request.image is not None:
+            draft_size = await self._draft_size(plans) if self.jpeg_draft else None
+            payload, size = await self.workers.run(
+                decode_image, request.image, max_pixels=self.max_image_pixels, draft_size=draft_size
+            )
+        else:
+            payload = request.text or ""
+        outcomes = await asyncio.gather(*(self._run_task(plan, payload) for plan in plans), return_exceptions=True)
+        for plan, outcome in zip(plans, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
+            response[plan.task.value] = outcome
+        if size is not None:
+            response["imageWidth"], response["imageHeight"] = size
+        return response
+
+    async def _draft_size(self, plans: list[TaskPlan]) -> int | None:
+        """The smallest image side the request's only model needs, when that is all the request asks for."""
+        if len(plans) != 1 or plans[0].second is not None:
+            return None
+        async with self.registry.use(plans[0].first.key) as model:
+            return model.min_image_side
+
+    async def _run_task(self, plan: TaskPlan, payload: Image.Image | str) -> Any:
+        output = await self._run_model(plan.first, payload, None)
+        if plan.second is not None:
+            output = await self._run_model(plan.second, payload, output)
+        return output
+
+    async def _run_model(self, entry: Entry, payload: Image.Image | str, dependency: Any) -> Any:
+        async with self.registry.use(entry.key) as model:
+            return await model.predict(payload, entry.options, dependency)

@@ -1,0 +1,79 @@
+"""/metrics over real HTTP after real requests, parsed with prometheus-client's own parser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from immich_ml.http.appkeys import STATE
+from tests import modelgen
+from tests.conftest import ClientFactory, predict_form
+
+CLIP = "ViT-B-32__openai"
+VISUAL = f'{{"clip": {{"visual": {{"modelName": "{CLIP}"}}}}}}'
+TEXTUAL = f'{{"clip": {{"textual": {{"modelName": "{CLIP}"}}}}}}'
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def _scrape(client: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with client.get("/metrics") as response:  # type: ignore[attr-defined]
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        return _samples(await response.text())
+
+
+async def test_requests_batches_and_models_are_counted(make_client: ClientFactory, clip_cache: Path) -> None:
+    client = await make_client()
+    image = modelgen.jpeg_bytes(modelgen.make_gradient_image(64, 48))
+    for _ in range(2):
+        async with client.post("/predict", data=predict_form(VISUAL, image=image)) as response:
+            assert response.status == 200
+    async with client.post("/predict", data=predict_form(TEXTUAL, text="a dog")) as response:
+        assert response.status == 200
+    async with client.post("/predict", data=predict_form("not json", text="a dog")) as response:
+        assert response.status == 422
+    async with client.post("/predict", data=predict_form(VISUAL, image=b"not an image")) as response:
+        assert response.status == 400
+
+    samples = await _scrape(client)
+    visual, textual = f"{CLIP}/visual", f"{CLIP}/textual"
+    assert samples[("immich_ml_requests_total", (("model", visual), ("status", "200"), ("task", "clip")))] == 2
+    assert samples[("immich_ml_requests_total", (("model", textual), ("status", "200"), ("task", "clip")))] == 1
+    assert samples[("immich_ml_requests_total", (("model", visual), ("status", "400"), ("task", "clip")))] == 1
+    assert samples[("immich_ml_requests_total", (("model", ""), ("status", "422"), ("task", "invalid")))] == 1
+    assert samples[("immich_ml_request_duration_seconds_count", (("task", "clip"),))] == 4
+    batcher = (("batcher", f"clip/{visual}"),)
+    assert samples[("immich_ml_batch_size_count", batcher)] == 2
+    assert samples[("immich_ml_batch_size_sum", batcher)] == 2
+    assert samples[("immich_ml_batch_duration_seconds_count", batcher)] == 2
+    assert samples[("immich_ml_models_loaded", ())] == 2
+    assert samples[("immich_ml_queue_depth", (("model", f"clip/{visual}"),))] == 0
+    assert samples[("immich_ml_model_load_seconds", (("model", f"clip/{textual}"),))] > 0
+    assert samples[("immich_ml_model_info", (("model", f"clip/{visual}"), ("providers", "CPUExecutionProvider")))] == 1
+    assert samples[("immich_ml_requests_in_flight", ())] == 0
+
+
+async def test_ready_gauge_follows_preload(make_client: ClientFactory, clip_cache: Path) -> None:
+    client = await make_client(preload={})
+    await client.app[STATE].ready_event.wait()
+    assert (await _scrape(client))[("immich_ml_ready", ())] == 1
+    client.app[STATE].draining = True
+    assert (await _scrape(client))[("immich_ml_ready", ())] == 0
+
+
+async def test_two_apps_in_one_process_keep_separate_metrics(make_client: ClientFactory, clip_cache: Path) -> None:
+    first, second = await make_client(), await make_client()
+    async with first.post("/predict", data=predict_form(TEXTUAL, text="a dog")) as response:
+        assert response.status == 200
+    assert (
+        "immich_ml_requests_total",
+        (("model", f"{CLIP}/textual"), ("status", "200"), ("task", "clip")),
+    ) not in await _scrape(second)

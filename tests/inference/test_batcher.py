@@ -1,0 +1,332 @@
+"""Cross-request batching: stacking, per-caller results, failure isolation, backpressure and bulk priority."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from aiohttp.test_utils import TestClient
+
+from immich_ml.errors import Overloaded
+from immich_ml.http.appkeys import REGISTRY
+from immich_ml.inference.batcher import Batcher
+from immich_ml.inference.sessions import SessionFactory
+from immich_ml.inference.threads import Workers, in_background_thread
+from immich_ml.models.tasks import ModelKey, ModelType, Task
+from immich_ml.pipelines.base import Runtime
+from immich_ml.settings import ConfigError, Settings
+from tests import modelgen
+from tests.conftest import ClientFactory, predict_form
+
+VISUAL = '{"clip":{"visual":{"modelName":"ViT-B-32__openai"}}}'
+VISUAL_KEY = ModelKey(Task.CLIP, ModelType.VISUAL, "ViT-B-32__openai")
+
+
+class GatedRun:
+    """A blocking `run` that records each batch and holds the first one until `release()`."""
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.started = threading.Event()
+        self.gate = threading.Event()
+        self.fail_on = fail_on
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.started.set()
+        self.gate.wait()
+        if self.fail_on in items:
+            raise ValueError(f"bad input {self.fail_on}")
+        return [item * 10 for item in items]
+
+    async def wait_running(self) -> None:
+        await asyncio.to_thread(self.started.wait)
+
+    def release(self) -> None:
+        self.gate.set()
+
+
+async def start_blocked(batcher: Batcher[int, int], run: GatedRun) -> asyncio.Task[int]:
+    """Submit input 0 and return once its batch is running (and holding the session)."""
+    first = asyncio.create_task(batcher.submit(0))
+    await run.wait_running()
+    return first
+
+
+async def queued(batcher: Batcher[int, int], count: int) -> None:
+    """Wait until `count` inputs are queued behind the running batch."""
+    while batcher.depth < count:
+        await asyncio.sleep(0)
+
+
+async def test_inputs_arriving_while_a_batch_runs_are_stacked_up_to_max_batch() -> None:
+    run = GatedRun()
+    batcher = Batcher("test", run, max_batch=3, max_delay_s=0)
+    first = await start_blocked(batcher, run)
+    rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 6)]
+    await queued(batcher, 5)
+    run.release()
+    assert [await first, *await asyncio.gather(*rest)] == [0, 10, 20, 30, 40, 50]
+    assert run.batches == [[0], [1, 2, 3], [4, 5]]
+    assert dict(batcher.stats.sizes) == {1: 1, 3: 1, 2: 1}
+    assert batcher.stats.peak_depth == 5
+    await batcher.close()
+
+
+async def test_inputs_within_the_delay_join_one_batch() -> None:
+    run = GatedRun()
+    run.release()
+    batcher = Batcher("test", run, max_batch=8, max_delay_s=5.0)  # the batch closes when full, not by the clock
+    assert await asyncio.gather(*(batcher.submit(i) for i in range(8))) == [i * 10 for i in range(8)]
+    assert run.batches == [list(range(8))]
+    await batcher.close()
+
+
+async def test_submit_many_from_different_callers_share_a_batch_in_order() -> None:
+    run = GatedRun()
+    batcher = Batcher("test", run, max_batch=16, max_delay_s=0)
+    first = await start_blocked(batcher, run)
+    faces_a = asyncio.create_task(batcher.submit_many([1, 2]))
+    faces_b = asyncio.create_task(batcher.submit_many([3, 4, 5]))
+    await queued(batcher, 5)
+    run.release()
+    assert (await first, await faces_a, await faces_b) == (0, [10, 20], [30, 40, 50])
+    assert run.batches == [[0], [1, 2, 3, 4, 5]]
+    await batcher.close()
+
+
+async def test_a_failed_batch_fails_only_its_own_inputs() -> None:
+    run = GatedRun(fail_on=0)
+    batcher = Batcher("test", run, max_batch=4, max_delay_s=0)
+    first = await start_blocked(batcher, run)
+    later = asyncio.create_task(batcher.submit_many([1, 2]))
+    await queued(batcher, 2)
+    run.release()
+    with pytest.raises(ValueError, match="bad input 0"):
+        await first
+    assert await later == [10, 20]
+    assert (batcher.stats.batches, batcher.stats.items) == (1, 2)
+    await batcher.close()
+
+
+async def test_a_full_queue_refuses_new_inputs_and_keeps_the_admitted_ones() -> None:
+    run = GatedRun()
+    batcher = Batcher("test", run, max_batch=8, max_delay_s=0, queue_size=3)
+    first = await start_blocked(batcher, run)
+    admitted = [asyncio.create_task(batcher.submit(i)) for i in (1, 2, 3)]
+    await queued(batcher, 3)
+    with pytest.raises(Overloaded) as refused:
+        await batcher.submit(4)
+    assert refused.value.status == 503 and refused.value.retry_after_s >= 1
+    with pytest.raises(Overloaded):  # all of a multi-input call or none of it
+        await batcher.submit_many([5, 6])
+    run.release()
+    assert [await first, *await asyncio.gather(*admitted)] == [0, 10, 20, 30]
+    assert (batcher.stats.rejected, batcher.stats.peak_depth) == (3, 3)
+    await batcher.close()
+
+
+async def test_close_finishes_queued_inputs() -> None:
+    run = GatedRun()
+    batcher = Batcher("test", run, max_batch=2, max_delay_s=0)
+    first = await start_blocked(batcher, run)
+    rest = [asyncio.create_task(batcher.submit(i)) for i in (1, 2, 3)]
+    await queued(batcher, 3)
+    closing = asyncio.create_task(batcher.close())
+    run.release()
+    await closing
+    assert [await first, *await asyncio.gather(*rest)] == [0, 10, 20, 30]
+
+
+def _niceness_of(thread_id: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, thread_id)
+
+
+async def test_bulk_batcher_thread_runs_at_lower_priority() -> None:
+    base = _niceness_of(threading.get_native_id())
+    if base + 5 > 19:
+        pytest.skip("already at the lowest priority")
+    seen: list[int] = []
+
+    def run(items: list[int]) -> list[int]:
+        seen.append(_niceness_of(threading.get_native_id()))
+        return items
+
+    bulk = Batcher("bulk", run, max_batch=1, niceness=5)
+    interactive = Batcher("interactive", run, max_batch=1)
+    await bulk.submit(1)
+    await interactive.submit(1)
+    assert seen == [base + 5, base]
+    await bulk.close()
+    await interactive.close()
+
+
+def test_bulk_session_threads_inherit_the_lower_priority(tmp_path: Path) -> None:
+    model = modelgen.write_clip(tmp_path, "ViT-B-32__openai") / "visual" / "model.onnx"
+    base = _niceness_of(threading.get_native_id())
+    if base + 7 > 19:
+        pytest.skip("already at the lowest priority")
+
+    def threads() -> dict[int, int]:
+        return {int(tid): _niceness_of(int(tid)) for tid in os.listdir("/proc/self/task")}
+
+    def create() -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+
+    before = threads()
+    session = in_background_thread(create, 7)
+    pool = {tid: nice for tid, nice in threads().items() if tid not in before}
+    assert pool and set(pool.values()) == {base + 7}  # ONNX Runtime's intra-op thread
+    assert _niceness_of(threading.get_native_id()) == base
+    del session
+
+
+def test_batching_can_be_turned_off() -> None:
+    settings = Settings.from_env({"MACHINE_LEARNING_BATCHING": "false", "MACHINE_LEARNING_BULK_NICENESS": "0"})
+    assert (settings.batching, settings.bulk_niceness) == (False, 0)
+    runtime = Runtime(settings, SessionFactory(settings), Workers(1))
+    assert runtime.batcher("clip", lambda items: items, max_batch=16).max_batch == 1
+    with pytest.raises(ConfigError, match="MACHINE_LEARNING_BULK_NICENESS"):
+        Settings.from_env({"MACHINE_LEARNING_BULK_NICENESS": "25"})
+
+
+# -- over HTTP, with a real generated CLIP graph ------------------------------------------------------------------
+
+
+async def embed(client: TestClient[Any, Any], image: bytes) -> tuple[int, np.ndarray | None, str | None]:
+    """Status, embedding (on 200) and Retry-After (on 503) of one visual request."""
+    async with client.post("/predict", data=predict_form(VISUAL, image=image)) as resp:
+        body = await resp.json()
+        vector = np.asarray(json.loads(body["clip"])) if resp.status == 200 else None
+        return resp.status, vector, resp.headers.get("Retry-After")
+
+
+@pytest.fixture
+def images() -> list[bytes]:
+    return [modelgen.jpeg_bytes(modelgen.make_gradient_image(160 + 8 * i, 120, seed=i)) for i in range(8)]
+
+
+async def test_concurrent_requests_each_get_their_own_embedding(
+    make_client: ClientFactory, clip_cache: Path, images: list[bytes]
+) -> None:
+    client = await make_client(batch_delay_ms=100)
+    alone = [(await embed(client, image))[1] for image in images]
+    order = [i % len(images) for i in range(3 * len(images))]
+    together = await asyncio.gather(*(embed(client, images[i]) for i in order))
+    for i, (status, vector, _) in zip(order, together, strict=True):
+        assert status == 200
+        np.testing.assert_allclose(vector, alone[i], atol=1e-5)
+    assert client.app is not None
+    stats = client.app[REGISTRY].loaded()[VISUAL_KEY].batchers[0].stats
+    assert max(stats.sizes) > 1, f"no batch was stacked: {dict(stats.sizes)}"
+
+
+async def test_a_flood_gets_results_or_503_and_nothing_else(
+    make_client: ClientFactory, cache: Path, images: list[bytes]
+) -> None:
+    modelgen.write_clip(cache, "ViT-B-32__openai", image_size=896)  # a slower graph, so the queue fills
+    client = await make_client(queue_size=2, max_batch_clip=1, batch_delay_ms=0)
+    alone = [(await embed(client, image))[1] for image in images]
+    order = [i % len(images) for i in range(40)]
+    outcomes = await asyncio.gather(*(embed(client, images[i]) for i in order))
+    statuses = [status for status, _, _ in outcomes]
+    assert set(statuses) == {200, 503}, statuses
+    for i, (status, vector, retry_after) in zip(order, outcomes, strict=True):
+        if status == 200:
+            np.testing.assert_allclose(vector, alone[i], atol=1e-5)
+        else:
+            assert retry_after is not None and int(retry_after) >= 1
+    assert client.app is not None
+    stats = client.app[REGISTRY].loaded()[VISUAL_KEY].batchers[0].stats
+    assert stats.rejected == statuses.count(503)
+    assert stats.items == len(images) + statuses.count(200)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, "0"), ("true", "1")])
+def test_idle_inference_threads_sleep_unless_spinning_is_asked_for(
+    tmp_path: Path, value: str | None, expected: str
+) -> None:
+    model = modelgen.write_clip(tmp_path, "ViT-B-32__openai") / "visual" / "model.onnx"
+    env = {"MACHINE_LEARNING_PROVIDER": "cpu"} | ({"MACHINE_LEARNING_MODEL_THREAD_SPINNING": value} if value else {})
+    session = SessionFactory(Settings.from_env(env)).create(model, cache_key="clip/visual")
+    options = session._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == expected
+
+
+async def test_a_lone_caller_does_not_wait_for_the_delay() -> None:
+    run = GatedRun()
+    run.release()
+    batcher = Batcher("test", run, max_batch=8, max_delay_s=600)
+    assert await asyncio.wait_for(batcher.submit(1), timeout=60) == 10
+    assert await asyncio.wait_for(batcher.submit(2), timeout=60) == 20
+    assert run.batches == [[1], [2]]
+    await batcher.close()
+
+
+async def test_when_inputs_wait_the_batch_stays_open_for_stragglers() -> None:
+    run = GatedRun()
+    batcher = Batcher("test", run, max_batch=3, max_delay_s=600)
+    first = await start_blocked(batcher, run)
+    waiting = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
+    await queued(batcher, 2)
+    run.release()
+    assert await first == 0
+    while batcher.stats.batches < 1 or batcher.depth:  # the second batch took 1 and 2 and waits for more
+        await asyncio.sleep(0)
+    straggler = asyncio.create_task(batcher.submit(3))
+    assert await asyncio.gather(*waiting, straggler) == [10, 20, 30]
+    assert run.batches == [[0], [1, 2, 3]]
+    await batcher.close()
+
+
+async def test_with_concurrency_two_batches_run_at_once() -> None:
+    begun = threading.Semaphore(0)
+    gate = threading.Event()
+    batches: list[list[int]] = []
+
+    def run(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        begun.release()
+        gate.wait()
+        return [item * 10 for item in items]
+
+    batcher = Batcher("test", run, max_batch=4, max_delay_s=0, concurrency=2)
+    first = asyncio.create_task(batcher.submit(1))
+    await asyncio.to_thread(begun.acquire)
+    second = asyncio.create_task(batcher.submit(2))
+    await asyncio.to_thread(begun.acquire)  # the second batch started while the first still runs
+    assert batcher.running_since is not None
+    gate.set()
+    assert (await first, await second) == (10, 20)
+    assert batches == [[1], [2]]
+    await batcher.close()
+
+
+async def test_concurrent_bulk_batches_share_the_intra_op_threads(
+    make_client: ClientFactory, clip_cache: Path, images: list[bytes]
+) -> None:
+    client = await make_client(concurrent_batches=2, intra_op_threads=2, provider="cpu")
+    assert (await embed(client, images[0]))[0] == 200
+    async with client.post(
+        "/predict", data=predict_form('{"clip":{"textual":{"modelName":"ViT-B-32__openai"}}}', text="a cat")
+    ) as resp:
+        assert resp.status == 200
+    assert client.app is not None
+    models = client.app[REGISTRY].loaded()
+    visual, textual = models[VISUAL_KEY], models[ModelKey(Task.CLIP, ModelType.TEXTUAL, "ViT-B-32__openai")]
+    assert [b.concurrency for b in visual.batchers] == [2]
+    assert [b.concurrency for b in textual.batchers] == [1]  # interactive: one run with all threads
+    threads = {
+        name: model.session._session.get_session_options().intra_op_num_threads  # type: ignore[union-attr]
+        for name, model in (("visual", visual), ("textual", textual))
+    }
+    assert threads == {"visual": 1, "textual": 2}

@@ -1,0 +1,135 @@
+"""Execution-provider choice, including onnxruntime-gpu's silent fall-back to the CPU.
+
+The only stand-in is the list of providers the onnxruntime build reports (`available_providers`): it plays a
+GPU build on this CPU-only machine. Sessions are real; ONNX Runtime really falls back to the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from immich_ml.http.app import create_app
+from immich_ml.inference.sessions import CPU, CUDA, TENSORRT, ProviderError, SessionFactory
+from immich_ml.settings import Provider, Settings
+from tests import modelgen
+from tests.conftest import predict_form
+
+GPU_BUILD = [TENSORRT, CUDA, CPU]
+VISUAL = '{"clip":{"visual":{"modelName":"ViT-B-32__openai"}}}'
+ORT_FALLBACK_WARNING = "ignore:Specified provider:UserWarning"
+
+
+def factory(provider: Provider, available: list[str], **settings: object) -> SessionFactory:
+    return SessionFactory(
+        Settings(provider=provider, **settings),  # type: ignore[arg-type]
+        available_providers=lambda: available,
+    )
+
+
+@pytest.mark.parametrize(
+    ("provider", "available", "wanted"),
+    [
+        (Provider.AUTO, [CPU], [CPU]),
+        (Provider.AUTO, GPU_BUILD, [CUDA, CPU]),  # auto never picks TensorRT, like upstream
+        (Provider.CPU, GPU_BUILD, [CPU]),
+        (Provider.CUDA, GPU_BUILD, [CUDA, CPU]),
+        (Provider.TENSORRT, GPU_BUILD, [TENSORRT, CUDA, CPU]),
+        (Provider.TENSORRT, [CUDA, CPU], [CUDA, CPU]),
+    ],
+)
+def test_wanted_providers(provider: Provider, available: list[str], wanted: list[str]) -> None:
+    assert factory(provider, available).wanted_providers() == wanted
+
+
+def test_cuda_on_a_cpu_build_is_an_error_naming_the_fix(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        assert factory(Provider.CUDA, [CPU]).wanted_providers() == [CPU]
+    assert "lacks CUDAExecutionProvider" in caplog.text and "onnxruntime-gpu" in caplog.text
+    with pytest.raises(ProviderError):
+        factory(Provider.CUDA, [CPU], provider_strict=True).wanted_providers()
+
+
+def test_cpu_sessions_use_upstream_thread_defaults(tmp_path: Path) -> None:
+    modelgen.write_clip(tmp_path, "ViT-B-32__openai")
+    options = factory(Provider.CPU, [CPU])._session_options([CPU])
+    assert (options.inter_op_num_threads, options.intra_op_num_threads) == (1, 2)
+    configured = factory(Provider.CPU, [CPU], intra_op_threads=3, inter_op_threads=2)._session_options([CPU])
+    assert (configured.inter_op_num_threads, configured.intra_op_num_threads) == (2, 3)
+
+
+def test_gpu_provider_options_come_from_settings(tmp_path: Path) -> None:
+    made = factory(
+        Provider.TENSORRT,
+        GPU_BUILD,
+        device_id=1,
+        gpu_mem_limit=2**30,
+        cache_folder=tmp_path,
+        tensorrt_fp16=False,
+        cudnn_conv_algo_search="HEURISTIC",
+    )
+    cuda = made._provider_options(CUDA, "clip/x/visual")
+    assert cuda == {
+        "device_id": 1,
+        "arena_extend_strategy": "kSameAsRequested",
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "gpu_mem_limit": 2**30,
+    }
+    trt = made._provider_options(TENSORRT, "clip/x/visual")
+    assert trt["trt_fp16_enable"] is False and trt["trt_engine_cache_enable"] is True
+    assert trt["trt_engine_cache_path"] == str(tmp_path / "tensorrt" / "clip_x_visual")
+    assert Path(trt["trt_engine_cache_path"]).is_dir()
+
+
+@pytest.mark.filterwarnings(ORT_FALLBACK_WARNING)
+async def test_silent_cpu_fallback_is_logged_and_visible(
+    aiohttp_client: object, clip_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(cache_folder=clip_cache, provider=Provider.CUDA)
+    app = create_app(settings, sessions=SessionFactory(settings, available_providers=lambda: GPU_BUILD))
+    client = await aiohttp_client(app)  # type: ignore[operator]
+    image = modelgen.jpeg_bytes(modelgen.make_gradient_image(64, 64))
+    with caplog.at_level(logging.INFO):
+        async with client.post("/predict", data=predict_form(VISUAL, image=image)) as resp:
+            assert resp.status == 200
+    assert "CUDAExecutionProvider failed to initialise for clip/ViT-B-32__openai/visual" in caplog.text
+    assert "loaded clip/ViT-B-32__openai/visual using CPUExecutionProvider" in caplog.text
+    async with client.get("/health") as resp:
+        models = (await resp.json())["models"]
+    assert models == [{"model": "clip/ViT-B-32__openai/visual", "providers": [CPU]}]
+
+
+@pytest.mark.filterwarnings(ORT_FALLBACK_WARNING)
+async def test_strict_mode_refuses_to_run_on_the_cpu(aiohttp_client: object, clip_cache: Path) -> None:
+    settings = Settings(cache_folder=clip_cache, provider=Provider.CUDA, provider_strict=True)
+    app = create_app(settings, sessions=SessionFactory(settings, available_providers=lambda: GPU_BUILD))
+    client = await aiohttp_client(app)  # type: ignore[operator]
+    image = modelgen.jpeg_bytes(modelgen.make_gradient_image(64, 64))
+    async with client.post("/predict", data=predict_form(VISUAL, image=image)) as resp:
+        assert resp.status == 500
+        detail = (await resp.json())["detail"]
+    assert "CUDAExecutionProvider failed to initialise" in detail
+    assert (clip_cache / "clip/ViT-B-32__openai/visual/model.onnx").is_file()  # a config error deletes nothing
+    assert json.loads((clip_cache / "clip/ViT-B-32__openai/config.json").read_text())
+
+
+def test_two_onnxruntime_builds_are_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second build's package metadata on the path (what `pip install onnxruntime-gpu` leaves) is an error."""
+    dist_info = tmp_path / "onnxruntime_gpu-1.31.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: 1.31.1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with caplog.at_level(logging.ERROR):
+        SessionFactory(Settings())
+    assert "both onnxruntime" in caplog.text and "onnxruntime-gpu 1.31.1" in caplog.text
+
+
+def test_one_onnxruntime_build_is_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        SessionFactory(Settings())
+    assert caplog.text == ""

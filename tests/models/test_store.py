@@ -1,0 +1,215 @@
+"""Model downloads, corruption recovery and the air-gapped workflow, against a local fake of the hub."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from immich_ml.cli import main as cli_main
+from tests import modelgen
+from tests.conftest import ClientFactory, predict_form
+from tests.fakehub import FakeHub
+
+VISUAL = '{"clip":{"visual":{"modelName":"ViT-B-32__openai"}}}'
+TEXTUAL = '{"clip":{"textual":{"modelName":"immich-app/ViT-B-32__openai"}}}'
+
+
+@pytest.fixture
+async def hub(tmp_path: Path) -> Any:
+    """A fake hub serving a generated ViT-B-32__openai repository."""
+    fake = FakeHub()
+    source = tmp_path / "hub"
+    modelgen.write_clip(source, "ViT-B-32__openai")
+    fake.repos["immich-app/ViT-B-32__openai"] = source / "clip" / "ViT-B-32__openai"
+    server = TestServer(fake.app(), host="127.0.0.1")
+    await server.start_server()
+    fake.endpoint = str(server.make_url("")).rstrip("/")  # type: ignore[attr-defined]
+    yield fake
+    await server.close()
+
+
+@pytest.fixture
+def jpeg() -> bytes:
+    return modelgen.jpeg_bytes(modelgen.make_gradient_image(64, 48))
+
+
+async def test_missing_model_is_downloaded_into_upstream_layout(
+    make_client: ClientFactory, hub: Any, cache: Path, jpeg: bytes
+) -> None:
+    client = await make_client(hf_endpoint=hub.endpoint, hf_offline=False)
+    async with client.post("/predict", data=predict_form(VISUAL, image=jpeg)) as resp:
+        assert resp.status == 200
+    assert (cache / "clip/ViT-B-32__openai/visual/model.onnx").is_file()
+    assert (cache / "clip/ViT-B-32__openai/config.json").is_file()
+    assert not (cache / "clip/ViT-B-32__openai/textual").exists()  # only the type asked for
+
+
+async def test_concurrent_requests_cause_one_download(make_client: ClientFactory, hub: Any, jpeg: bytes) -> None:
+    client = await make_client(hf_endpoint=hub.endpoint, hf_offline=False)
+    responses = await asyncio.gather(
+        *(client.post("/predict", data=predict_form(VISUAL, image=jpeg)) for _ in range(5))
+    )
+    assert [r.status for r in responses] == [200] * 5
+    assert hub.downloads["immich-app/ViT-B-32__openai/visual/model.onnx"] == 1
+
+
+async def test_interrupted_download_leaves_no_complete_looking_file(
+    make_client: ClientFactory, hub: Any, cache: Path, jpeg: bytes
+) -> None:
+    hub.truncations["visual/model.onnx"] = 10  # more than the hub client's own retries
+    client = await make_client(hf_endpoint=hub.endpoint, hf_offline=False)
+    async with client.post("/predict", data=predict_form(VISUAL, image=jpeg)) as resp:
+        assert resp.status == 503
+    assert not (cache / "clip/ViT-B-32__openai/visual/model.onnx").exists()
+    hub.truncations.clear()
+    async with client.post("/predict", data=predict_form(VISUAL, image=jpeg)) as resp:
+        assert resp.status == 200  # the next request downloads it whole
+
+
+async def test_a_transfer_cut_once_is_resumed_to_the_exact_file(
+    make_client: ClientFactory, hub: Any, cache: Path, jpeg: bytes
+) -> None:
+    hub.truncations["visual/model.onnx"] = 1
+    client = await make_client(hf_endpoint=hub.endpoint, hf_offline=False)
+    async with client.post("/predict", data=predict_form(VISUAL, image=jpeg)) as resp:
+        assert resp.status == 200
+    source = hub.repos["immich-app/ViT-B-32__openai"] / "visual/model.onnx"
+    assert (cache / "clip/ViT-B-32__openai/visual/model.onnx").read_bytes() == source.read_bytes()
+
+
+async def test_corrupt_cached_model_is_removed_and_downloaded_again(
+    make_client: ClientFactory, hub: Any, cache: Path, jpeg: bytes
+) -> None:
+    model = cache / "clip/ViT-B-32__openai/visual/model.onnx"
+    modelgen.write_clip(cache, "ViT-B-32__openai")
+    model.write_bytes(b"definitely not protobuf")
+    client = await make_client(hf_endpoint=hub.endpoint, hf_offline=False)
+    async with client.post("/predict", data=predict_form(VISUAL, image=jpeg)) as resp:
+        assert resp.status == 200
+    assert hub.downloads["immich-app/ViT-B-32__openai/visual/model.onnx"] == 1
+    assert model.read_bytes() != b"definitely not protobuf"
+
+
+async def test_model_corrupt_on_the_hub_too_fails_clearly_and_fast(
+    make_client: ClientFactory, hub: Any, jpeg: bytes
+) -> None:
+    (hub.repos["immich-app/ViT-B-32__openai"] / "visual/model.onnx").write_bytes(b"broken")
+    client = await make_client(hf_endpoint=hub.endpoint, hf_offline=False)
+    for _ in range(2):
+        async with client.post("/predict", data=predict_form(VISUAL, image=jpeg)) as resp:
+            assert resp.status == 500
+            assert "Failed to load model 'ViT-B-32__openai'" in (await resp.json())["detail"]
+    # The first request downloads, fails to load, clears and downloads once more; the second fails fast.
+    assert hub.downloads["immich-app/ViT-B-32__openai/visual/model.onnx"] == 2
+
+
+async def test_operator_placed_files_are_used_without_the_hub(
+    make_client: ClientFactory, clip_cache: Path, jpeg: bytes
+) -> None:
+    client = await make_client(hf_endpoint="http://127.0.0.1:9", hf_offline=True)
+    async with client.post("/predict", data=predict_form(TEXTUAL, text="forest")) as resp:
+        assert resp.status == 200
+
+
+@pytest.mark.parametrize("offline", [True, False])
+async def test_uncached_model_without_hub_fails_at_once_with_a_fix(
+    make_client: ClientFactory, cache: Path, jpeg: bytes, offline: bool
+) -> None:
+    client = await make_client(hf_endpoint="http://127.0.0.1:9", hf_offline=offline)  # port 9: refused
+    async with client.post("/predict", data=predict_form(VISUAL, image=jpeg)) as resp:
+        assert resp.status == 503
+        detail = (await resp.json())["detail"]
+    assert "ViT-B-32__openai" in detail
+    assert str(cache / "clip/ViT-B-32__openai/visual/model.onnx") in detail
+    assert "immich-ml models pull" in detail
+
+
+async def test_models_pull_list_import_remove(
+    hub: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connected, airgapped = tmp_path / "connected", tmp_path / "airgapped"
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    # The command blocks, so it runs in a thread while this loop serves the fake hub.
+    pull = ["models", "--cache", str(connected), "pull", "ViT-B-32::openai"]
+    assert await asyncio.to_thread(cli_main, pull) == 0
+    assert (connected / "clip/ViT-B-32__openai/textual/tokenizer.json").is_file()
+
+    archive = tmp_path / "models.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(connected / "clip", arcname="clip")
+    assert cli_main(["models", "--cache", str(airgapped), "import", str(archive)]) == 0
+    capsys.readouterr()
+    assert cli_main(["models", "--cache", str(airgapped), "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "ViT-B-32__openai" in listing and "visual" in listing and "textual" in listing and "MiB" in listing
+
+    assert cli_main(["models", "--cache", str(airgapped), "remove", "ViT-B-32__openai"]) == 0
+    assert not (airgapped / "clip/ViT-B-32__openai").exists()
+    assert cli_main(["models", "--cache", str(airgapped), "remove", "ViT-B-32__openai"]) == 1
+
+
+def test_import_rejects_a_folder_without_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main(["models", "--cache", str(tmp_path / "c"), "import", str(empty)]) == 1
+    assert "no models found" in capsys.readouterr().err
+
+
+def test_import_replaces_an_older_copy_whole(tmp_path: Path) -> None:
+    old, new, cache = tmp_path / "old", tmp_path / "new", tmp_path / "cache"
+    modelgen.write_clip(old, "ViT-B-32__openai")
+    (old / "clip/ViT-B-32__openai/stale.txt").write_text("old")
+    shutil.copytree(old, cache)
+    modelgen.write_clip(new, "ViT-B-32__openai", embed_dim=768)
+    assert cli_main(["models", "--cache", str(cache), "import", str(new)]) == 0
+    config = json.loads((cache / "clip/ViT-B-32__openai/config.json").read_text())
+    assert config["embed_dim"] == 768
+    assert not (cache / "clip/ViT-B-32__openai/stale.txt").exists()
+
+
+async def test_a_full_disk_fails_the_download_clearly_and_the_daemon_recovers(
+    make_client: ClientFactory, hub: Any, cache: Path, jpeg: bytes
+) -> None:
+    """No space for the model file: 503 with the reason, no partial model, and a retry works once there is room.
+
+    The disk limit is the process's file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so writes past it
+    fail with EFBIG like a full disk fails with ENOSPC), set only while the download runs.
+    """
+    client = await make_client(hf_endpoint=hub.endpoint, hf_offline=False)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        async with client.post("/predict", data=predict_form(VISUAL, image=jpeg)) as resp:
+            status, detail = resp.status, (await resp.json())["detail"]
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert status == 503
+    assert "ViT-B-32__openai" in detail and "File too large" in detail
+    assert not (cache / "clip/ViT-B-32__openai/visual/model.onnx").exists()
+    async with client.get("/ping") as resp:
+        assert resp.status == 200
+    async with client.post("/predict", data=predict_form(VISUAL, image=jpeg)) as resp:
+        assert resp.status == 200
+
+
+@pytest.mark.parametrize(
+    ("name", "task"),
+    [
+        ("ViT-B-32__openai", "clip"),
+        ("buffalo_l", "facial-recognition"),
+        ("PP-OCRv5_mobile", "ocr"),
+        ("EN__PP-OCRv5_mobile", "ocr"),
+    ],
+)
+def test_models_pull_finds_the_task_from_the_name(name: str, task: str) -> None:
+    from immich_ml.models.catalog import task_of
+
+    assert task_of(name) == task
