@@ -15,6 +15,7 @@ from immich_ml.daemon import unit_files
 from immich_ml.errors import ImmichMLError, UnknownModel
 from immich_ml.log import setup_logging
 from immich_ml.models.catalog import is_known, known_names, task_of
+from immich_ml.models.progress import TerminalBar, Transfers
 from immich_ml.models.store import ModelStore
 from immich_ml.models.tasks import TASK_TYPES, ModelKey, ModelType, Task, clean_name
 from immich_ml.settings import ConfigError, Settings
@@ -91,7 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from immich_ml.daemon.server import run
 
         return run(settings)
-    return _models(args, ModelStore(settings))
+    # On a terminal a bar redrawn in place; otherwise (a pipe, a file, the journal) the store's log lines.
+    transfers = Transfers([TerminalBar(sys.stderr)]) if sys.stderr.isatty() else None
+    return _models(args, ModelStore(settings, transfers))
 
 
 def _models(args: argparse.Namespace, store: ModelStore) -> int:

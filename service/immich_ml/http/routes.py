@@ -12,7 +12,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 
 from immich_ml.daemon.lifecycle import stalled_batchers
-from immich_ml.errors import BadRequest, InvalidEntries, PayloadTooLarge, ShuttingDown
+from immich_ml.errors import BadRequest, ImmichMLError, InvalidEntries, PayloadTooLarge, ShuttingDown
 from immich_ml.http.appkeys import PREDICTOR, REGISTRY, SETTINGS, STATE
 from immich_ml.http.metrics import CONTENT_TYPE, METRICS, MODELS, request_models
 from immich_ml.predict.predictor import PredictInput
@@ -61,6 +61,7 @@ async def health(request: web.Request) -> web.Response:
         "queue": {str(key): model.queue_depth for key, model in loaded.items()},
         "inFlight": state.in_flight,
         "stalled": stalled,
+        "downloads": [progress.as_json() for progress in request.app[REGISTRY].store.transfers.active()],
         "pid": os.getpid(),
     }
     return json_response(body, status=200 if body["ready"] else 503)
@@ -79,12 +80,22 @@ async def predict(request: web.Request) -> web.Response:
     if state.draining:
         raise ShuttingDown("Shutting down; send requests to another machine-learning URL")
     started = time.monotonic()
-    predict_input = await _read_form(request)
-    request[MODELS] = request_models(predict_input.entries)
-    with state.track_request():
-        result = await request.app[PREDICTOR].predict(predict_input)
-    log.debug("predict %s %.1f ms", predict_input.describe(), (time.monotonic() - started) * 1000)
+    described = "(form not read)"
+    try:
+        predict_input = await _read_form(request)
+        described = predict_input.describe()
+        request[MODELS] = request_models(predict_input.entries)
+        with state.track_request():
+            result = await request.app[PREDICTOR].predict(predict_input)
+    except ImmichMLError as error:  # the access line names the error's kind, never its text (it may quote input)
+        log.debug("predict %s: %d %s, %.1f ms", described, error.status, type(error).__name__, _ms_since(started))
+        raise
+    log.debug("predict %s: 200, %.1f ms", described, _ms_since(started))
     return json_response(result)
+
+
+def _ms_since(started: float) -> float:
+    return (time.monotonic() - started) * 1000
 
 
 async def _read_form(request: web.Request) -> PredictInput:

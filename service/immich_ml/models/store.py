@@ -25,6 +25,8 @@ from pathlib import Path
 from immich_ml.errors import ModelUnavailable
 from immich_ml.models.catalog import cache_name
 from immich_ml.models.downloads import download_ocr_model
+from immich_ml.models.hub import STAGING, download_from_hub, failure_message
+from immich_ml.models.progress import LogReport, Transfers
 from immich_ml.models.tasks import ModelKey, ModelType, Task
 from immich_ml.settings import Settings
 
@@ -32,10 +34,9 @@ __all__ = ["CachedModel", "Downloader", "ModelStore"]
 
 log = logging.getLogger("immich_ml.models")
 
-Downloader = Callable[[ModelKey, Path], None]
-"""Fetches one model's files into its model directory (`<cache>/<task>/<name>/<type>`)."""
-
-_IGNORED = ["*.armnn", "*.rknn"]
+Downloader = Callable[[ModelKey, Path, Callable[[int], None]], None]
+"""Fetches one model's files into its model directory (`<cache>/<task>/<name>/<type>`); tells the third
+argument the number of bytes to expect when it knows it."""
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,13 @@ class CachedModel:
 class ModelStore:
     """Finds, downloads, imports and removes model files under the cache folder."""
 
-    def __init__(self, settings: Settings, downloaders: dict[Task, Downloader] | None = None) -> None:
+    def __init__(self, settings: Settings, transfers: Transfers | None = None) -> None:
         self.root = settings.cache_folder
         self.settings = settings
+        self.transfers = transfers or Transfers([LogReport()])
+        """Downloads in progress, reported to the log (or a terminal bar) and `/health`."""
         ocr = functools.partial(download_ocr_model, base_url=settings.ocr_model_base_url)
-        self._downloaders: dict[Task, Downloader] = {Task.OCR: ocr, **(downloaders or {})}
+        self._downloaders: dict[Task, Downloader] = {Task.OCR: ocr}
 
     def model_root(self, key: ModelKey) -> Path:
         """`<cache>/<task>/<name>`: where one model's types and shared config live."""
@@ -76,9 +79,11 @@ class ModelStore:
         if self.is_cached(key):
             return model_dir
         log.info("downloading %s into %s", key, model_dir)
-        download = self._downloaders.get(key.task, self._download_from_hub)
+        download = self._downloaders.get(key.task, functools.partial(download_from_hub, self.settings))
+        arriving = [model_dir, self.model_root(key) / STAGING / key.type]
         try:
-            download(key, model_dir)
+            with self.transfers.watch(str(key), arriving) as transfer:
+                download(key, model_dir, transfer.expect)
         except ModelUnavailable:
             raise
         except Exception as error:
@@ -151,28 +156,8 @@ class ModelStore:
         self.root.mkdir(parents=True, exist_ok=True)
         return self.root
 
-    def _download_from_hub(self, key: ModelKey, model_dir: Path) -> None:
-        from huggingface_hub import snapshot_download  # imported lazily: it is slow to import
-
-        snapshot_download(
-            f"{self.settings.hf_organization}/{key.name}",
-            revision=self.settings.hf_revision,
-            local_dir=model_dir.parent,
-            allow_patterns=[f"{key.type}/*", "config.json"],
-            ignore_patterns=_IGNORED,
-            endpoint=self.settings.hf_endpoint,
-            local_files_only=self.settings.hf_offline,
-        )
-
-    def _unavailable_message(self, key: ModelKey, reason: object) -> str:
-        path = self.model_dir(key) / "model.onnx"
-        repo = f"{self.settings.hf_organization}/{key.name}"
-        return (
-            f"Model '{key.name}' ({key.task} {key.type}) is not cached at {path} and could not be "
-            f"downloaded from Hugging Face ({repo}): {reason}. Fix: give this host access to the hub "
-            f"(HF_ENDPOINT for a mirror, unset HF_HUB_OFFLINE), or run `immich-ml models pull "
-            f"{key.name}` on a connected machine and `immich-ml models import` here."
-        )
+    def _unavailable_message(self, key: ModelKey, reason: BaseException | str) -> str:
+        return failure_message(self.settings, key, self.model_dir(key) / "model.onnx", reason)
 
 
 def _model_roots(tree: Path) -> Iterator[Path]:
