@@ -129,3 +129,16 @@ def test_parse_size(text: str, size: int) -> None:
 def test_command_line_flags_override_the_environment(tmp_path: Path) -> None:
     settings = Settings.from_env({"IMMICH_PORT": "3004"}).with_overrides(port=4000, host=None)
     assert (settings.host, settings.port) == ("127.0.0.1", 4000)
+
+
+def test_settings_built_from_plain_strings_get_typed_values(tmp_path: Path) -> None:
+    settings = Settings(provider="cpu", preprocessing="latest", cache_folder=str(tmp_path))  # type: ignore[arg-type]
+    assert settings.provider is Provider.CPU and not settings.uses_gpu  # `is` takes the right branch
+    assert settings.preprocessing is Preprocessing.LATEST
+    assert settings.cache_folder == tmp_path and isinstance(settings.cache_folder, Path)
+    assert settings.with_overrides(provider="cuda").provider is Provider.CUDA
+
+
+def test_settings_built_from_a_value_that_does_not_convert_are_refused() -> None:
+    with pytest.raises(ConfigError, match="preprocessing='newest'"):
+        Settings(preprocessing="newest")  # type: ignore[arg-type]

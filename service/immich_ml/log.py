@@ -6,7 +6,30 @@ import logging
 import os
 import sys
 
-__all__ = ["setup_logging"]
+__all__ = [
+    "ACCESS_LOG",
+    "BATCHER_LOG",
+    "METRICS_LOG",
+    "MODELS_LOG",
+    "SECURITY_LOG",
+    "SERVER_LOG",
+    "SYSTEMD_LOG",
+    "WORKERS_LOG",
+    "setup_logging",
+]
+
+# The daemon's loggers, named once (docs/operations.md lists them; modules import them from here).
+ACCESS_LOG = logging.getLogger("immich_ml.access")
+"""One line per predict request, at debug level: models asked for, input size, time; never image or text."""
+BATCHER_LOG = logging.getLogger("immich_ml.batcher")
+METRICS_LOG = logging.getLogger("immich_ml.metrics")
+MODELS_LOG = logging.getLogger("immich_ml.models")
+"""Downloads, loading, providers in use, unloading."""
+SECURITY_LOG = logging.getLogger("immich_ml.security")
+SERVER_LOG = logging.getLogger("immich_ml.server")
+SYSTEMD_LOG = logging.getLogger("immich_ml.systemd")
+WORKERS_LOG = logging.getLogger("immich_ml.workers")
+"""The parent of several worker processes."""
 
 _COLOURS = {"DEBUG": "\033[36m", "INFO": "\033[32m", "WARNING": "\033[33m", "ERROR": "\033[31m", "CRITICAL": "\033[41m"}
 _PRIORITIES = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}  # syslog levels, for journald

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from immich_ml.models.tasks import TASK_TYPES, ModelType, Task
 
@@ -154,6 +154,29 @@ class Settings:
     shutdown_timeout_s: float = 30
     watchdog_inference_timeout_s: float = 300
 
+    def __post_init__(self) -> None:
+        """Plain values become the fields' types, so `Settings(provider="cpu").provider is Provider.CPU`
+        (an `is` comparison can never silently take the other branch); a value that does not convert
+        raises `ConfigError`."""
+        for name, kind in _CONVERTED_FIELDS.items():
+            value = getattr(self, name)
+            if value is None or isinstance(value, kind):
+                continue
+            try:
+                object.__setattr__(self, name, kind(value))
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"{name}={value!r}: {error}") from None
+
+    def max_batch_size(self, task: Task, model_type: ModelType) -> int:
+        """The configured inputs per session run for one model type (MACHINE_LEARNING_MAX_BATCH_SIZE__*)."""
+        if task is Task.CLIP:
+            return self.max_batch_clip
+        if task is Task.OCR:
+            return self.max_batch_ocr
+        if model_type is ModelType.DETECTION:
+            return self.max_batch_face_detection
+        return self.max_batch_face_recognition
+
     def with_overrides(self, **changes: object) -> Settings:
         """A copy with some fields changed (command-line flags win over the environment)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
@@ -256,6 +279,17 @@ class Settings:
     def tensorrt_cache(self) -> Path:
         """Where TensorRT engines and timing caches live."""
         return self.tensorrt_cache_path or self.cache_folder / "tensorrt"
+
+
+_CONVERTED_FIELDS: dict[str, type[Any]] = {
+    "provider": Provider,
+    "preprocessing": Preprocessing,
+    "cache_folder": Path,
+    "tensorrt_cache_path": Path,
+    "tls_cert": Path,
+    "tls_key": Path,
+}
+"""Fields that `Settings.__post_init__` converts from plain values (strings) to their types."""
 
 
 def variable_names() -> list[str]:

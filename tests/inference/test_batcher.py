@@ -18,9 +18,8 @@ from immich_ml.errors import Overloaded
 from immich_ml.http.appkeys import REGISTRY
 from immich_ml.inference.batcher import Batcher
 from immich_ml.inference.sessions import SessionFactory
-from immich_ml.inference.threads import Workers, in_background_thread
+from immich_ml.inference.threads import in_background_thread
 from immich_ml.models.tasks import ModelKey, ModelType, Task
-from immich_ml.pipelines.base import Runtime
 from immich_ml.settings import ConfigError, Settings
 from tests import modelgen
 from tests.conftest import ClientFactory, predict_form
@@ -62,7 +61,7 @@ async def start_blocked(batcher: Batcher[int, int], run: GatedRun) -> asyncio.Ta
 
 async def queued(batcher: Batcher[int, int], count: int) -> None:
     """Wait until `count` inputs are queued behind the running batch."""
-    while batcher.depth < count:
+    while batcher.snapshot().depth < count:
         await asyncio.sleep(0)
 
 
@@ -75,8 +74,8 @@ async def test_inputs_arriving_while_a_batch_runs_are_stacked_up_to_max_batch() 
     run.release()
     assert [await first, *await asyncio.gather(*rest)] == [0, 10, 20, 30, 40, 50]
     assert run.batches == [[0], [1, 2, 3], [4, 5]]
-    assert dict(batcher.stats.sizes) == {1: 1, 3: 1, 2: 1}
-    assert batcher.stats.peak_depth == 5
+    assert dict(batcher.snapshot().sizes) == {1: 1, 3: 1, 2: 1}
+    assert batcher.snapshot().peak_depth == 5
     await batcher.close()
 
 
@@ -112,7 +111,7 @@ async def test_a_failed_batch_fails_only_its_own_inputs() -> None:
     with pytest.raises(ValueError, match="bad input 0"):
         await first
     assert await later == [10, 20]
-    assert (batcher.stats.batches, batcher.stats.items) == (1, 2)
+    assert (batcher.snapshot().batches, batcher.snapshot().items) == (1, 2)
     await batcher.close()
 
 
@@ -129,7 +128,7 @@ async def test_a_full_queue_refuses_new_inputs_and_keeps_the_admitted_ones() -> 
         await batcher.submit_many([5, 6])
     run.release()
     assert [await first, *await asyncio.gather(*admitted)] == [0, 10, 20, 30]
-    assert (batcher.stats.rejected, batcher.stats.peak_depth) == (3, 3)
+    assert (batcher.snapshot().rejected, batcher.snapshot().peak_depth) == (3, 3)
     await batcher.close()
 
 
@@ -193,8 +192,6 @@ def test_bulk_session_threads_inherit_the_lower_priority(tmp_path: Path) -> None
 def test_batching_can_be_turned_off() -> None:
     settings = Settings.from_env({"MACHINE_LEARNING_BATCHING": "false", "MACHINE_LEARNING_BULK_NICENESS": "0"})
     assert (settings.batching, settings.bulk_niceness) == (False, 0)
-    runtime = Runtime(settings, SessionFactory(settings), Workers(1))
-    assert runtime.batcher("clip", lambda items: items, max_batch=16).max_batch == 1
     with pytest.raises(ConfigError, match="MACHINE_LEARNING_BULK_NICENESS"):
         Settings.from_env({"MACHINE_LEARNING_BULK_NICENESS": "25"})
 
@@ -215,10 +212,11 @@ def images() -> list[bytes]:
     return [modelgen.jpeg_bytes(modelgen.make_gradient_image(160 + 8 * i, 120, seed=i)) for i in range(8)]
 
 
+@pytest.mark.parametrize("batching", [True, False])
 async def test_concurrent_requests_each_get_their_own_embedding(
-    make_client: ClientFactory, clip_cache: Path, images: list[bytes]
+    make_client: ClientFactory, clip_cache: Path, images: list[bytes], batching: bool
 ) -> None:
-    client = await make_client(batch_delay_ms=100)
+    client = await make_client(batch_delay_ms=100, batching=batching)
     alone = [(await embed(client, image))[1] for image in images]
     order = [i % len(images) for i in range(3 * len(images))]
     together = await asyncio.gather(*(embed(client, images[i]) for i in order))
@@ -226,8 +224,11 @@ async def test_concurrent_requests_each_get_their_own_embedding(
         assert status == 200
         np.testing.assert_allclose(vector, alone[i], atol=1e-5)
     assert client.app is not None
-    stats = client.app[REGISTRY].loaded()[VISUAL_KEY].batchers[0].stats
-    assert max(stats.sizes) > 1, f"no batch was stacked: {dict(stats.sizes)}"
+    stats = client.app[REGISTRY].loaded()[VISUAL_KEY].batchers[0].snapshot()
+    if batching:
+        assert max(stats.sizes) > 1, f"no batch was stacked: {stats.sizes}"
+    else:  # MACHINE_LEARNING_BATCHING=false: every run holds one input
+        assert set(stats.sizes) == {1}, stats.sizes
 
 
 async def test_a_flood_gets_results_or_503_and_nothing_else(
@@ -246,7 +247,7 @@ async def test_a_flood_gets_results_or_503_and_nothing_else(
         else:
             assert retry_after is not None and int(retry_after) >= 1
     assert client.app is not None
-    stats = client.app[REGISTRY].loaded()[VISUAL_KEY].batchers[0].stats
+    stats = client.app[REGISTRY].loaded()[VISUAL_KEY].batchers[0].snapshot()
     assert stats.rejected == statuses.count(503)
     assert stats.items == len(images) + statuses.count(200)
 
@@ -280,7 +281,9 @@ async def test_when_inputs_wait_the_batch_stays_open_for_stragglers() -> None:
     await queued(batcher, 2)
     run.release()
     assert await first == 0
-    while batcher.stats.batches < 1 or batcher.depth:  # the second batch took 1 and 2 and waits for more
+    while (
+        batcher.snapshot().batches < 1 or batcher.snapshot().depth
+    ):  # the second batch took 1 and 2 and waits for more
         await asyncio.sleep(0)
     straggler = asyncio.create_task(batcher.submit(3))
     assert await asyncio.gather(*waiting, straggler) == [10, 20, 30]
@@ -304,7 +307,7 @@ async def test_with_concurrency_two_batches_run_at_once() -> None:
     await asyncio.to_thread(begun.acquire)
     second = asyncio.create_task(batcher.submit(2))
     await asyncio.to_thread(begun.acquire)  # the second batch started while the first still runs
-    assert batcher.running_since is not None
+    assert batcher.snapshot().running_for_s is not None
     gate.set()
     assert (await first, await second) == (10, 20)
     assert batches == [[1], [2]]

@@ -16,7 +16,7 @@ from PIL import Image
 
 from immich_ml.http.appkeys import REGISTRY
 from immich_ml.inference.sessions import SessionFactory
-from immich_ml.inference.threads import Workers
+from immich_ml.inference.threads import ThreadPool
 from immich_ml.models.tasks import ModelKey, ModelType, Task
 from immich_ml.pipelines.base import InferenceModel, Runtime
 from immich_ml.pipelines.faces.alignment import similarity_transform
@@ -145,7 +145,7 @@ async def test_detection_batches_across_requests_only_when_the_graph_has_a_batch
 async def test_a_batched_detector_splits_one_run_into_per_image_outputs(cache: Path) -> None:
     write_batched_scrfd(cache, "buffalo_m", [FACE_A])
     settings = Settings(cache_folder=cache)
-    runtime = Runtime(settings, SessionFactory(settings), Workers(1))
+    runtime = Runtime(settings, SessionFactory(settings), ThreadPool(1))
     key = ModelKey(Task.FACIAL_RECOGNITION, ModelType.DETECTION, "buffalo_m")
     detector = FaceDetector(key, cache / "facial-recognition" / "buffalo_m" / "detection", runtime)
     detector.load()
@@ -154,8 +154,8 @@ async def test_a_batched_detector_splits_one_run_into_per_image_outputs(cache: P
         outputs = await detector.batcher.submit_many([blob, blob])
     finally:
         await detector.close()
-        runtime.workers.shutdown()
-    assert detector.batched and detector.batcher.stats.batches == 1
+        runtime.pool.shutdown()
+    assert detector.batched and detector.batcher.snapshot().batches == 1
     shapes = [(rows, k) for k in (1, 4, 10) for rows in (12800, 3200, 800)]
     assert [[output.shape for output in per_image] for per_image in outputs] == [shapes, shapes]
 
@@ -209,9 +209,9 @@ async def test_no_faces_returns_an_empty_list_without_running_recognition(
     body = await post(client, entries(), image)
     assert body == {"facial-recognition": [], "imageHeight": 480, "imageWidth": 640}
     recognizer = loaded(client, RECOGNITION)
-    assert recognizer.batchers[0].stats.items == 0
+    assert recognizer.batchers[0].snapshot().items == 0
     assert len((await post(client, entries(0.4), image))["facial-recognition"]) == 1  # the observable works
-    assert recognizer.batchers[0].stats.items == 1
+    assert recognizer.batchers[0].snapshot().items == 1
 
 
 async def test_five_faces_with_max_batch_two_run_as_two_two_one(make_client: ClientFactory, cache: Path) -> None:
@@ -222,7 +222,7 @@ async def test_five_faces_with_max_batch_two_run_as_two_two_one(make_client: Cli
     pixels = modelgen.make_gradient_image(640, 640, seed=7)
     faces = (await post(client, entries(), modelgen.png_bytes(pixels)))["facial-recognition"]
     assert [face["score"] for face in faces] == [0.9, 0.89, 0.88, 0.87, 0.86]
-    stats = loaded(client, RECOGNITION).batchers[0].stats
+    stats = loaded(client, RECOGNITION).batchers[0].snapshot()
     assert (stats.batches, stats.items, stats.last_batch_size) == (3, 5, 1)
     for face, expected in zip(faces, five, strict=True):
         landmarks = modelgen.expected_detection(expected, 1.0).landmarks
@@ -234,7 +234,9 @@ async def test_five_faces_with_max_batch_two_run_as_two_two_one(make_client: Cli
 async def test_recognition_warms_up_without_a_detector(face_cache: Path) -> None:
     settings = Settings(cache_folder=face_cache)
     sizes: list[int] = []
-    runtime = Runtime(settings, SessionFactory(settings), Workers(1), on_batch=lambda _, size, __: sizes.append(size))
+    runtime = Runtime(
+        settings, SessionFactory(settings), ThreadPool(1), on_batch=lambda _, size, __: sizes.append(size)
+    )
     model_dir = face_cache / "facial-recognition" / "buffalo_l" / "recognition"
     recognizer = FaceRecognizer(RECOGNITION, model_dir, runtime)
     recognizer.load()
@@ -242,7 +244,7 @@ async def test_recognition_warms_up_without_a_detector(face_cache: Path) -> None
         await recognizer.warmup()
     finally:
         await recognizer.close()
-        runtime.workers.shutdown()
+        runtime.pool.shutdown()
     assert sizes == [1]
 
 

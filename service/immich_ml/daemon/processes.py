@@ -1,11 +1,13 @@
 """Several worker processes on one port: a parent binds (or inherits) the socket, starts the workers,
-relays their sd_notify messages to systemd as one service, and stops them all on SIGTERM."""
+relays their sd_notify messages to systemd as one service, and stops them all on SIGTERM; a worker
+takes its sockets from the parent and stops with it."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import functools
-import logging
 import os
 import signal
 import socket
@@ -16,14 +18,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from immich_ml.daemon.lifecycle import EXTEND_BY_USEC, EXTEND_EVERY_S
-from immich_ml.daemon.server import INHERITED_FDS, PARENT_PID
-from immich_ml.daemon.systemd import Notifier
+from immich_ml.daemon.systemd import Notifier, Reporter
+from immich_ml.log import WORKERS_LOG as log
 from immich_ml.settings import Settings
 
-__all__ = ["run_workers"]
+__all__ = ["inherited_sockets", "is_worker", "run_workers"]
 
-log = logging.getLogger("immich_ml.workers")
+
+INHERITED_FDS = "IMMICH_ML_INHERITED_FDS"
+"""Listening sockets a worker process gets from its parent: comma-separated file descriptors."""
+PARENT_PID = "IMMICH_ML_PARENT_PID"
+"""The pid of a worker's parent, so the worker can tell whether it is still there."""
 
 
 @dataclass
@@ -100,7 +105,7 @@ async def _supervise(settings: Settings, sockets: list[socket.socket], notifier:
         for sock in sockets:
             sock.close()  # the workers hold their own copies
         code = await _relay(workers, notifier, stop, changed)
-        notifier.send("STOPPING=1", "STATUS=stopping workers")
+        Reporter(notifier).stopping("stopping workers")
         for worker in workers:
             if worker.process.poll() is None:
                 worker.process.send_signal(signal.SIGTERM)
@@ -135,11 +140,9 @@ def _start(
 
 async def _relay(workers: list[_Worker], notifier: Notifier, stop: asyncio.Event, changed: asyncio.Event) -> int:
     """Report the workers as one service until SIGTERM (0) or until a worker dies (1)."""
+    reporter = Reporter(notifier)
     interval = notifier.watchdog_interval_s
     watchdog_s = 2 * interval if interval else None
-    ready_sent = False
-    status = ""
-    last_ping = last_extend = float("-inf")
     while not stop.is_set():
         if dead := [w for w in workers if w.process.poll() is not None]:
             log.error(
@@ -149,26 +152,37 @@ async def _relay(workers: list[_Worker], notifier: Notifier, stop: asyncio.Event
                 dead[0].process.returncode,
             )
             return 1
-        if not ready_sent and all(w.ready for w in workers):
-            notifier.send("READY=1")
-            ready_sent = True
-        if not ready_sent and time.monotonic() - last_extend >= EXTEND_EVERY_S:
-            notifier.send(f"EXTEND_TIMEOUT_USEC={EXTEND_BY_USEC}")
-            last_extend = time.monotonic()
-        new_status = " | ".join(
+        status = " | ".join(
             f"worker {w.index} (pid {w.process.pid}, device {w.device_id}): {w.status}" for w in workers
         )
-        if new_status != status:
-            notifier.send(f"STATUS={new_status}")
-            status = new_status
         now = time.monotonic()
         healthy = watchdog_s is not None and all(now - w.last_ping < watchdog_s for w in workers)
-        if interval is not None and healthy and now - last_ping >= interval:
-            notifier.send("WATCHDOG=1")
-            last_ping = now
+        reporter.report(ready=all(w.ready for w in workers), status=status, healthy=healthy)
         changed.clear()
         try:
-            await asyncio.wait_for(changed.wait(), min(interval or 1.0, 1.0))
+            await asyncio.wait_for(changed.wait(), reporter.tick_s(1.0))
         except TimeoutError:
             pass
     return 0
+
+
+def is_worker() -> bool:
+    """Whether this process is a worker started by `run_workers` (it then serves, never starts workers)."""
+    return INHERITED_FDS in os.environ
+
+
+def inherited_sockets() -> list[socket.socket]:
+    """A worker's listening sockets from its parent (empty outside a worker); from then on it stops with the parent."""
+    fds = os.environ.get(INHERITED_FDS, "")
+    if fds:
+        _stop_with_parent()
+    return [socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd.strip()]
+
+
+def _stop_with_parent() -> None:
+    """A worker gets SIGTERM (and drains) when its parent dies, even by SIGKILL, instead of living on."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if str(os.getppid()) != os.environ.get(PARENT_PID):  # the parent died before that took effect
+        os.kill(os.getpid(), signal.SIGTERM)

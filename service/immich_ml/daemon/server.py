@@ -4,38 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import logging
 import os
 import signal
 import socket
 
 from aiohttp import web
 
-from immich_ml.daemon.lifecycle import Supervisor
+from immich_ml.daemon.lifecycle import Lifecycle
+from immich_ml.daemon.processes import inherited_sockets, is_worker, run_workers
 from immich_ml.daemon.systemd import Notifier, listen_sockets
 from immich_ml.http.app import create_app
 from immich_ml.http.appkeys import STATE
 from immich_ml.http.security import tls_context
+from immich_ml.log import SERVER_LOG as log
 from immich_ml.settings import Settings
 
-__all__ = ["INHERITED_FDS", "PARENT_PID", "run", "serve"]
-
-log = logging.getLogger("immich_ml.server")
-
-INHERITED_FDS = "IMMICH_ML_INHERITED_FDS"
-"""Listening sockets a worker process gets from its parent: comma-separated file descriptors."""
-PARENT_PID = "IMMICH_ML_PARENT_PID"
-"""The pid of a worker's parent, so the worker can tell whether it is still there."""
+__all__ = ["run", "serve"]
 
 
 def run(settings: Settings) -> int:
     """`immich-ml serve`: one process, or a parent with MACHINE_LEARNING_WORKERS worker processes."""
-    sockets = _inherited_sockets() or listen_sockets()
-    if settings.workers > 1 and INHERITED_FDS not in os.environ:
-        from immich_ml.daemon.processes import run_workers
-
+    sockets = inherited_sockets() or listen_sockets()
+    if settings.workers > 1 and not is_worker():
         return run_workers(settings, sockets)
     return asyncio.run(serve(settings, sockets=sockets))
 
@@ -72,8 +62,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    supervisor = Supervisor(app, notifier)
-    reporting = asyncio.create_task(supervisor.run(), name="systemd")
+    lifecycle = Lifecycle(app, notifier)
+    reporting = asyncio.create_task(lifecycle.run(), name="systemd")
     state = app[STATE]
     ready = asyncio.create_task(state.ready_event.wait())
     stopping = asyncio.create_task(stop.wait())
@@ -82,7 +72,7 @@ async def serve(
         log.info("ready")
     await stopping
 
-    supervisor.stopping()
+    lifecycle.stopping()
     reporting.cancel()
     state.draining = True
     log.info("stopping: draining %d request(s) in flight", state.in_flight)
@@ -96,19 +86,3 @@ async def serve(
     await runner.cleanup()
     notifier.close()
     return 0
-
-
-def _inherited_sockets() -> list[socket.socket]:
-    fds = os.environ.get(INHERITED_FDS, "")
-    if fds:
-        _stop_with_parent()
-    return [socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd.strip()]
-
-
-def _stop_with_parent() -> None:
-    """A worker gets SIGTERM (and drains) when its parent dies, even by SIGKILL, instead of living on."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if str(os.getppid()) != os.environ.get(PARENT_PID):  # the parent died before that took effect
-        os.kill(os.getpid(), signal.SIGTERM)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
+import time
 from collections.abc import Mapping, MutableMapping
 
-__all__ = ["LISTEN_FDS_START", "Notifier", "listen_sockets"]
+from immich_ml.log import SYSTEMD_LOG as log
 
-log = logging.getLogger("immich_ml.systemd")
+__all__ = ["EXTEND_BY_USEC", "EXTEND_EVERY_S", "LISTEN_FDS_START", "Notifier", "Reporter", "listen_sockets"]
+
 
 LISTEN_FDS_START = 3
 """The first file descriptor systemd passes to a socket-activated service (SD_LISTEN_FDS_START)."""
+EXTEND_EVERY_S = 5.0  # while starting, ask systemd for more start-up time this often ...
+EXTEND_BY_USEC = 20_000_000  # ... by this much each time
 
 
 class Notifier:
@@ -60,6 +63,47 @@ class Notifier:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+class Reporter:
+    """The service's lifecycle told to systemd, for one process or for a parent of several workers.
+
+    Call `report` every tick: while not ready it extends the start-up timeout every few seconds (model
+    downloads and TensorRT builds can be long); READY=1 goes out once, with the status; STATUS whenever it
+    changes; WATCHDOG=1 at the watchdog interval while the caller says the service is healthy.
+    """
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
+        self.status = ""
+        self._ready_sent = False
+        self._last_extend = self._last_ping = float("-inf")
+
+    def tick_s(self, longest: float) -> float:
+        """How often to call `report`: at most `longest` apart, and often enough for the watchdog."""
+        return min(longest, self.notifier.watchdog_interval_s or longest)
+
+    def report(self, *, ready: bool, status: str, healthy: bool) -> None:
+        """Send what changed since the last call, and the pings that are due."""
+        now = time.monotonic()
+        if ready and not self._ready_sent:
+            self.notifier.send("READY=1", f"STATUS={status}")
+            self._ready_sent, self.status = True, status
+        elif not self._ready_sent and now - self._last_extend >= EXTEND_EVERY_S:
+            self.notifier.send(f"EXTEND_TIMEOUT_USEC={EXTEND_BY_USEC}")
+            self._last_extend = now
+        if status != self.status:
+            self.notifier.send(f"STATUS={status}")
+            self.status = status
+        interval = self.notifier.watchdog_interval_s
+        if interval is not None and healthy and now - self._last_ping >= interval:
+            self.notifier.send("WATCHDOG=1")
+            self._last_ping = now
+
+    def stopping(self, status: str) -> None:
+        """STOPPING=1, before the drain starts."""
+        self.status = status
+        self.notifier.send("STOPPING=1", f"STATUS={status}")
 
 
 def listen_sockets(env: MutableMapping[str, str] | None = None) -> list[socket.socket]:

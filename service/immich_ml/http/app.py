@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -16,7 +15,8 @@ from immich_ml.http.metrics import METRICS, GaugeCollector, GpuMemory, Metrics, 
 from immich_ml.http.routes import json_response, routes
 from immich_ml.http.security import allowlist_middleware
 from immich_ml.inference.sessions import SessionFactory
-from immich_ml.inference.threads import Workers
+from immich_ml.inference.threads import ThreadPool
+from immich_ml.log import SERVER_LOG as log
 from immich_ml.models.registry import ModelRegistry
 from immich_ml.models.store import ModelStore
 from immich_ml.models.tasks import ModelKey, clean_name
@@ -25,8 +25,6 @@ from immich_ml.predict.predictor import Predictor
 from immich_ml.settings import Settings
 
 __all__ = ["create_app", "preload_keys"]
-
-log = logging.getLogger("immich_ml.server")
 
 
 @web.middleware
@@ -73,7 +71,7 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
     runtime = Runtime(
         settings,
         sessions or SessionFactory(settings),
-        Workers(settings.request_threads),
+        ThreadPool(settings.request_threads),
         on_batch=metrics.observe_batch,
     )
 
@@ -81,7 +79,7 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
         registry = ModelRegistry(ModelStore(settings), runtime)
         app[REGISTRY] = registry
         app[PREDICTOR] = Predictor(
-            registry, runtime.workers, max_image_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft
+            registry, runtime.pool, max_image_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft
         )
         background = [
             asyncio.create_task(_preload(app, registry, settings), name="preload"),
@@ -92,7 +90,7 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await registry.close()
-        runtime.workers.shutdown()
+        runtime.pool.shutdown()
 
     app.cleanup_ctx.append(models_context)
     app.add_routes(routes)

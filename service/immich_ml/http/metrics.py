@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,9 +12,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from immich_ml.errors import ImmichMLError
 from immich_ml.http.appkeys import REGISTRY, STATE
-from immich_ml.predict.entries import parse_entries
+from immich_ml.log import METRICS_LOG as log
+from immich_ml.predict.entries import TaskPlan
 
 __all__ = [
     "CONTENT_TYPE",
@@ -28,7 +27,6 @@ __all__ = [
     "request_models",
 ]
 
-log = logging.getLogger("immich_ml.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -42,12 +40,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-def request_models(entries: bytes) -> list[tuple[str, str]]:
-    """The (task, "name/type") pairs of a request's `entries`, for labels; empty if they do not parse."""
-    try:
-        plans = parse_entries(entries)
-    except ImmichMLError:
-        return []
+def request_models(plans: list[TaskPlan]) -> list[tuple[str, str]]:
+    """The (task, "name/type") pairs of a request's plans, for labels."""
     return [
         (str(plan.task), f"{entry.key.name}/{entry.key.type}")
         for plan in plans
@@ -144,7 +138,6 @@ def daemon_gauges(app: web.Application) -> Gauges:
     if (registry := app.get(REGISTRY)) is None:
         return
     loaded = registry.loaded()
-    now = time.monotonic()
     yield "immich_ml_models_loaded", "Models in memory", [], [([], float(len(loaded)))]
     yield (
         "immich_ml_model_info",
@@ -169,10 +162,10 @@ def daemon_gauges(app: web.Application) -> Gauges:
         "How long the batch now running has run, by batcher",
         ["batcher"],
         [
-            ([batcher.name], now - batcher.running_since)
+            ([batcher.name], batcher.running_for_s)
             for model in loaded.values()
-            for batcher in model.batchers
-            if batcher.running_since is not None
+            for batcher in model.batcher_snapshots()
+            if batcher.running_for_s is not None
         ],
     )
 

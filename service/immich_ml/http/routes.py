@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 
@@ -15,11 +14,12 @@ from immich_ml.daemon.lifecycle import stalled_batchers
 from immich_ml.errors import BadRequest, ImmichMLError, InvalidEntries, PayloadTooLarge, ShuttingDown
 from immich_ml.http.appkeys import PREDICTOR, REGISTRY, SETTINGS, STATE
 from immich_ml.http.metrics import CONTENT_TYPE, METRICS, MODELS, request_models
+from immich_ml.log import ACCESS_LOG as log
+from immich_ml.predict.entries import parse_entries
 from immich_ml.predict.predictor import PredictInput
 
 __all__ = ["routes"]
 
-log = logging.getLogger("immich_ml.access")
 
 routes = web.RouteTableDef()
 
@@ -84,7 +84,7 @@ async def predict(request: web.Request) -> web.Response:
     try:
         predict_input = await _read_form(request)
         described = predict_input.describe()
-        request[MODELS] = request_models(predict_input.entries)
+        request[MODELS] = request_models(predict_input.plans)
         with state.track_request():
             result = await request.app[PREDICTOR].predict(predict_input)
     except ImmichMLError as error:  # the access line names the error's kind, never its text (it may quote input)
@@ -112,7 +112,8 @@ async def _read_form(request: web.Request) -> PredictInput:
     if "image" not in fields and "text" not in fields:
         raise BadRequest("Either image or text must be provided")
     text = fields["text"].decode("utf-8", errors="replace") if "text" in fields else None
-    return PredictInput(entries=fields["entries"], image=fields.get("image"), text=text)
+    entries = fields["entries"]
+    return PredictInput(entries=entries, plans=parse_entries(entries), image=fields.get("image"), text=text)
 
 
 async def _read_multipart(request: web.Request) -> dict[str, bytes]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import logging
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,10 +11,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from immich_ml.errors import ImmichMLError
+from immich_ml.log import SECURITY_LOG as log
 
 __all__ = ["Forbidden", "allowlist_middleware", "client_address", "tls_context"]
 
-log = logging.getLogger("immich_ml.security")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -13,42 +12,50 @@ from typing import Generic, TypeVar
 
 from immich_ml.errors import Overloaded, ShuttingDown
 from immich_ml.inference.threads import lower_thread_priority
+from immich_ml.log import BATCHER_LOG as log
 
-__all__ = ["Batcher", "BatchStats"]
+__all__ = ["Batcher", "BatcherSnapshot"]
 
 In = TypeVar("In")
 Out = TypeVar("Out")
-
-log = logging.getLogger("immich_ml.batcher")
 
 
 @dataclass
 class _Item(Generic[In, Out]):
     payload: In
     future: asyncio.Future[Out]
-    queued_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
-class BatchStats:
-    """What a batcher has done; read by metrics and the readiness endpoint."""
+class _Counters:
+    """What a batcher has done so far; mutated on the event loop only."""
 
     batches: int = 0
     items: int = 0
     last_batch_size: int = 0
     sizes: Counter[int] = field(default_factory=Counter)
-    """How many batches had each size."""
     peak_depth: int = 0
-    """The most inputs ever waiting at once."""
     rejected: int = 0
-    """Inputs refused with 503 because the queue was full."""
-    waited_s: float = 0.0
-    """Total time inputs spent queued before their batch started."""
 
-    @property
-    def mean_batch_size(self) -> float:
-        """Inputs per batch so far (0 before the first batch)."""
-        return self.items / self.batches if self.batches else 0.0
+
+@dataclass(frozen=True)
+class BatcherSnapshot:
+    """One batcher at one moment: what `/health`, the metrics and the watchdog read, instead of its internals."""
+
+    name: str
+    depth: int
+    """Inputs waiting for a batch (not counting those running)."""
+    running_for_s: float | None
+    """How long the oldest batch now running has run; None when idle."""
+    batches: int
+    items: int
+    last_batch_size: int
+    sizes: dict[int, int]
+    """How many batches had each size."""
+    peak_depth: int
+    """The most inputs ever waiting at once."""
+    rejected: int
+    """Inputs refused with 503 because the queue was full."""
 
 
 class Batcher(Generic[In, Out]):
@@ -84,7 +91,7 @@ class Batcher(Generic[In, Out]):
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
         self.concurrency = max(1, concurrency)
-        self.stats = BatchStats()
+        self._stats = _Counters()
         self._run = run
         self._on_batch = on_batch
         self._queue: asyncio.Queue[_Item[In, Out]] = asyncio.Queue()
@@ -99,15 +106,21 @@ class Batcher(Generic[In, Out]):
         self._closing = False
         self._task: asyncio.Task[None] | None = None
 
-    @property
-    def depth(self) -> int:
-        """Inputs waiting for a batch (not counting those running)."""
-        return self._queue.qsize()
-
-    @property
-    def running_since(self) -> float | None:
-        """When the oldest batch now running started (`time.monotonic()`), or None when idle."""
-        return min(self._running.values(), default=None)
+    def snapshot(self) -> BatcherSnapshot:
+        """Queue depth, the running batch's age and the counters so far, copied."""
+        running_since = min(self._running.values(), default=None)
+        stats = self._stats
+        return BatcherSnapshot(
+            name=self.name,
+            depth=self._queue.qsize(),
+            running_for_s=None if running_since is None else time.monotonic() - running_since,
+            batches=stats.batches,
+            items=stats.items,
+            last_batch_size=stats.last_batch_size,
+            sizes=dict(stats.sizes),
+            peak_depth=stats.peak_depth,
+            rejected=stats.rejected,
+        )
 
     async def submit(self, payload: In) -> Out:
         """Queue one input and wait for its own output."""
@@ -120,14 +133,14 @@ class Batcher(Generic[In, Out]):
             raise ShuttingDown(f"{self.name} is shutting down")
         waiting = self._queue.qsize()
         if waiting + len(payloads) > self.queue_size and waiting > 0:  # one oversized call alone is admitted
-            self.stats.rejected += len(payloads)
+            self._stats.rejected += len(payloads)
             raise Overloaded(f"{self.name}: queue full ({waiting} waiting); retry later")
         self._ensure_started()
         loop = asyncio.get_running_loop()
         items = [_Item[In, Out](payload, loop.create_future()) for payload in payloads]
         for item in items:
             self._queue.put_nowait(item)
-        self.stats.peak_depth = max(self.stats.peak_depth, self._queue.qsize())
+        self._stats.peak_depth = max(self._stats.peak_depth, self._queue.qsize())
         return list(await asyncio.gather(*(item.future for item in items)))
 
     async def close(self) -> None:
@@ -180,7 +193,6 @@ class Batcher(Generic[In, Out]):
 
     async def _run_live(self, loop: asyncio.AbstractEventLoop, live: list[_Item[In, Out]]) -> None:
         started = time.monotonic()
-        self.stats.waited_s += sum(started - item.queued_at for item in live)
         try:
             outputs = await loop.run_in_executor(self._executor, self._run, [i.payload for i in live])
             if len(outputs) != len(live):
@@ -194,9 +206,9 @@ class Batcher(Generic[In, Out]):
         for item, output in zip(live, outputs, strict=True):
             if not item.future.done():
                 item.future.set_result(output)
-        self.stats.batches += 1
-        self.stats.items += len(live)
-        self.stats.last_batch_size = len(live)
-        self.stats.sizes[len(live)] += 1
+        self._stats.batches += 1
+        self._stats.items += len(live)
+        self._stats.last_batch_size = len(live)
+        self._stats.sizes[len(live)] += 1
         if self._on_batch is not None:
             self._on_batch(self.name, len(live), time.monotonic() - started)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -11,11 +10,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from immich_ml.log import MODELS_LOG as log
 from immich_ml.settings import Provider, Settings
 
 __all__ = ["CPU", "CUDA", "TENSORRT", "OnnxSession", "ProviderError", "SessionFactory", "onnxruntime_builds"]
 
-log = logging.getLogger("immich_ml.models")
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -44,15 +43,6 @@ class OnnxSession:
         first_dim = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
         self.fixed_batch: int | None = first_dim if isinstance(first_dim, int) else None
         self.metadata: dict[str, str] = session.get_modelmeta().custom_metadata_map
-
-    @property
-    def on_gpu(self) -> bool:
-        """True when the first provider is a GPU one."""
-        return self.providers[0] != CPU
-
-    def input_shape(self, index: int = 0) -> list[int | str | None]:
-        """The declared shape of an input (symbolic dims are strings or None)."""
-        return list(self._session.get_inputs()[index].shape)
 
     def output_shape(self, index: int = 0) -> list[int | str | None]:
         """The declared shape of an output (symbolic dims are strings or None)."""

@@ -5,22 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import logging
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
-__all__ = ["Workers", "in_background_thread", "lower_thread_priority"]
+from immich_ml.log import SERVER_LOG as log
 
-log = logging.getLogger("immich_ml.server")
+__all__ = ["ThreadPool", "in_background_thread", "lower_thread_priority"]
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class Workers:
+class ThreadPool:
     """The thread pool for decoding, pre- and post-processing and model loading."""
 
     def __init__(self, threads: int) -> None:

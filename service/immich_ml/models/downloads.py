@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import logging
 import os
 import tempfile
 import urllib.parse
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from immich_ml.causes import cause_of
 from immich_ml.errors import ModelUnavailable
+from immich_ml.log import MODELS_LOG as log
 from immich_ml.models.catalog import ocr_language
 from immich_ml.models.tasks import ModelKey, ModelType
 
@@ -31,7 +31,6 @@ __all__ = [
     "pinned_file",
 ]
 
-log = logging.getLogger("immich_ml.models")
 
 DEFAULT_BASE_URL = "https://www.modelscope.cn/models/RapidAI/RapidOCR/resolve/v3.4.0"
 

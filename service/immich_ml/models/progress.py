@@ -7,7 +7,6 @@ total size says so with `Transfer.expect`.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-__all__ = ["LogReport", "Progress", "ProgressListener", "TerminalBar", "Transfer", "Transfers"]
+from immich_ml.log import MODELS_LOG as log
 
-log = logging.getLogger("immich_ml.models")
+__all__ = ["LogReport", "Progress", "ProgressListener", "TerminalBar", "Transfer", "Transfers"]
 
 _MB = 1000**2
 

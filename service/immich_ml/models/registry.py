@@ -6,7 +6,6 @@ import asyncio
 import ctypes
 import ctypes.util
 import gc
-import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 
 from immich_ml.errors import ImmichMLError, ModelLoadFailed, UnknownModel
 from immich_ml.inference.sessions import ProviderError
+from immich_ml.log import MODELS_LOG as log
 from immich_ml.models.catalog import is_known
 from immich_ml.models.store import ModelStore
 from immich_ml.models.tasks import ModelKey
@@ -22,7 +22,6 @@ from immich_ml.pipelines.base import Runtime
 
 __all__ = ["ModelRegistry"]
 
-log = logging.getLogger("immich_ml.models")
 
 _FAILURE_MEMORY_S = 60.0
 
@@ -128,7 +127,7 @@ class ModelRegistry:
             model = await self._load_files(model_class, key)
         except _CorruptModel as error:
             log.warning("failed to load %s (%s); clearing its cache and downloading it again", key, error.__cause__)
-            await self.runtime.workers.run(self.store.remove_type, key)
+            await self.runtime.pool.run(self.store.remove_type, key)
             try:
                 model = await self._load_files(model_class, key)
             except _CorruptModel as error:
@@ -139,10 +138,10 @@ class ModelRegistry:
 
     async def _load_files(self, model_class: type[InferenceModel], key: ModelKey) -> InferenceModel:
         """Find or download the files and create the model; unreadable files raise `_CorruptModel`."""
-        workers = self.runtime.workers
-        model = model_class(key, await workers.run(self.store.ensure, key), self.runtime)
+        pool = self.runtime.pool
+        model = model_class(key, await pool.run(self.store.ensure, key), self.runtime)
         try:
-            await workers.run(model.load)
+            await pool.run(model.load)
         except ProviderError as error:  # a configuration problem: the files are fine, keep them
             raise ModelLoadFailed(f"Failed to load model '{key.name}': {error}") from error
         except ImmichMLError:

@@ -13,7 +13,6 @@ file that looks complete.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import shutil
 import tarfile
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from immich_ml.errors import ModelUnavailable
+from immich_ml.log import MODELS_LOG as log
 from immich_ml.models.catalog import cache_name
 from immich_ml.models.downloads import download_ocr_model
 from immich_ml.models.hub import STAGING, download_from_hub, failure_message
@@ -32,7 +32,6 @@ from immich_ml.settings import Settings
 
 __all__ = ["CachedModel", "Downloader", "ModelStore"]
 
-log = logging.getLogger("immich_ml.models")
 
 Downloader = Callable[[ModelKey, Path, Callable[[int], None]], None]
 """Fetches one model's files into its model directory (`<cache>/<task>/<name>/<type>`); tells the third

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-__all__ = ["TASK_TYPES", "ModelKey", "ModelType", "Task", "clean_name"]
+__all__ = ["DEPENDS_ON", "TASK_TYPES", "ModelKey", "ModelType", "Task", "clean_name"]
 
 
 class Task(StrEnum):
@@ -32,6 +32,12 @@ TASK_TYPES: dict[Task, tuple[ModelType, ModelType]] = {
     Task.OCR: (ModelType.DETECTION, ModelType.RECOGNITION),
 }
 """The model types each task has."""
+
+DEPENDS_ON: dict[tuple[Task, ModelType], ModelType] = {
+    (Task.FACIAL_RECOGNITION, ModelType.RECOGNITION): ModelType.DETECTION,
+    (Task.OCR, ModelType.RECOGNITION): ModelType.DETECTION,
+}
+"""Within a task, the model of the key's type consumes the output of the model of the value's type."""
 
 _SEPARATORS = re.compile(r"[:\\/]")
 

@@ -12,16 +12,17 @@ import numpy as np
 from PIL import Image
 
 from immich_ml.errors import WrongInput
-from immich_ml.inference.batcher import Batcher
+from immich_ml.inference.batcher import Batcher, BatcherSnapshot
 from immich_ml.inference.sessions import OnnxSession, SessionFactory
-from immich_ml.inference.threads import Workers, in_background_thread
-from immich_ml.models.tasks import ModelKey, ModelType
+from immich_ml.inference.threads import ThreadPool, in_background_thread
+from immich_ml.models.tasks import ModelKey
 from immich_ml.settings import Settings
 
 __all__ = ["InferenceModel", "Payload", "Runtime", "stack"]
 
 In = TypeVar("In")
 Out = TypeVar("Out")
+T = TypeVar("T")
 
 Payload = Image.Image | str
 """What a request carries to a model: a decoded RGB image, or query text."""
@@ -29,11 +30,11 @@ Payload = Image.Image | str
 
 @dataclass
 class Runtime:
-    """Shared services a model uses: settings, session creation, worker threads, batchers."""
+    """Shared services a model uses: settings, session creation, the thread pool, batchers."""
 
     settings: Settings
     sessions: SessionFactory
-    workers: Workers
+    pool: ThreadPool
     on_batch: Callable[[str, int, float], None] | None = None
 
     def batcher(
@@ -45,14 +46,11 @@ class Runtime:
         concurrency: int = 1,
         niceness: int = 0,
     ) -> Batcher[In, Out]:
-        """A batcher for one session, with the configured delay, queue size and metrics hook.
-
-        With batching turned off (MACHINE_LEARNING_BATCHING=false) every batch holds one input.
-        """
+        """A batcher for one session, with the configured delay, queue size and metrics hook."""
         return Batcher(
             name,
             run,
-            max_batch=max_batch if self.settings.batching else 1,
+            max_batch=max_batch,
             max_delay_s=self.settings.batch_delay_ms / 1000,
             queue_size=self.settings.queue_size,
             concurrency=concurrency,
@@ -65,12 +63,11 @@ class InferenceModel(ABC):
     """One model of one task and type: its files, its session, and its pre- and post-processing.
 
     `load` is blocking and runs in a worker thread; `predict` runs on the event loop and sends every
-    blocking step to the workers or to the model's batcher. Models that serve a waiting user set
+    blocking step to the thread pool or to the model's batcher. Models that serve a waiting user set
     `interactive`; the others (bulk indexing) run their inference threads at a lower CPU priority
     (MACHINE_LEARNING_BULK_NICENESS), so a search query is not stuck behind a library scan.
     """
 
-    depends_on: ClassVar[ModelType | None] = None
     interactive: ClassVar[bool] = False
 
     def __init__(self, key: ModelKey, model_dir: Path, runtime: Runtime) -> None:
@@ -95,18 +92,35 @@ class InferenceModel(ABC):
         """The execution providers in use (empty before `load`)."""
         return self.session.providers if self.session else []
 
+    def batcher_snapshots(self) -> list[BatcherSnapshot]:
+        """The state of each of this model's batchers (queue depth, running batch, counters)."""
+        return [batcher.snapshot() for batcher in self.batchers]
+
     @property
     def queue_depth(self) -> int:
         """Inputs waiting in this model's batchers."""
-        return sum(batcher.depth for batcher in self.batchers)
+        return sum(snapshot.depth for snapshot in self.batcher_snapshots())
 
-    def add_batcher(
-        self, run: Callable[[list[In]], Sequence[Out]], *, max_batch: int, stage: str = ""
-    ) -> Batcher[In, Out]:
-        """A batcher for one of this model's session runs; closed with the model."""
+    @property
+    def batch_size(self) -> int:
+        """The configured inputs per session run for this model type (MACHINE_LEARNING_MAX_BATCH_SIZE__*)."""
+        return self.runtime.settings.max_batch_size(self.key.task, self.key.type)
+
+    def stacks_inputs(self) -> bool:
+        """Whether the loaded graph can run several inputs stacked into one batch; overridden where not."""
+        return True
+
+    @property
+    def max_batch(self) -> int:
+        """The one decision on how many inputs a batcher stacks: `batch_size`, or 1 with batching turned
+        off (MACHINE_LEARNING_BATCHING=false) or a graph that cannot stack inputs."""
+        return self.batch_size if self.runtime.settings.batching and self.stacks_inputs() else 1
+
+    def add_batcher(self, run: Callable[[list[In]], Sequence[Out]], *, stage: str = "") -> Batcher[In, Out]:
+        """A batcher of up to `max_batch` inputs for one of this model's session runs; closed with the model."""
         name = f"{self.key}{'/' + stage if stage else ''}"
         batcher = self.runtime.batcher(
-            name, run, max_batch=max_batch, concurrency=self.concurrent_batches, niceness=self.niceness
+            name, run, max_batch=self.max_batch, concurrency=self.concurrent_batches, niceness=self.niceness
         )
         self.batchers.append(batcher)
         return batcher
@@ -165,6 +179,12 @@ class InferenceModel(ABC):
         if not isinstance(payload, str):
             raise WrongInput(f"{self.key.task} {self.key.type} ({self.key.name}) needs text, not an image")
         return payload
+
+    def dependency_of(self, dependency: object, kind: type[T]) -> T:
+        """The first model's output that this (second) model consumes; anything else is a bug."""
+        if not isinstance(dependency, kind):
+            raise TypeError(f"{self.key} got {type(dependency).__name__} instead of {kind.__name__}. This is a bug.")
+        return dependency
 
     def _require_session(self) -> OnnxSession:
         if self.session is None:

@@ -9,17 +9,11 @@ import orjson
 
 from immich_ml.errors import DependencyMissing, InvalidEntries
 from immich_ml.models.catalog import cache_name
-from immich_ml.models.tasks import TASK_TYPES, ModelKey, ModelType, Task, clean_name
+from immich_ml.models.tasks import DEPENDS_ON, TASK_TYPES, ModelKey, ModelType, Task, clean_name
 
 __all__ = ["Entry", "TaskPlan", "parse_entries"]
 
 _INVALID = "Invalid request format."
-
-# Within a task, a model of the second type consumes the output of the first.
-_DEPENDENCIES = {
-    (Task.FACIAL_RECOGNITION, ModelType.RECOGNITION): ModelType.DETECTION,
-    (Task.OCR, ModelType.RECOGNITION): ModelType.DETECTION,
-}
 
 
 @dataclass(frozen=True)
@@ -32,7 +26,8 @@ class Entry:
 
 @dataclass(frozen=True)
 class TaskPlan:
-    """The models of one task in run order: a first model, then optionally one that consumes its output."""
+    """The models of one task in run order: a first model, then optionally one that consumes its output
+    (`DEPENDS_ON`)."""
 
     task: Task
     first: Entry
@@ -62,10 +57,10 @@ def _plan(task_name: str, models: Any) -> TaskPlan:
         for type_name, spec in models.items()
         for model_type in (_model_type(task, type_name),)
     }
-    dependents = [t for t in entries if (task, t) in _DEPENDENCIES]
-    independents = [t for t in entries if (task, t) not in _DEPENDENCIES]
+    dependents = [t for t in entries if (task, t) in DEPENDS_ON]
+    independents = [t for t in entries if (task, t) not in DEPENDS_ON]
     for dependent in dependents:
-        needed = _DEPENDENCIES[(task, dependent)]
+        needed = DEPENDS_ON[(task, dependent)]
         if needed not in entries:
             raise DependencyMissing(f"Task {task} of type {dependent} depends on output of {needed}")
     if len(independents) != 1 or len(dependents) > 1:

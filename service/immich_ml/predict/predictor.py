@@ -9,18 +9,19 @@ from typing import Any
 from PIL import Image
 
 from immich_ml.imaging import decode_image
-from immich_ml.inference.threads import Workers
+from immich_ml.inference.threads import ThreadPool
 from immich_ml.models.registry import ModelRegistry
-from immich_ml.predict.entries import Entry, TaskPlan, parse_entries
+from immich_ml.predict.entries import Entry, TaskPlan
 
 __all__ = ["PredictInput", "Predictor"]
 
 
 @dataclass(frozen=True)
 class PredictInput:
-    """The raw parts of a predict request."""
+    """A predict request as the HTTP edge read it: `entries` parsed once into plans, and the raw input."""
 
     entries: bytes
+    plans: list[TaskPlan]
     image: bytes | None = None
     text: str | None = None
 
@@ -34,22 +35,22 @@ class Predictor:
     """Runs the models a request asks for and shapes the response like upstream."""
 
     def __init__(
-        self, registry: ModelRegistry, workers: Workers, *, max_image_pixels: int, jpeg_draft: bool = False
+        self, registry: ModelRegistry, pool: ThreadPool, *, max_image_pixels: int, jpeg_draft: bool = False
     ) -> None:
         self.registry = registry
-        self.workers = workers
+        self.pool = pool
         self.max_image_pixels = max_image_pixels
         self.jpeg_draft = jpeg_draft
 
     async def predict(self, request: PredictInput) -> dict[str, Any]:
         """The response body: one key per task, plus the image size for image input."""
-        plans = parse_entries(request.entries)
+        plans = request.plans
         response: dict[str, Any] = {}
         payload: Image.Image | str
         size = None
         if request.image is not None:
             draft_size = await self._draft_size(plans) if self.jpeg_draft else None
-            payload, size = await self.workers.run(
+            payload, size = await self.pool.run(
                 decode_image, request.image, max_pixels=self.max_image_pixels, draft_size=draft_size
             )
         else:
@@ -71,6 +72,7 @@ class Predictor:
             return model.min_image_side
 
     async def _run_task(self, plan: TaskPlan, payload: Image.Image | str) -> Any:
+        """The first model's output, or the second's, given the first's output (`DEPENDS_ON`)."""
         output = await self._run_model(plan.first, payload, None)
         if plan.second is not None:
             output = await self._run_model(plan.second, payload, output)

@@ -58,9 +58,7 @@ class ClipVisual(InferenceModel):
         else:  # the released upstream ignores both settings: bicubic, shortest side, centre crop
             self.resample, self.squash = Image.Resampling.BICUBIC, False
         self.input_name = self._require_session().input_names[0]
-        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(
-            self._run, max_batch=self.runtime.settings.max_batch_clip
-        )
+        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(self._run)
 
     @property
     def min_image_side(self) -> int:
@@ -77,7 +75,7 @@ class ClipVisual(InferenceModel):
         return list(embeddings)
 
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> str:
-        pixels = await self.runtime.workers.run(self.preprocess, self.image_of(payload))
+        pixels = await self.runtime.pool.run(self.preprocess, self.image_of(payload))
         return vector_string(await self.batcher.submit(pixels))
 
     def warmup_payload(self) -> Payload:
@@ -98,9 +96,7 @@ class ClipTextual(InferenceModel):
         self.input_names = self._require_session().input_names
         self.is_mclip = "input_ids" in self.input_names
         self.uses_language = self.key.name.startswith("nllb")
-        self.batcher: Batcher[tuple[np.ndarray, np.ndarray], np.ndarray] = self.add_batcher(
-            self._run, max_batch=self.runtime.settings.max_batch_clip
-        )
+        self.batcher: Batcher[tuple[np.ndarray, np.ndarray], np.ndarray] = self.add_batcher(self._run)
 
     def tokenize(self, text: str, language: str | None) -> tuple[np.ndarray, np.ndarray]:
         """Clean the query, add the nllb language prefix where it applies, and encode it."""
@@ -121,7 +117,7 @@ class ClipTextual(InferenceModel):
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> str:
         text = self.text_of(payload)
         language = options.get("language")
-        encoding = await self.runtime.workers.run(self.tokenize, text, language if isinstance(language, str) else None)
+        encoding = await self.runtime.pool.run(self.tokenize, text, language if isinstance(language, str) else None)
         return vector_string(await self.batcher.submit(encoding))
 
     def warmup_payload(self) -> Payload:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import logging
 import string
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from immich_ml.log import MODELS_LOG as log
+
 __all__ = ["TextTokenizer", "clean_text", "flores_code"]
 
-log = logging.getLogger("immich_ml.models")
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 

@@ -15,7 +15,6 @@ from immich_ml.encoding import vector_string
 from immich_ml.errors import InvalidEntries, ModelLoadFailed
 from immich_ml.inference.batcher import Batcher
 from immich_ml.inference.sessions import OnnxSession
-from immich_ml.models.tasks import ModelType
 from immich_ml.pipelines.base import InferenceModel, Payload, stack
 from immich_ml.pipelines.faces.alignment import ARCFACE_SIZE, ARCFACE_TEMPLATE, align_face
 
@@ -143,8 +142,10 @@ class FaceDetector(InferenceModel):
             )
         self.input_name = session.input_names[0]
         self.batched = has_batch_axis(session)
-        max_batch = self.runtime.settings.max_batch_face_detection if self.batched else 1
-        self.batcher: Batcher[np.ndarray, list[np.ndarray]] = self.add_batcher(self._run, max_batch=max_batch)
+        self.batcher: Batcher[np.ndarray, list[np.ndarray]] = self.add_batcher(self._run)
+
+    def stacks_inputs(self) -> bool:
+        return self.batched
 
     def preprocess(self, image: Image.Image) -> tuple[np.ndarray, float]:
         """The CHW float32 RGB blob, (x − 127.5) / 128, of the letterboxed image, and the letterbox scale."""
@@ -161,9 +162,9 @@ class FaceDetector(InferenceModel):
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> FaceDetections:
         image = self.image_of(payload)
         min_score = _min_score(options)
-        blob, scale = await self.runtime.workers.run(self.preprocess, image)
+        blob, scale = await self.runtime.pool.run(self.preprocess, image)
         outputs = await self.batcher.submit(blob)
-        return await self.runtime.workers.run(decode_detections, outputs, scale, min_score)
+        return await self.runtime.pool.run(decode_detections, outputs, scale, min_score)
 
     def warmup_payload(self) -> Payload:
         return Image.new("RGB", (DETECTION_SIZE, DETECTION_SIZE), (128, 128, 128))
@@ -177,13 +178,9 @@ def face_blob(crop: np.ndarray) -> np.ndarray:
 class FaceRecognizer(InferenceModel):
     """ArcFace (w600k_r50, glintr100): a 512-float embedding per detected face, unnormalised like upstream."""
 
-    depends_on = ModelType.DETECTION
-
     def configure(self) -> None:
         self.input_name = self._require_session().input_names[0]
-        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(
-            self._run, max_batch=self.runtime.settings.max_batch_face_recognition
-        )
+        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(self._run)
 
     def crops(self, image: Image.Image, landmarks: np.ndarray) -> list[np.ndarray]:
         """One blob per face. Upstream warps the BGR image and swaps to RGB afterwards; a warp treats every
@@ -199,12 +196,11 @@ class FaceRecognizer(InferenceModel):
         self, payload: Payload, options: Mapping[str, Any], dependency: Any = None
     ) -> list[dict[str, Any]]:
         image = self.image_of(payload)
-        if not isinstance(dependency, FaceDetections):
-            raise TypeError(f"{self.key} got {type(dependency)} instead of detections. This is a bug.")
-        if not dependency.scores:
+        faces = self.dependency_of(dependency, FaceDetections)
+        if not faces.scores:
             return []
-        landmarks = np.asarray(dependency.landmarks, dtype=np.float64)
-        crops = await self.runtime.workers.run(self.crops, image, landmarks)
+        landmarks = np.asarray(faces.landmarks, dtype=np.float64)
+        crops = await self.runtime.pool.run(self.crops, image, landmarks)
         embeddings = await self.batcher.submit_many(crops)
         return [
             {
@@ -212,7 +208,7 @@ class FaceRecognizer(InferenceModel):
                 "embedding": vector_string(embedding),
                 "score": score,
             }
-            for box, score, embedding in zip(dependency.boxes, dependency.scores, embeddings, strict=True)
+            for box, score, embedding in zip(faces.boxes, faces.scores, embeddings, strict=True)
         ]
 
     def warmup_payload(self) -> Payload:

@@ -12,12 +12,11 @@ from PIL import Image
 from immich_ml.errors import InvalidEntries
 from immich_ml.inference.batcher import Batcher
 from immich_ml.inference.sessions import OnnxSession
-from immich_ml.models.tasks import ModelType
 from immich_ml.pipelines.base import InferenceModel, Payload
 from immich_ml.pipelines.ocr.boxes import MIN_SIDE, DetectionParams, boxes_from_probability, detection_input
 from immich_ml.pipelines.ocr.lines import Recognised, crop_line, ctc_decode, load_charset, recognition_batch
 
-__all__ = ["TextDetector", "TextRecognizer"]
+__all__ = ["TextDetections", "TextDetector", "TextRecognizer"]
 
 
 def _number(options: Mapping[str, Any], name: str, default: float) -> float:
@@ -70,6 +69,18 @@ def _run_grouped(session: OnnxSession, input_name: str, inputs: list[np.ndarray]
     return [output for output in outputs if output is not None]
 
 
+@dataclass(frozen=True)
+class TextDetections:
+    """The text boxes found in one image, in reading order: detection's output and recognition's input.
+
+    Plain lists, so that a detection-only request serialises to upstream's `{"boxes", "scores"}`.
+    """
+
+    boxes: list[list[list[float]]]
+    """Four `[x, y]` corners per box, in image pixels."""
+    scores: list[float]
+
+
 class TextDetector(InferenceModel):
     """DB text detector. `maxResolution`, `minScore` and `scoreMode` are per-request parameters, so one
     loaded instance serves requests with any of them (upstream's newest code keys instances by
@@ -78,23 +89,22 @@ class TextDetector(InferenceModel):
 
     def configure(self) -> None:
         self.input_name = self._require_session().input_names[0]
-        self.max_rows = self.runtime.settings.max_batch_ocr
-        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(self._run, max_batch=self.max_rows)
+        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(self._run)
 
     def _run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         # Detector inputs vary in size; requests whose resized images match share one run.
-        return _run_grouped(self._require_session(), self.input_name, inputs, self.max_rows)
+        return _run_grouped(self._require_session(), self.input_name, inputs, self.batch_size)
 
-    async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> dict[str, Any]:
+    async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> TextDetections:
         image = self.image_of(payload)
         params = detection_params(options)
         if image.width < MIN_SIDE or image.height < MIN_SIDE:
-            return {"boxes": [], "scores": []}
-        workers = self.runtime.workers
-        pixels = await workers.run(detection_input, image, params.max_resolution, self.runtime.settings.preprocessing)
+            return TextDetections(boxes=[], scores=[])
+        pool = self.runtime.pool
+        pixels = await pool.run(detection_input, image, params.max_resolution, self.runtime.settings.preprocessing)
         probability = await self.batcher.submit(pixels)
-        found = await workers.run(boxes_from_probability, probability[0, 0], image.size, params)
-        return {"boxes": found.boxes.tolist(), "scores": found.scores.tolist()}
+        found = await pool.run(boxes_from_probability, probability[0, 0], image.size, params)
+        return TextDetections(boxes=found.boxes.tolist(), scores=found.scores.tolist())
 
     def warmup_payload(self) -> Payload:
         return Image.new("RGB", (64, 64), (255, 255, 255))
@@ -116,27 +126,24 @@ class TextRecognizer(InferenceModel):
     item: chunks of equal width (most short lines pad to 320 px) from concurrent requests share a run.
     """
 
-    depends_on = ModelType.DETECTION
-
     def configure(self) -> None:
         session = self._require_session()
         charset_file = self.model_dir / "charset.txt"
         fallback = charset_file.read_text(encoding="utf-8").splitlines() if charset_file.is_file() else None
         self.charset = load_charset(session.metadata, fallback)
         self.input_name = session.input_names[0]
-        self.chunk_size = self.runtime.settings.max_batch_ocr
-        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(self._run, max_batch=self.chunk_size)
+        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(self._run)
 
     def _run(self, chunks: list[np.ndarray]) -> list[np.ndarray]:
-        return _run_grouped(self._require_session(), self.input_name, chunks, self.chunk_size)
+        return _run_grouped(self._require_session(), self.input_name, chunks, self.batch_size)
 
     def _chunks(self, image: Image.Image, boxes: np.ndarray) -> list[_Chunk]:
         crops = [crop_line(image, corners) for corners in boxes]
         order = sorted(range(len(crops)), key=lambda i: crops[i].width / crops[i].height)
         return [
             _Chunk(members, recognition_batch([crops[i] for i in members]))
-            for start in range(0, len(order), self.chunk_size)
-            for members in (order[start : start + self.chunk_size],)
+            for start in range(0, len(order), self.batch_size)
+            for members in (order[start : start + self.batch_size],)
         ]
 
     def _decode(self, chunks: Sequence[_Chunk], outputs: Sequence[np.ndarray]) -> dict[int, Recognised]:
@@ -149,18 +156,19 @@ class TextRecognizer(InferenceModel):
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> dict[str, Any]:
         image = self.image_of(payload)
         min_score = _number(options, "minScore", 0.9)
-        if not dependency or not dependency.get("scores"):
+        detections = self.dependency_of(dependency, TextDetections)
+        if not detections.scores:
             return {"box": [], "boxScore": [], "text": [], "textScore": []}
-        boxes = np.asarray(dependency["boxes"], dtype=np.float64)
-        workers = self.runtime.workers
-        chunks = await workers.run(self._chunks, image, boxes)
+        boxes = np.asarray(detections.boxes, dtype=np.float64)
+        pool = self.runtime.pool
+        chunks = await pool.run(self._chunks, image, boxes)
         outputs = await self.batcher.submit_many([chunk.pixels for chunk in chunks])
-        lines = await workers.run(self._decode, chunks, outputs)
+        lines = await pool.run(self._decode, chunks, outputs)
         kept = [i for i in range(len(boxes)) if lines[i].score > min_score]
         normalised = boxes[kept] / np.array([image.width, image.height], dtype=np.float64)
         return {
             "box": normalised.reshape(-1).tolist(),
-            "boxScore": [float(dependency["scores"][i]) for i in kept],
+            "boxScore": [float(detections.scores[i]) for i in kept],
             "text": [lines[i].text for i in kept],
             "textScore": [lines[i].score for i in kept],
         }
@@ -170,4 +178,4 @@ class TextRecognizer(InferenceModel):
 
     async def warmup(self) -> None:
         line = [[0.0, 0.0], [319.0, 0.0], [319.0, 47.0], [0.0, 47.0]]
-        await self.predict(self.warmup_payload(), {}, {"boxes": [line], "scores": [1.0]})
+        await self.predict(self.warmup_payload(), {}, TextDetections(boxes=[line], scores=[1.0]))
