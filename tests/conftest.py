@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,13 @@ from immich_ml.settings import Settings
 from tests import modelgen
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+CLIP = "ViT-B-32__openai"
+"""The CLIP model name the generated caches use."""
+VISUAL = '{"clip":{"visual":{"modelName":"ViT-B-32__openai"}}}'
+"""`entries` asking for a CLIP image embedding."""
+TEXTUAL = '{"clip":{"textual":{"modelName":"ViT-B-32__openai"}}}'
+"""`entries` asking for a CLIP text embedding."""
 
 
 @pytest.fixture
@@ -47,6 +57,40 @@ def make_client(aiohttp_client: Any, cache: Path) -> ClientFactory:
         return await aiohttp_client(create_app(settings))  # type: ignore[no-any-return]
 
     return start
+
+
+async def predict(
+    client: TestClient[Any, Any], entries: str, *, image: bytes | None = None, text: str | None = None
+) -> tuple[int, Any]:
+    """POST /predict the way the Immich server does; the status and the decoded JSON body."""
+    async with client.post("/predict", data=predict_form(entries, image=image, text=text)) as resp:
+        return resp.status, await resp.json()
+
+
+async def predict_ok(
+    client: TestClient[Any, Any], entries: str, *, image: bytes | None = None, text: str | None = None
+) -> Any:
+    """The JSON body of a /predict that must succeed."""
+    status, body = await predict(client, entries, image=image, text=text)
+    assert status == 200, body
+    return body
+
+
+async def wait_for(
+    condition: Callable[[], bool | Awaitable[bool]], what: str, *, timeout_s: float = 60.0, interval_s: float = 0.0
+) -> None:
+    """Poll `condition` (plain or async) until it holds; after `timeout_s` fail naming `what`, so a poll
+    never hangs the suite."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(interval_s)
 
 
 def predict_form(entries: str, *, image: bytes | None = None, text: str | None = None) -> FormData:

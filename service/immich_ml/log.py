@@ -1,4 +1,4 @@
-"""Logging set-up for journald and terminals; named loggers per subsystem."""
+"""Logging set-up for journald and terminals, and the daemon's loggers, each named once."""
 
 from __future__ import annotations
 

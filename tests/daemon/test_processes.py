@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 
 from tests import modelgen
+from tests.conftest import CLIP
 from tests.daemonproc import Daemon, NotifySocket
-
-CLIP = "ViT-B-32__openai"
 
 
 def test_two_workers_share_one_port_with_round_robin_devices(tmp_path: Path) -> None:

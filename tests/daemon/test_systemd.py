@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,9 +15,9 @@ import pytest
 
 from immich_ml.daemon.systemd import Notifier, listen_sockets
 from tests import modelgen
+from tests.conftest import CLIP
 from tests.daemonproc import Daemon, NotifySocket, write_slow_clip
 
-CLIP = "ViT-B-32__openai"
 SLOW = "ViT-B-16__openai"
 PRELOAD = {"MACHINE_LEARNING_PRELOAD__CLIP__VISUAL": CLIP, "MACHINE_LEARNING_PRELOAD__CLIP__TEXTUAL": CLIP}
 
@@ -114,8 +115,9 @@ def test_sigterm_during_slow_inference_returns_its_result_and_exits_0(
         target=lambda: outcome.update(result=daemon.predict({"clip": {"visual": {"modelName": SLOW}}}, image=image))
     )
     slow.start()
+    deadline = time.monotonic() + 60
     while daemon.health()["inFlight"] != 1:  # the request was accepted and is running
-        assert slow.is_alive(), outcome
+        assert slow.is_alive() and time.monotonic() < deadline, outcome
     daemon.process.send_signal(15)
     notify.receive_until(lambda message: "STOPPING=1" in message, timeout_s=10)
 

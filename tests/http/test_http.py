@@ -6,16 +6,16 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from tests import modelgen
-from tests.conftest import ClientFactory, predict_form
+from tests.conftest import VISUAL, ClientFactory, predict_form, wait_for
 from tests.daemonproc import Daemon, write_slow_clip
 
-VISUAL = '{"clip":{"visual":{"modelName":"ViT-B-32__openai"}}}'
-TEXTUAL = '{"clip":{"textual":{"modelName":"ViT-B-32__openai","options":{"language":"de"}}}}'
+TEXTUAL_DE = '{"clip":{"textual":{"modelName":"ViT-B-32__openai","options":{"language":"de"}}}}'
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ async def test_visual_embedding_is_a_json_string_with_image_size(
 
 async def test_text_embedding_has_no_image_size(make_client: ClientFactory, clip_cache: Path) -> None:
     client = await make_client()
-    async with client.post("/predict", data=predict_form(TEXTUAL, text="a photo of a cat")) as resp:
+    async with client.post("/predict", data=predict_form(TEXTUAL_DE, text="a photo of a cat")) as resp:
         assert resp.status == 200
         body = await resp.json()
     assert set(body) == {"clip"}
@@ -191,12 +191,15 @@ def test_idle_keep_alive_connection_survives_five_seconds(tmp_path: Path, clip_c
 
 async def test_health_reports_ready_and_loaded_models(make_client: ClientFactory, clip_cache: Path) -> None:
     client = await make_client(preload={("clip", "visual"): ("ViT-B-32__openai",)})
-    async with client.get("/health") as resp:
-        body = await resp.json()
-        while not body["ready"]:  # preload runs in the background; poll the observable state
-            await asyncio.sleep(0.01)
-            async with client.get("/health") as again:
-                body = await again.json()
+    body: dict[str, Any] = {}
+
+    async def ready() -> bool:  # preload runs in the background; poll the observable state
+        nonlocal body
+        async with client.get("/health") as resp:
+            body = await resp.json()
+        return bool(body["ready"])
+
+    await wait_for(ready, "/health to say ready", interval_s=0.01)
     assert [m["model"] for m in body["models"]] == ["clip/ViT-B-32__openai/visual"]
     assert body["models"][0]["providers"] == ["CPUExecutionProvider"]
 
@@ -206,7 +209,9 @@ async def test_ping_answers_quickly_while_inference_runs(make_client: ClientFact
     client = await make_client()
     inflight = [asyncio.ensure_future(client.post("/predict", data=predict_form(VISUAL, image=jpeg))) for _ in range(8)]
     latencies = []
+    deadline = time.monotonic() + 120
     while not all(task.done() for task in inflight):
+        assert time.monotonic() < deadline, "inference did not finish in 120 s"
         started = time.perf_counter()
         async with client.get("/ping") as resp:
             assert resp.status == 200
@@ -226,10 +231,13 @@ async def test_ping_can_wait_for_readiness(make_client: ClientFactory, cache: Pa
     async with client.get("/ping") as resp:
         assert resp.status == 503
     replies: list[tuple[int, str]] = []
-    while not replies or replies[-1][0] != 200:  # polls the observable state, ends when warm-up does
+
+    async def pong() -> bool:  # polls the observable state, ends when warm-up does
         async with client.get("/ping") as resp:
             replies.append((resp.status, await resp.text()))
-        await asyncio.sleep(0.05)
+        return resp.status == 200
+
+    await wait_for(pong, "/ping to answer 200 after warm-up", interval_s=0.05)
     assert replies[-1] == (200, "pong")
     async with client.get("/health") as resp:
         assert resp.status == 200

@@ -8,11 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from immich_ml.http.appkeys import STATE
 from tests import modelgen
-from tests.conftest import ClientFactory, predict_form
-
-CLIP = "ViT-B-32__openai"
-VISUAL = f'{{"clip": {{"visual": {{"modelName": "{CLIP}"}}}}}}'
-TEXTUAL = f'{{"clip": {{"textual": {{"modelName": "{CLIP}"}}}}}}'
+from tests.conftest import CLIP, TEXTUAL, VISUAL, ClientFactory, predict_form
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -22,12 +22,8 @@ from immich_ml.http.app import create_app
 from immich_ml.http.appkeys import STATE
 from immich_ml.settings import Settings
 from tests import modelgen
-from tests.conftest import ClientFactory, predict_form
+from tests.conftest import CLIP, TEXTUAL, VISUAL, ClientFactory, predict_form
 from tests.daemonproc import Daemon, multipart
-
-CLIP = "ViT-B-32__openai"
-VISUAL = f'{{"clip": {{"visual": {{"modelName": "{CLIP}"}}}}}}'
-TEXTUAL = f'{{"clip": {{"textual": {{"modelName": "{CLIP}"}}}}}}'
 
 
 def _networks(*cidrs: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

@@ -22,9 +22,8 @@ from immich_ml.inference.threads import in_background_thread
 from immich_ml.models.tasks import ModelKey, ModelType, Task
 from immich_ml.settings import ConfigError, Settings
 from tests import modelgen
-from tests.conftest import ClientFactory, predict_form
+from tests.conftest import VISUAL, ClientFactory, predict_form, wait_for
 
-VISUAL = '{"clip":{"visual":{"modelName":"ViT-B-32__openai"}}}'
 VISUAL_KEY = ModelKey(Task.CLIP, ModelType.VISUAL, "ViT-B-32__openai")
 
 
@@ -61,8 +60,7 @@ async def start_blocked(batcher: Batcher[int, int], run: GatedRun) -> asyncio.Ta
 
 async def queued(batcher: Batcher[int, int], count: int) -> None:
     """Wait until `count` inputs are queued behind the running batch."""
-    while batcher.snapshot().depth < count:
-        await asyncio.sleep(0)
+    await wait_for(lambda: batcher.snapshot().depth >= count, f"{count} queued inputs", timeout_s=10)
 
 
 async def test_inputs_arriving_while_a_batch_runs_are_stacked_up_to_max_batch() -> None:
@@ -281,10 +279,9 @@ async def test_when_inputs_wait_the_batch_stays_open_for_stragglers() -> None:
     await queued(batcher, 2)
     run.release()
     assert await first == 0
-    while (
-        batcher.snapshot().batches < 1 or batcher.snapshot().depth
-    ):  # the second batch took 1 and 2 and waits for more
-        await asyncio.sleep(0)
+    snapshot = batcher.snapshot
+    # the second batch took 1 and 2 and waits for more
+    await wait_for(lambda: snapshot().batches >= 1 and not snapshot().depth, "the second batch", timeout_s=10)
     straggler = asyncio.create_task(batcher.submit(3))
     assert await asyncio.gather(*waiting, straggler) == [10, 20, 30]
     assert run.batches == [[0], [1, 2, 3]]

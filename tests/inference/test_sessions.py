@@ -16,10 +16,9 @@ from immich_ml.http.app import create_app
 from immich_ml.inference.sessions import CPU, CUDA, TENSORRT, ProviderError, SessionFactory
 from immich_ml.settings import Provider, Settings
 from tests import modelgen
-from tests.conftest import predict_form
+from tests.conftest import VISUAL, predict_form
 
 GPU_BUILD = [TENSORRT, CUDA, CPU]
-VISUAL = '{"clip":{"visual":{"modelName":"ViT-B-32__openai"}}}'
 ORT_FALLBACK_WARNING = "ignore:Specified provider:UserWarning"
 
 

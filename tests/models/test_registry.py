@@ -12,10 +12,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from tests import modelgen
-from tests.conftest import ClientFactory, predict_form
+from tests.conftest import TEXTUAL, VISUAL, ClientFactory, predict_form
 
-VISUAL = '{"clip":{"visual":{"modelName":"ViT-B-32__openai"}}}'
-TEXTUAL = '{"clip":{"textual":{"modelName":"ViT-B-32__openai"}}}'
 BIG_MODEL_MB = 200
 
 

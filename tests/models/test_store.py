@@ -25,11 +25,10 @@ from immich_ml.models.store import ModelStore
 from immich_ml.models.tasks import TASK_TYPES, ModelKey, ModelType, Task
 from immich_ml.settings import Settings
 from tests import modelgen
-from tests.conftest import ClientFactory, predict_form
+from tests.conftest import VISUAL, ClientFactory, predict_form, wait_for
 from tests.fakehub import FakeHub
 
-VISUAL = '{"clip":{"visual":{"modelName":"ViT-B-32__openai"}}}'
-TEXTUAL = '{"clip":{"textual":{"modelName":"immich-app/ViT-B-32__openai"}}}'
+TEXTUAL_WITH_ORGANIZATION = '{"clip":{"textual":{"modelName":"immich-app/ViT-B-32__openai"}}}'
 
 
 @pytest.fixture
@@ -125,7 +124,7 @@ async def test_operator_placed_files_are_used_without_the_hub(
     make_client: ClientFactory, clip_cache: Path, jpeg: bytes
 ) -> None:
     client = await make_client(hf_endpoint="http://127.0.0.1:9", hf_offline=True)
-    async with client.post("/predict", data=predict_form(TEXTUAL, text="forest")) as resp:
+    async with client.post("/predict", data=predict_form(TEXTUAL_WITH_ORGANIZATION, text="forest")) as resp:
         assert resp.status == 200
 
 
@@ -263,14 +262,6 @@ def held_hub(hub: Any) -> tuple[Any, asyncio.Event, int]:
     return hub, release, total
 
 
-async def _poll(check: Any, what: str, timeout_s: float = 60) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not (result := await check()):
-        assert asyncio.get_running_loop().time() < deadline, f"no {what} within {timeout_s} s"
-        await asyncio.sleep(0.05)
-    return result
-
-
 async def test_a_download_in_progress_shows_in_health_and_in_log_lines(
     make_client: ClientFactory, held_hub: Any, jpeg: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -279,25 +270,26 @@ async def test_a_download_in_progress_shows_in_health_and_in_log_lines(
     client = await make_client(hf_endpoint=hub.endpoint, hf_offline=False)
     request = asyncio.ensure_future(client.post("/predict", data=predict_form(VISUAL, image=jpeg)))
     try:
+        seen: dict[str, Any] = {}
 
-        async def halfway() -> Any:
+        async def halfway() -> bool:
             async with client.get("/health") as resp:
                 downloads = (await resp.json())["downloads"]
-            return downloads and downloads[0]["doneBytes"] >= 10 * 1000**2 and downloads[0]
+            seen["download"] = downloads[0] if downloads else None
+            return bool(downloads) and downloads[0]["doneBytes"] >= 10 * 1000**2
 
-        download = await _poll(halfway, "download half-way in /health")
+        await wait_for(halfway, "the download half-way in /health", interval_s=0.05)
+        download = seen["download"]
         assert download["model"] == "clip/ViT-B-32__openai/visual"
         assert download["totalBytes"] == total
         assert 40 <= download["percent"] < 60 and download["bytesPerSecond"] > 0
 
-        async def progress_line() -> Any:
-            return [
-                r.getMessage()
-                for r in caplog.records
-                if r.getMessage().startswith("downloading clip/ViT-B-32__openai/visual: ")
-            ]
+        def progress_lines() -> list[str]:
+            prefix = "downloading clip/ViT-B-32__openai/visual: "
+            return [r.getMessage() for r in caplog.records if r.getMessage().startswith(prefix)]
 
-        line = (await _poll(progress_line, "progress line in the log"))[0]
+        await wait_for(progress_lines, "a progress line in the log", interval_s=0.05)
+        line = progress_lines()[0]
         assert re.fullmatch(
             rf"downloading clip/ViT-B-32__openai/visual: \d+% \(\d+\.\d of {total / 1e6:.1f} MB\) at \d+\.\d MB/s", line
         ), line

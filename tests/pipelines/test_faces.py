@@ -23,7 +23,7 @@ from immich_ml.pipelines.faces.alignment import similarity_transform
 from immich_ml.pipelines.faces.model import FaceDetector, FaceRecognizer
 from immich_ml.settings import Settings
 from tests import modelgen
-from tests.conftest import ClientFactory, predict_form
+from tests.conftest import ClientFactory, predict_form, predict_ok
 from tests.facemodels import write_batched_scrfd
 from tests.modelgen import Face
 
@@ -54,9 +54,7 @@ def image_png(width: int, height: int, seed: int = 3) -> bytes:
 
 
 async def post(client: TestClient[Any, Any], body: str, image: bytes) -> dict[str, Any]:
-    async with client.post("/predict", data=predict_form(body, image=image)) as resp:
-        assert resp.status == 200, await resp.text()
-        return await resp.json()  # type: ignore[no-any-return]
+    return await predict_ok(client, body, image=image)  # type: ignore[no-any-return]
 
 
 def loaded(client: TestClient[Any, Any], key: ModelKey) -> InferenceModel:

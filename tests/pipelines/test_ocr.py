@@ -10,11 +10,12 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image, ImageDraw, ImageFont
 
 from immich_ml.models.downloads import DownloadFailed, fetch_verified, pinned_file
@@ -29,7 +30,7 @@ from immich_ml.pipelines.ocr.boxes import (
 from immich_ml.pipelines.ocr.lines import ctc_decode, load_charset
 from immich_ml.settings import Preprocessing
 from tests import modelgen
-from tests.conftest import ClientFactory, predict_form
+from tests.conftest import ClientFactory, predict_form, predict_ok
 
 OCR = (
     '{"ocr":{"detection":{"modelName":"PP-OCRv5_mobile","options":{"minScore":0.5,"maxResolution":736}},'
@@ -116,10 +117,8 @@ def assert_inside(box: np.ndarray, region: tuple[int, int, int, int], margin: fl
     assert box[:, 1].max() - box[:, 1].min() >= (bottom - top) * 0.8
 
 
-async def post(client: object, entries: str, image: Image.Image) -> dict[str, object]:
-    async with client.post("/predict", data=predict_form(entries, image=modelgen.png_bytes(image))) as resp:  # type: ignore[attr-defined]
-        assert resp.status == 200, await resp.text()
-        return await resp.json()  # type: ignore[no-any-return]
+async def post(client: TestClient[Any, Any], entries: str, image: Image.Image) -> dict[str, object]:
+    return await predict_ok(client, entries, image=modelgen.png_bytes(image))  # type: ignore[no-any-return]
 
 
 # -- end to end ----------------------------------------------------------------------------------------------

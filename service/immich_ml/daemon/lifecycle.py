@@ -1,4 +1,4 @@
-"""Tell systemd how the daemon is doing: start-up extensions, READY, STATUS lines and watchdog pings."""
+"""What one serving process tells systemd: its status line, READY after warm-up, pings while no batch is stalled."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The systemd protocols: sd_notify messages and socket activation. Silent when not run by systemd."""
+"""The systemd protocols: sd_notify messages, the lifecycle reporter, socket activation. Silent without systemd."""
 
 from __future__ import annotations
 

@@ -19,19 +19,18 @@ from immich_ml.predict.entries import TaskPlan
 __all__ = [
     "CONTENT_TYPE",
     "METRICS",
-    "MODELS",
+    "PLANS",
     "GaugeCollector",
     "GpuMemory",
     "Metrics",
     "daemon_gauges",
-    "request_models",
 ]
 
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-MODELS = web.RequestKey("models", list[tuple[str, str]])
-"""The (task, model) pairs a predict request asked for, set by the handler for the metrics middleware."""
+PLANS = web.RequestKey("plans", list[TaskPlan])
+"""A predict request's parsed entries, set by the handler; the metrics middleware labels the request by them."""
 
 Gauges = Iterator[tuple[str, str, list[str], list[tuple[list[str], float]]]]
 """Gauge families computed at scrape time: (name, help, label names, [(label values, value)])."""
@@ -40,7 +39,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-def request_models(plans: list[TaskPlan]) -> list[tuple[str, str]]:
+def _request_models(plans: list[TaskPlan]) -> list[tuple[str, str]]:
     """The (task, "name/type") pairs of a request's plans, for labels."""
     return [
         (str(plan.task), f"{entry.key.name}/{entry.key.type}")
@@ -120,7 +119,7 @@ class Metrics:
                 status = error.status
                 raise
             finally:
-                self.observe_request(request.get(MODELS, []), status, time.monotonic() - started)
+                self.observe_request(_request_models(request.get(PLANS, [])), status, time.monotonic() - started)
 
         return middleware
 

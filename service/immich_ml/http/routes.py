@@ -1,4 +1,4 @@
-"""HTTP handlers: turn requests into calls on the predictor and results into Immich's JSON shapes."""
+"""HTTP handlers: read the form, parse `entries` once, call the predictor, answer in Immich's JSON shapes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 from immich_ml.daemon.lifecycle import stalled_batchers
 from immich_ml.errors import BadRequest, ImmichMLError, InvalidEntries, PayloadTooLarge, ShuttingDown
 from immich_ml.http.appkeys import PREDICTOR, REGISTRY, SETTINGS, STATE
-from immich_ml.http.metrics import CONTENT_TYPE, METRICS, MODELS, request_models
+from immich_ml.http.metrics import CONTENT_TYPE, METRICS, PLANS
 from immich_ml.log import ACCESS_LOG as log
 from immich_ml.predict.entries import parse_entries
 from immich_ml.predict.predictor import PredictInput
@@ -84,7 +84,7 @@ async def predict(request: web.Request) -> web.Response:
     try:
         predict_input = await _read_form(request)
         described = predict_input.describe()
-        request[MODELS] = request_models(predict_input.plans)
+        request[PLANS] = predict_input.plans
         with state.track_request():
             result = await request.app[PREDICTOR].predict(predict_input)
     except ImmichMLError as error:  # the access line names the error's kind, never its text (it may quote input)

@@ -1,4 +1,4 @@
-"""Run blocking work off the event loop, in the shared pre-processing pool, and at a chosen CPU priority."""
+"""Run blocking work off the event loop, in the shared thread pool, and at a chosen CPU priority."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Names from Immich's domain: tasks, model types, and the key that identifies one loaded model."""
+"""Names from Immich's domain: tasks, their model types and dependencies, and the key of one loaded model."""
 
 from __future__ import annotations
 
