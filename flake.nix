@@ -45,7 +45,8 @@
       };
 
       # The package defaults to a build against the host's own nixpkgs (no second nixpkgs in
-      # the closure). For a GPU set services.immich-ml.package, see docs/nixos.md.
+      # the closure), CUDA when that nixpkgs has config.cudaSupport. Otherwise, for a GPU set
+      # services.immich-ml.package, see docs/nixos.md.
       nixosModules.default =
         { lib, pkgs, ... }:
         {

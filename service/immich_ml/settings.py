@@ -156,8 +156,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         """Plain values become the fields' types, so `Settings(provider="cpu").provider is Provider.CPU`
-        (an `is` comparison can never silently take the other branch); a value that does not convert
-        raises `ConfigError`."""
+        (an `is` comparison can never silently take the other branch), and `preload` keys become
+        (Task, ModelType); a value that does not convert raises `ConfigError`."""
         for name, kind in _CONVERTED_FIELDS.items():
             value = getattr(self, name)
             if value is None or isinstance(value, kind):
@@ -166,6 +166,13 @@ class Settings:
                 object.__setattr__(self, name, kind(value))
             except (TypeError, ValueError) as error:
                 raise ConfigError(f"{name}={value!r}: {error}") from None
+        try:
+            preload = {(Task(task), ModelType(kind)): tuple(names) for (task, kind), names in self.preload.items()}
+        except ValueError as error:
+            raise ConfigError(f"preload={dict(self.preload)!r}: {error}") from None
+        if wrong := [f"{task}/{kind}" for task, kind in preload if kind not in TASK_TYPES[task]]:
+            raise ConfigError(f"preload: no model type {', '.join(wrong)}")
+        object.__setattr__(self, "preload", preload)
 
     def max_batch_size(self, task: Task, model_type: ModelType) -> int:
         """The configured inputs per session run for one model type (MACHINE_LEARNING_MAX_BATCH_SIZE__*)."""

@@ -12,7 +12,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from tests import modelgen
-from tests.conftest import TEXTUAL, VISUAL, ClientFactory, predict_form
+from tests.conftest import TEXTUAL, VISUAL, ClientFactory, predict_form, predict_ok
 
 BIG_MODEL_MB = 200
 
@@ -116,3 +116,14 @@ async def test_failed_preload_is_reported_and_the_daemon_still_serves(
     assert "ViT-Z-99__nobody" in health["preloadError"]
     async with client.post("/predict", data=predict_form(TEXTUAL, text="a dog")) as resp:
         assert resp.status == 200
+
+
+async def test_a_preloaded_model_is_the_one_requests_use(make_client: ClientFactory, cache: Path) -> None:
+    """Preload names resolve like request names: OCR detection shared between languages is loaded once."""
+    modelgen.write_ocr(cache, "EN__PP-OCRv5_mobile")
+    client = await make_client(preload={("ocr", "detection"): ("EN__PP-OCRv5_mobile",)})
+    await wait_until(lambda models: models == ["ocr/PP-OCRv5_mobile/detection"], client)
+    entries = '{"ocr":{"detection":{"modelName":"EN__PP-OCRv5_mobile"}}}'
+    image = modelgen.png_bytes(modelgen.make_gradient_image(64, 64))
+    await predict_ok(client, entries, image=image)
+    assert await loaded_models(client) == ["ocr/PP-OCRv5_mobile/detection"]

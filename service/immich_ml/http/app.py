@@ -17,9 +17,10 @@ from immich_ml.http.security import allowlist_middleware
 from immich_ml.inference.sessions import SessionFactory
 from immich_ml.inference.threads import ThreadPool
 from immich_ml.log import SERVER_LOG as log
+from immich_ml.models.catalog import served_key
 from immich_ml.models.registry import ModelRegistry
 from immich_ml.models.store import ModelStore
-from immich_ml.models.tasks import ModelKey, clean_name
+from immich_ml.models.tasks import ModelKey
 from immich_ml.pipelines.base import Runtime
 from immich_ml.predict.predictor import Predictor
 from immich_ml.settings import Settings
@@ -48,11 +49,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def preload_keys(settings: Settings) -> list[ModelKey]:
-    """The models named by the MACHINE_LEARNING_PRELOAD__* variables."""
+    """The models named by the MACHINE_LEARNING_PRELOAD__* variables, resolved like a request's names."""
     return [
-        ModelKey(task, model_type, clean_name(name))
-        for (task, model_type), names in settings.preload.items()
-        for name in names
+        served_key(task, model_type, name) for (task, model_type), names in settings.preload.items() for name in names
     ]
 
 

@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import re
+
 from immich_ml.models.tasks import TASK_TYPES, ModelKey, ModelType, Task
 
-__all__ = ["OCR_LANGUAGES", "cache_name", "is_known", "known_names", "ocr_language", "task_of"]
+__all__ = [
+    "OCR_LANGUAGES",
+    "cache_name",
+    "clean_name",
+    "is_known",
+    "known_names",
+    "ocr_language",
+    "served_key",
+    "task_of",
+]
+
+_SEPARATORS = re.compile(r"[:\\/]")
+
+
+def clean_name(model_name: str) -> str:
+    """Normalise a model name like upstream: last path part, `:`/`\\`/`/` → `_`, dots removed."""
+    return _SEPARATORS.sub("_", model_name.split("/")[-1]).replace(".", "")
+
 
 _OPENCLIP = frozenset(
     """
@@ -80,3 +99,10 @@ def cache_name(key: ModelKey) -> str:
     if key.task is Task.OCR and key.type is ModelType.DETECTION:
         return ocr_language(key.name)[1]
     return key.name
+
+
+def served_key(task: Task, model_type: ModelType, model_name: str) -> ModelKey:
+    """The loaded model that serves a requested name: cleaned like upstream, and models that share files
+    share one instance (OCR detection is the same for every language)."""
+    key = ModelKey(task, model_type, clean_name(model_name))
+    return ModelKey(task, model_type, cache_name(key))

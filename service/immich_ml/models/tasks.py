@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-__all__ = ["DEPENDS_ON", "TASK_TYPES", "ModelKey", "ModelType", "Task", "clean_name"]
+__all__ = ["DEPENDS_ON", "TASK_TYPES", "ModelKey", "ModelType", "Task"]
 
 
 class Task(StrEnum):
@@ -38,13 +37,6 @@ DEPENDS_ON: dict[tuple[Task, ModelType], ModelType] = {
     (Task.OCR, ModelType.RECOGNITION): ModelType.DETECTION,
 }
 """Within a task, the model of the key's type consumes the output of the model of the value's type."""
-
-_SEPARATORS = re.compile(r"[:\\/]")
-
-
-def clean_name(model_name: str) -> str:
-    """Normalise a model name like upstream: last path part, `:`/`\\`/`/` → `_`, dots removed."""
-    return _SEPARATORS.sub("_", model_name.split("/")[-1]).replace(".", "")
 
 
 @dataclass(frozen=True, slots=True)

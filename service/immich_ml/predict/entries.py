@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 
 from immich_ml.errors import DependencyMissing, InvalidEntries
-from immich_ml.models.catalog import cache_name
-from immich_ml.models.tasks import DEPENDS_ON, TASK_TYPES, ModelKey, ModelType, Task, clean_name
+from immich_ml.models.catalog import served_key
+from immich_ml.models.tasks import DEPENDS_ON, TASK_TYPES, ModelKey, ModelType, Task
 
 __all__ = ["Entry", "TaskPlan", "parse_entries"]
 
@@ -86,6 +86,4 @@ def _entry(task: Task, type_name: str, spec: Any) -> Entry:
     options = spec.get("options", {})
     if not isinstance(name, str) or not name.strip() or not isinstance(options, dict):
         raise InvalidEntries(_INVALID)
-    key = ModelKey(task, ModelType(type_name), clean_name(name.strip()))
-    # Models that share files share one loaded instance (OCR detection is the same for every language).
-    return Entry(ModelKey(key.task, key.type, cache_name(key)), options)
+    return Entry(served_key(task, ModelType(type_name), name.strip()), options)
