@@ -59,7 +59,7 @@ def test_the_unit_has_the_nixos_modules_service_settings(executable: Path) -> No
     """Every directive of the module's serviceConfig is in the unit or the drop-in, except those that only
     exist for module options (TLS credentials, the systemd IP filter, the cache path)."""
     module = (ROOT / "nix" / "module.nix").read_text()
-    service_config = module[module.index("serviceConfig = {") : module.index("SystemCallErrorNumber")]
+    service_config = module[module.index("serviceConfig = ") : module.index("SystemCallErrorNumber")]
     directives = set(re.findall(r"^\s+([A-Z][A-Za-z]+) =", service_config, re.MULTILINE))
     option_only = {"LoadCredential", "IPAddressDeny", "IPAddressAllow", "ReadWritePaths"}
     files = unit_files.render(executable, gpu=True)

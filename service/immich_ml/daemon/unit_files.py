@@ -52,8 +52,9 @@ CacheDirectoryMode=0750
 WorkingDirectory=%C/immich-ml
 UMask=0027
 Nice=0
-# One descriptor per connection: the soft default of 1024 refuses connections under a burst of clients.
-LimitNOFILE=8192
+# One descriptor per client connection (Immich, or a balancer's keep-alive pool) plus model downloads; the
+# soft default of 1024 refuses connections under a burst of clients. The NixOS module's value.
+LimitNOFILE=65536
 
 CapabilityBoundingSet=
 NoNewPrivileges=yes
