@@ -12,6 +12,7 @@ subnet) and started as `immich-ml serve`. Needs root (CAP_NET_ADMIN) and iproute
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -92,6 +93,8 @@ def host() -> Iterator[Host]:
         pytest.skip(f"cannot create network namespaces here: {error.stderr.strip()}")
     finally:
         shutil.rmtree(hosts_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            hosts_dir.parent.rmdir()  # /etc/netns, if this test created it and nothing else is there
         for namespace in (app, stranger):  # deleting a namespace deletes its veth pair
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
 
