@@ -6,9 +6,11 @@ The test binds the listening socket and hands it over as systemd does (fd 3, `LI
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -89,8 +91,10 @@ class Daemon:
         *,
         tls_ca: Path | None = None,
         port: int = 0,
+        file_limit: int | None = None,
     ) -> None:
-        """`port` 0 takes a free one; a fixed one restarts a daemon where a stopped one listened."""
+        """`port` 0 takes a free one; a fixed one restarts a daemon where a stopped one listened. `file_limit`
+        sets the daemon's RLIMIT_NOFILE, soft and hard (a systemd `LimitNOFILE=`)."""
         self.listener = socket.create_server(("127.0.0.1", port))
         self.port: int = self.listener.getsockname()[1]
         self.log_path = tmp_path / f"daemon-{self.port}.log"
@@ -111,6 +115,7 @@ class Daemon:
                 pass_fds=[fd],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=None if file_limit is None else functools.partial(_limit_files, file_limit),
             )
         self.listener.close()
 
@@ -191,6 +196,10 @@ os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
 os.execv(sys.executable, [sys.executable, "-m", "immich_ml", "serve"])
 """
 """Run by the child: put the socket at fd 3 and set LISTEN_PID to its own pid, which `exec` keeps."""
+
+
+def _limit_files(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
 def _status_kib(pid: int, field: str) -> int:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from immich_ml.errors import ConfigError
 from immich_ml.models.tasks import ModelType, Task
-from immich_ml.settings import ConfigError, Preprocessing, Provider, Settings, parse_size
+from immich_ml.settings import Preprocessing, Provider, Settings, parse_size
 
 
 def test_defaults_are_upstreams_except_the_bind_address() -> None:

@@ -12,13 +12,13 @@ from pathlib import Path
 
 from immich_ml import __version__
 from immich_ml.daemon import unit_files
-from immich_ml.errors import ImmichMLError, UnknownModel
+from immich_ml.errors import ConfigError, ImmichMLError, UnknownModel
 from immich_ml.log import setup_logging
 from immich_ml.models.catalog import clean_name, is_known, known_names, task_of
 from immich_ml.models.progress import TerminalBar, Transfers
 from immich_ml.models.store import ModelStore
 from immich_ml.models.tasks import TASK_TYPES, ModelKey, ModelType, Task
-from immich_ml.settings import ConfigError, Settings
+from immich_ml.settings import Settings
 
 __all__ = ["main"]
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 import numpy as np
 import orjson
 
-__all__ = ["NonFiniteOutput", "vector_string"]
+from immich_ml.errors import NonFiniteOutput
 
-
-class NonFiniteOutput(ValueError):
-    """A model produced NaN or infinity, which must never reach the Immich server."""
+__all__ = ["vector_string"]
 
 
 def vector_string(vector: np.ndarray) -> str:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from immich_ml.causes import cause_of
-from immich_ml.errors import BadImage, PayloadTooLarge
+from immich_ml.errors import BadImage, ImmichMLError, PayloadTooLarge
 
 __all__ = ["Size", "decode_image", "to_bgr"]
 
@@ -22,10 +23,17 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.MAX_IMAGE_PIXELS = None
 
 
-def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> tuple[Image.Image, Size]:
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int,
+    draft_size: int | None = None,
+    admit: Callable[[int, int], None] | None = None,
+) -> tuple[Image.Image, Size]:
     """Decode encoded image bytes to an RGB Pillow image; also return the encoded image's size.
 
-    The header is read first, so an image over `max_pixels` is refused before its pixels are decoded. With
+    The header is read first, so an image over `max_pixels` is refused, and `admit(width, height)` may refuse
+    it (by raising), before its pixels are decoded. With
     `draft_size`, a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale whose sides are still at least
     `draft_size` (Pillow's draft mode: scaled in the DCT domain, several times cheaper).
     """
@@ -39,10 +47,12 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
                 f"Image too large: {width}x{height} pixels, over the limit of {max_pixels} "
                 "(MACHINE_LEARNING_MAX_IMAGE_PIXELS)"
             )
+        if admit is not None:
+            admit(width, height)
         if draft_size is not None and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
         image.load()
-    except PayloadTooLarge:
+    except ImmichMLError:
         raise
     except UnidentifiedImageError:
         raise BadImage("Image could not be decoded (not a supported image format)") from None

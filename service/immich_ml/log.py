@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 __all__ = [
     "ACCESS_LOG",
@@ -15,6 +16,7 @@ __all__ = [
     "SERVER_LOG",
     "SYSTEMD_LOG",
     "WORKERS_LOG",
+    "Throttle",
     "setup_logging",
 ]
 
@@ -77,3 +79,27 @@ def setup_logging(level: str, *, no_color: bool) -> None:
     # The hub client's HTTP library logs every request at info level; progress has its own lines.
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class Throttle:
+    """At most one log line per key per interval, so a scanner or a flood cannot fill the journal.
+
+    `allow(key)` says whether to log now, and how many lines for that key were held back since the last one.
+    """
+
+    def __init__(self, interval_s: float = 60.0, max_keys: int = 1024) -> None:
+        self.interval_s = interval_s
+        self.max_keys = max_keys
+        self._last: dict[object, tuple[float, int]] = {}
+
+    def allow(self, key: object) -> tuple[bool, int]:
+        now = time.monotonic()
+        last, held = self._last.get(key, (float("-inf"), 0))
+        if now - last < self.interval_s:
+            self._last[key] = (last, held + 1)
+            return False, held + 1
+        if len(self._last) >= self.max_keys:  # forget the oldest keys rather than grow without bound
+            for stale in sorted(self._last, key=lambda k: self._last[k][0])[: self.max_keys // 2]:
+                del self._last[stale]
+        self._last[key] = (now, 0)
+        return True, held

@@ -11,17 +11,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
+from immich_ml.errors import ConfigError
 from immich_ml.models.tasks import TASK_TYPES, ModelType, Task
 
-__all__ = ["ConfigError", "Preprocessing", "Provider", "Settings", "parse_size", "variable_names"]
+__all__ = ["Preprocessing", "Provider", "Settings", "parse_size", "variable_names"]
 
 T = TypeVar("T")
 
 _PREFIX = "MACHINE_LEARNING_"
-
-
-class ConfigError(ValueError):
-    """A configuration value is malformed; the message names the variable."""
 
 
 class Provider(StrEnum):
@@ -73,7 +70,23 @@ def _parse_ints(text: str) -> tuple[int, ...]:
 
 
 def _parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
+    return tuple(
+        _ipv4_if_mapped(ipaddress.ip_network(part.strip(), strict=False)) for part in text.split(",") if part.strip()
+    )
+
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _ipv4_if_mapped(
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """`::ffff:192.0.2.0/120` as `192.0.2.0/24`: peers are compared in IPv4 form (see http.security)."""
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96 and network.subnet_of(_MAPPED):
+        mapped = network.network_address.ipv4_mapped
+        assert mapped is not None
+        return ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - 96}")
+    return network
 
 
 _LOG_LEVELS = {
@@ -120,6 +133,9 @@ class Settings:
     device_ids: tuple[int, ...] = (0,)
     device_id: int = 0
     keepalive_s: float = 10
+    header_timeout_s: float = 10
+    body_timeout_s: float = 60
+    max_connections: int = 0
     max_batch_face_recognition: int = 4
     max_batch_ocr: int = 6
     max_batch_clip: int = 16
@@ -147,6 +163,8 @@ class Settings:
     hf_offline: bool = False
     max_body_size: int = 128 * 1024**2
     max_image_pixels: int = 100_000_000
+    max_pixels_in_flight: int = 200_000_000
+    max_ocr_resolution: int = 4096
     allowed_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -216,6 +234,9 @@ class Settings:
         put("device_ids", _PREFIX + "DEVICE_IDS", _parse_ints)
         put("device_id", _PREFIX + "DEVICE_ID", _non_negative)
         put("keepalive_s", _PREFIX + "HTTP_KEEPALIVE_TIMEOUT_S", float)
+        put("header_timeout_s", _PREFIX + "HEADER_TIMEOUT_S", _positive_float)
+        put("body_timeout_s", _PREFIX + "BODY_TIMEOUT_S", _positive_float)
+        put("max_connections", _PREFIX + "MAX_CONNECTIONS", _non_negative)
         put("max_batch_face_recognition", _PREFIX + "MAX_BATCH_SIZE__FACIAL_RECOGNITION", _positive)
         put("max_batch_ocr", _PREFIX + "MAX_BATCH_SIZE__TEXT_RECOGNITION", _positive)
         put("max_batch_ocr", _PREFIX + "MAX_BATCH_SIZE__OCR", _positive)
@@ -246,6 +267,8 @@ class Settings:
         put("hf_offline", "HF_HUB_OFFLINE", _parse_bool)
         put("max_body_size", _PREFIX + "MAX_BODY_SIZE", parse_size)
         put("max_image_pixels", _PREFIX + "MAX_IMAGE_PIXELS", _positive)
+        put("max_pixels_in_flight", _PREFIX + "MAX_PIXELS_IN_FLIGHT", _positive)
+        put("max_ocr_resolution", _PREFIX + "MAX_OCR_RESOLUTION", _positive)
         put("allowed_clients", _PREFIX + "ALLOWED_CLIENTS", _parse_networks)
         put("tls_cert", _PREFIX + "TLS_CERT", Path)
         put("tls_key", _PREFIX + "TLS_KEY", Path)
@@ -276,6 +299,11 @@ class Settings:
             )
         if not self.device_ids:
             raise ConfigError(f"{_PREFIX}DEVICE_IDS: needs at least one device id")
+        if self.max_pixels_in_flight < self.max_image_pixels:
+            raise ConfigError(
+                f"{_PREFIX}MAX_PIXELS_IN_FLIGHT ({self.max_pixels_in_flight}) must be at least "
+                f"{_PREFIX}MAX_IMAGE_PIXELS ({self.max_image_pixels}), or the largest allowed image never fits"
+            )
 
     @property
     def uses_gpu(self) -> bool:
@@ -338,6 +366,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError("must be 1 or more")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be more than 0")
     return value
 
 

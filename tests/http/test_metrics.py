@@ -61,7 +61,7 @@ async def test_ready_gauge_follows_preload(make_client: ClientFactory, clip_cach
     client = await make_client(preload={})
     await client.app[STATE].ready_event.wait()
     assert (await _scrape(client))[("immich_ml_ready", ())] == 1
-    client.app[STATE].draining = True
+    client.app[STATE].start_draining()
     assert (await _scrape(client))[("immich_ml_ready", ())] == 0
 
 

@@ -14,13 +14,13 @@ import onnxruntime as ort
 import pytest
 from aiohttp.test_utils import TestClient
 
-from immich_ml.errors import Overloaded
+from immich_ml.errors import ConfigError, Overloaded
 from immich_ml.http.appkeys import REGISTRY
 from immich_ml.inference.batcher import Batcher
 from immich_ml.inference.sessions import SessionFactory
 from immich_ml.inference.threads import in_background_thread
 from immich_ml.models.tasks import ModelKey, ModelType, Task
-from immich_ml.settings import ConfigError, Settings
+from immich_ml.settings import Settings
 from tests import modelgen
 from tests.conftest import VISUAL, ClientFactory, predict_form, wait_for
 

@@ -15,7 +15,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
-from immich_ml.models.downloads import DownloadFailed, fetch_verified, pinned_file
+from immich_ml.errors import DownloadFailed
+from immich_ml.models.downloads import fetch_verified, pinned_file
 from immich_ml.models.tasks import ModelKey, ModelType, Task
 from immich_ml.pipelines.ocr.boxes import (
     DetectionParams,
@@ -320,7 +321,7 @@ async def test_failed_download_leaves_no_model(tmp_path: Path, reply: str) -> No
 
 async def test_missing_ocr_model_is_fetched_from_the_configured_mirror(make_client: ClientFactory, cache: Path) -> None:
     server, state = await serve(["bad", "bad"])
-    client = await make_client(ocr_model_base_url=str(server.make_url("/mirror/")))
+    client = await make_client(ocr_model_base_url=str(server.make_url("/mirror/")), hf_offline=False)
     form = predict_form(DETECTION_ONLY, image=modelgen.png_bytes(Image.new("RGB", (64, 64), "white")))
     async with client.post("/predict", data=form) as resp:
         assert resp.status == 503

@@ -14,7 +14,8 @@ from immich_ml.daemon.lifecycle import Lifecycle
 from immich_ml.daemon.processes import inherited_sockets, is_worker, run_workers
 from immich_ml.daemon.systemd import Notifier, listen_sockets
 from immich_ml.http.app import create_app
-from immich_ml.http.appkeys import STATE
+from immich_ml.http.appkeys import CONNECTIONS, STATE
+from immich_ml.http.connections import TrackedSite, raise_file_limit
 from immich_ml.http.security import tls_context
 from immich_ml.log import SERVER_LOG as log
 from immich_ml.settings import Settings
@@ -39,23 +40,25 @@ async def serve(
     daemon binds `settings.host`:`settings.port`.
     """
     notifier = notifier or Notifier.from_env()
+    file_limit = raise_file_limit()
     app = create_app(settings)
     ssl_context = tls_context(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
     runner = web.AppRunner(
         app, keepalive_timeout=settings.keepalive_s, access_log=None, shutdown_timeout=settings.shutdown_timeout_s
     )
     await runner.setup()
-    sites: list[web.BaseSite] = [web.SockSite(runner, sock, ssl_context=ssl_context) for sock in sockets or []]
-    if not sites:
-        sites.append(web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context))
+    sockets = sockets or [_bind(settings.host, settings.port)]
+    sites = [TrackedSite(runner, sock, app[CONNECTIONS], ssl_context=ssl_context) for sock in sockets]
     for site in sites:
         await site.start()
     log.info(
-        "pid %d (device %d) listening on %s (models in %s)",
+        "pid %d (device %d) listening on %s (models in %s; at most %d connections, open-file limit %d)",
         os.getpid(),
         settings.device_id,
         ", ".join(site.name for site in sites),
         settings.cache_folder,
+        app[CONNECTIONS].max_connections,
+        file_limit,
     )
 
     stop = asyncio.Event()
@@ -74,7 +77,7 @@ async def serve(
 
     lifecycle.stopping()
     reporting.cancel()
-    state.draining = True
+    state.start_draining()
     log.info("stopping: draining %d request(s) in flight", state.in_flight)
     if not await state.wait_idle(settings.shutdown_timeout_s):
         log.warning(
@@ -86,3 +89,10 @@ async def serve(
     await runner.cleanup()
     notifier.close()
     return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on `host` (a name or an address; `::` also takes IPv4 where the system can)."""
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    dualstack = family == socket.AF_INET6 and socket.has_dualstack_ipv6()
+    return socket.create_server(address, family=family, dualstack_ipv6=dualstack)

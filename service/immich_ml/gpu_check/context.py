@@ -8,9 +8,10 @@ from functools import cached_property
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from immich_ml.errors import ConfigError
 from immich_ml.gpu_check.nvml import NvmlState, load_nvml
 from immich_ml.gpu_check.systemd import CommandError, UnitState, show_unit
-from immich_ml.settings import ConfigError, Settings
+from immich_ml.settings import Settings
 
 __all__ = ["Context", "Options"]
 

@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
+from immich_ml.errors import ConfigError
 from immich_ml.gpu_check import graphs
 from immich_ml.gpu_check.archs import OFFICIAL_BUILDS, ArchSet, judge
 from immich_ml.gpu_check.context import Context
 from immich_ml.gpu_check.host_checks import UVM_FIX, gpu_unavailable
 from immich_ml.gpu_check.nvml import Gpu
 from immich_ml.gpu_check.results import Result
-from immich_ml.settings import ConfigError, Provider, Settings
+from immich_ml.settings import Provider, Settings
 
 if TYPE_CHECKING:
     from immich_ml.inference.sessions import OnnxSession

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from immich_ml.daemon.state import DaemonState
-from immich_ml.errors import ImmichMLError
-from immich_ml.http.appkeys import PREDICTOR, REGISTRY, SETTINGS, STATE
+from immich_ml.errors import ClientDisconnected, ImmichMLError, translate
+from immich_ml.http.appkeys import CONNECTIONS, PREDICTOR, REGISTRY, SETTINGS, STATE
+from immich_ml.http.connections import Connections, default_max_connections
 from immich_ml.http.metrics import METRICS, GaugeCollector, GpuMemory, Metrics, daemon_gauges
 from immich_ml.http.routes import json_response, routes
 from immich_ml.http.security import allowlist_middleware
 from immich_ml.inference.sessions import SessionFactory
 from immich_ml.inference.threads import ThreadPool
 from immich_ml.log import SERVER_LOG as log
+from immich_ml.log import Throttle
 from immich_ml.models.catalog import served_key
 from immich_ml.models.registry import ModelRegistry
 from immich_ml.models.store import ModelStore
@@ -28,24 +31,56 @@ from immich_ml.settings import Settings
 __all__ = ["create_app", "preload_keys"]
 
 
+_logged = Throttle()
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map errors to `{"detail": …}` JSON: our errors by their status, anything else to 500."""
+    """The HTTP boundary: every error becomes `{"detail": …}` JSON with its status (`errors.translate`);
+    anything unknown is a 500. Server-side failures are logged once with their reason."""
     try:
         return await handler(request)
-    except ImmichMLError as error:
-        response = json_response({"detail": error.detail}, status=error.status)
-        if (retry_after := getattr(error, "retry_after_s", None)) is not None:
-            response.headers["Retry-After"] = str(retry_after)
-        return response
-    except web.HTTPException as error:
-        if error.status >= 400 and error.empty_body is False and error.content_type == "text/plain":
-            detail = "Not Found" if error.status == 404 else error.reason
-            return json_response({"detail": detail}, status=error.status)
+    except asyncio.CancelledError:  # the client left and aiohttp cancelled the handler
+        _log_reply(request, ClientDisconnected("Client disconnected"))
         raise
-    except Exception:
-        log.exception("unexpected error while handling %s %s", request.method, request.path)
-        return json_response({"detail": "Internal server error"}, status=500)
+    except web.HTTPException as http_error:
+        if http_error.status >= 400 and http_error.empty_body is False and http_error.content_type == "text/plain":
+            detail = "Not Found" if http_error.status == 404 else http_error.reason
+            return json_response({"detail": detail}, status=http_error.status)
+        raise
+    except Exception as raised:
+        if (error := translate(raised)) is None:
+            log.exception("unexpected error while handling %s %s", request.method, request.path)
+            return json_response({"detail": "Internal server error"}, status=500)
+        return await _reply(request, error)
+
+
+async def _reply(request: web.Request, error: ImmichMLError) -> web.Response:
+    _log_reply(request, error)
+    response = json_response({"detail": error.detail}, status=error.status)
+    if error.retry_after_s is not None:
+        response.headers["Retry-After"] = str(error.retry_after_s)
+    if error.closes_connection:  # send the reply, then close at once: no lingering read of a stalled body
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()
+    return response
+
+
+def _log_reply(request: web.Request, error: ImmichMLError) -> None:
+    """Disconnects at INFO; 5xx at WARNING (500 at ERROR), each distinct reason at most once a minute."""
+    if isinstance(error, ClientDisconnected):
+        log.info("client disconnected during %s %s", request.method, request.path)
+        return
+    if error.status < 500:
+        log.debug("%s %s: %d %s", request.method, request.path, error.status, error.detail)
+        return
+    allowed, held = _logged.allow((error.status, error.log_detail))
+    if allowed:
+        level = logging.ERROR if error.status == 500 else logging.WARNING
+        again = f" (and {held} more time(s))" if held else ""
+        log.log(level, "%s %s: %d %s%s", request.method, request.path, error.status, error.log_detail, again)
 
 
 def preload_keys(settings: Settings) -> list[ModelKey]:
@@ -58,12 +93,19 @@ def preload_keys(settings: Settings) -> list[ModelKey]:
 def create_app(settings: Settings, *, sessions: SessionFactory | None = None) -> web.Application:
     """The application; models load in the background after start-up, never at import time."""
     metrics = Metrics()
-    middlewares: list[Middleware] = [metrics.middleware(), error_middleware]
+    state = DaemonState()
+    connections = Connections(
+        state,
+        header_timeout_s=settings.header_timeout_s,
+        max_connections=settings.max_connections or default_max_connections(),
+    )
+    middlewares: list[Middleware] = [connections.middleware(), metrics.middleware(), error_middleware]
     if settings.allowed_clients:
         middlewares.append(allowlist_middleware(settings.allowed_clients))
     app = web.Application(client_max_size=settings.max_body_size, middlewares=middlewares)
     app[SETTINGS] = settings
-    app[STATE] = DaemonState()
+    app[STATE] = state
+    app[CONNECTIONS] = connections
     app[METRICS] = metrics
     metrics.add_collector(GaugeCollector(lambda: daemon_gauges(app)))
     metrics.add_collector(GaugeCollector(GpuMemory().read))
@@ -78,7 +120,11 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
         registry = ModelRegistry(ModelStore(settings), runtime)
         app[REGISTRY] = registry
         app[PREDICTOR] = Predictor(
-            registry, runtime.pool, max_image_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft
+            registry,
+            runtime.pool,
+            max_image_pixels=settings.max_image_pixels,
+            max_pixels_in_flight=settings.max_pixels_in_flight,
+            jpeg_draft=settings.jpeg_draft,
         )
         background = [
             asyncio.create_task(_preload(app, registry, settings), name="preload"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -12,7 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from immich_ml.http.appkeys import REGISTRY, STATE
+from immich_ml.errors import ClientDisconnected
+from immich_ml.http.appkeys import CONNECTIONS, REGISTRY, STATE
 from immich_ml.log import METRICS_LOG as log
 from immich_ml.predict.entries import TaskPlan
 
@@ -118,6 +120,9 @@ class Metrics:
             except web.HTTPException as error:
                 status = error.status
                 raise
+            except asyncio.CancelledError:  # cancelled because the client disconnected
+                status = ClientDisconnected.status
+                raise
             finally:
                 self.observe_request(_request_models(request.get(PLANS, [])), status, time.monotonic() - started)
 
@@ -133,7 +138,20 @@ def daemon_gauges(app: web.Application) -> Gauges:
         [],
         [([], float(state.ready and not state.draining))],
     )
-    yield "immich_ml_requests_in_flight", "Predict requests being handled", [], [([], float(state.in_flight))]
+    yield (
+        "immich_ml_requests_in_flight",
+        "Predict requests being received or handled, and requests whose headers are arriving",
+        [],
+        [([], float(state.in_flight))],
+    )
+    connections = app[CONNECTIONS]
+    yield "immich_ml_connections_open", "Client connections open now", [], [([], float(len(connections)))]
+    yield (
+        "immich_ml_connections_dropped",
+        "Connections closed by the daemon since start: at the connection cap, or without headers in time",
+        ["reason"],
+        [(["connection_cap"], float(connections.evicted)), (["header_timeout"], float(connections.timed_out))],
+    )
     if (registry := app.get(REGISTRY)) is None:
         return
     loaded = registry.loaded()

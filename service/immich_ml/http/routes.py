@@ -7,23 +7,20 @@ import time
 
 import onnxruntime as ort
 import orjson
-from aiohttp import BodyPartReader, web
-from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp import web
 
 from immich_ml.daemon.lifecycle import stalled_batchers
-from immich_ml.errors import BadRequest, ImmichMLError, InvalidEntries, PayloadTooLarge, ShuttingDown
-from immich_ml.http.appkeys import PREDICTOR, REGISTRY, SETTINGS, STATE
+from immich_ml.errors import ImmichMLError, ShuttingDown
+from immich_ml.http.appkeys import CONNECTIONS, PREDICTOR, REGISTRY, SETTINGS, STATE
+from immich_ml.http.connections import FIRST_BYTE
+from immich_ml.http.forms import read_form
 from immich_ml.http.metrics import CONTENT_TYPE, METRICS, PLANS
 from immich_ml.log import ACCESS_LOG as log
-from immich_ml.predict.entries import parse_entries
-from immich_ml.predict.predictor import PredictInput
 
 __all__ = ["routes"]
 
 
 routes = web.RouteTableDef()
-
-_TEXT_LIMIT = 1024 * 1024  # entries and query text: small fields, like upstream's 1 MiB form limit
 
 
 def json_response(body: object, status: int = 200) -> web.Response:
@@ -77,16 +74,19 @@ async def metrics(request: web.Request) -> web.Response:
 @routes.post("/predict")
 async def predict(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    if state.draining:
+    if not state.accepts(request[FIRST_BYTE]):
         raise ShuttingDown("Shutting down; send requests to another machine-learning URL")
+    settings = request.app[SETTINGS]
     started = time.monotonic()
     described = "(form not read)"
     try:
-        predict_input = await _read_form(request)
+        predict_input = await read_form(
+            request, max_body_size=settings.max_body_size, timeout_s=settings.body_timeout_s
+        )
+        request.app[CONNECTIONS].body_read(request)
         described = predict_input.describe()
         request[PLANS] = predict_input.plans
-        with state.track_request():
-            result = await request.app[PREDICTOR].predict(predict_input)
+        result = await request.app[PREDICTOR].predict(predict_input)
     except ImmichMLError as error:  # the access line names the error's kind, never its text (it may quote input)
         log.debug("predict %s: %d %s, %.1f ms", described, error.status, type(error).__name__, _ms_since(started))
         raise
@@ -96,48 +96,3 @@ async def predict(request: web.Request) -> web.Response:
 
 def _ms_since(started: float) -> float:
     return (time.monotonic() - started) * 1000
-
-
-async def _read_form(request: web.Request) -> PredictInput:
-    """Read `entries` and `image`/`text` from the form body, enforcing the size limits."""
-    if request.content_type == "application/x-www-form-urlencoded":  # text queries from simple clients
-        form = await request.post()
-        fields = {name: str(value).encode() for name, value in form.items() if name in ("entries", "text")}
-    elif request.content_type.startswith("multipart/"):
-        fields = await _read_multipart(request)
-    else:
-        raise InvalidEntries("Invalid request format. Expected multipart/form-data with an 'entries' part.")
-    if "entries" not in fields:
-        raise InvalidEntries("Invalid request format. The 'entries' field is required.")
-    if fields.get("text") == b"":
-        del fields["text"]  # an empty form field counts as absent, as in upstream's form parsing
-    if "image" not in fields and "text" not in fields:
-        raise BadRequest("Either image or text must be provided")
-    text = fields["text"].decode("utf-8", errors="replace") if "text" in fields else None
-    entries = fields["entries"]
-    return PredictInput(entries=entries, plans=parse_entries(entries), image=fields.get("image"), text=text)
-
-
-async def _read_multipart(request: web.Request) -> dict[str, bytes]:
-    limit = request.app[SETTINGS].max_body_size
-    fields: dict[str, bytes] = {}
-    try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader) or part.name not in ("entries", "image", "text"):
-                continue  # nested multiparts and unknown fields are ignored, like upstream
-            fields[part.name] = await _read_part(part, limit if part.name == "image" else _TEXT_LIMIT)
-    except (ValueError, AssertionError, BadHttpMessage) as error:  # aiohttp's multipart parser on bad bodies
-        raise BadRequest(f"Malformed multipart body: {error}") from None
-    return fields
-
-
-async def _read_part(part: BodyPartReader, limit: int) -> bytes:
-    chunks = []
-    size = 0
-    while chunk := await part.read_chunk(256 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"Part '{part.name}' exceeds {limit} bytes (MACHINE_LEARNING_MAX_BODY_SIZE)")
-        chunks.append(chunk)
-    return b"".join(chunks)

@@ -10,20 +10,15 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from immich_ml.errors import ImmichMLError
+from immich_ml.errors import Forbidden
 from immich_ml.log import SECURITY_LOG as log
+from immich_ml.log import Throttle
 
-__all__ = ["Forbidden", "allowlist_middleware", "client_address", "tls_context"]
+__all__ = ["allowlist_middleware", "client_address", "tls_context"]
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-class Forbidden(ImmichMLError):
-    """The client's address is not in MACHINE_LEARNING_ALLOWED_CLIENTS."""
-
-    status = 403
 
 
 def client_address(request: web.Request) -> Address | None:
@@ -47,16 +42,21 @@ def allowlist_middleware(allowed: Sequence[Network]) -> Middleware:
     client could set them to anything.
     """
 
+    refusals = Throttle()
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         address = client_address(request)
         if address is None or not any(address in network for network in allowed):
-            log.warning(
-                "refused %s %s from %s (not in MACHINE_LEARNING_ALLOWED_CLIENTS)",
-                request.method,
-                request.path,
-                address or "an unknown peer",
-            )
+            logged, held = refusals.allow(address)
+            if logged:
+                log.warning(
+                    "refused %s %s from %s (not in MACHINE_LEARNING_ALLOWED_CLIENTS)%s",
+                    request.method,
+                    request.path,
+                    address or "an unknown peer",
+                    f"; {held} more refused since the last line" if held else "; further refusals logged once a minute",
+                )
             raise Forbidden("Client not allowed (MACHINE_LEARNING_ALLOWED_CLIENTS)")
         return await handler(request)
 

@@ -10,10 +10,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from immich_ml.errors import ProviderError
 from immich_ml.log import MODELS_LOG as log
+from immich_ml.models.files import onnx_damage
 from immich_ml.settings import Provider, Settings
 
-__all__ = ["CPU", "CUDA", "TENSORRT", "OnnxSession", "ProviderError", "SessionFactory", "onnxruntime_builds"]
+__all__ = ["CPU", "CUDA", "TENSORRT", "OnnxSession", "SessionFactory", "onnxruntime_builds"]
 
 
 CPU = "CPUExecutionProvider"
@@ -26,10 +28,6 @@ _WANTED: dict[Provider, tuple[str, ...]] = {
     Provider.CUDA: (CUDA, CPU),
     Provider.TENSORRT: (TENSORRT, CUDA, CPU),
 }
-
-
-class ProviderError(RuntimeError):
-    """A GPU provider was required (strict mode) but the session would run on the CPU."""
 
 
 class OnnxSession:
@@ -108,14 +106,15 @@ class SessionFactory:
         """Load `model_path`; log the providers in use; raise in strict mode if a GPU one was lost."""
         wanted = self.wanted_providers()
         options = [self._provider_options(p, cache_key) for p in wanted]
-        session = OnnxSession(
-            ort.InferenceSession(
-                str(model_path),
-                sess_options=self._session_options(wanted, runs),
-                providers=wanted,
-                provider_options=options,
+        with onnx_damage(model_path):
+            session = OnnxSession(
+                ort.InferenceSession(
+                    str(model_path),
+                    sess_options=self._session_options(wanted, runs),
+                    providers=wanted,
+                    provider_options=options,
+                )
             )
-        )
         used_gpu = session.providers[0] != CPU
         if wanted[0] != CPU and not used_gpu:
             message = (

@@ -17,14 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from immich_ml.causes import cause_of
-from immich_ml.errors import ModelUnavailable
+from immich_ml.errors import DownloadFailed, HashMismatch, ModelUnavailable
 from immich_ml.log import MODELS_LOG as log
 from immich_ml.models.catalog import ocr_language
 from immich_ml.models.tasks import ModelKey, ModelType
 
 __all__ = [
     "DEFAULT_BASE_URL",
-    "DownloadFailed",
     "PinnedFile",
     "download_ocr_model",
     "fetch_verified",
@@ -124,14 +123,6 @@ def download_ocr_model(
         ) from error
 
 
-class DownloadFailed(Exception):
-    """Every attempt to fetch a pinned file failed (network error or wrong bytes)."""
-
-
-class _HashMismatch(Exception):
-    """The downloaded bytes are not the pinned file."""
-
-
 def fetch_verified(url: str, expected_sha256: str, target: Path, expect: Callable[[int], None] = _ignore) -> None:
     """Download `url` to `target`, which appears only if the bytes hash to `expected_sha256`. Blocking.
 
@@ -145,7 +136,7 @@ def fetch_verified(url: str, expected_sha256: str, target: Path, expect: Callabl
             _fetch_once(url, expected_sha256, target, expect)
             return
         # urllib raises OSErrors; a connection closed mid-body raises http.client.IncompleteRead.
-        except (OSError, http.client.HTTPException, _HashMismatch) as error:
+        except (OSError, http.client.HTTPException, HashMismatch) as error:
             failure = cause_of(error)
             log.warning("download %d/%d of %s failed: %s", attempt, _ATTEMPTS, url, failure)
     raise DownloadFailed(f"{url} failed {_ATTEMPTS} times: {failure}")
@@ -162,7 +153,7 @@ def _fetch_once(url: str, expected: str, target: Path, expect: Callable[[int], N
                 digest.update(chunk)
                 out.write(chunk)
         if digest.hexdigest() != expected:
-            raise _HashMismatch(f"SHA-256 {digest.hexdigest()} does not match the pinned {expected}")
+            raise HashMismatch(f"SHA-256 {digest.hexdigest()} does not match the pinned {expected}")
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)

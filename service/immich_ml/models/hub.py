@@ -6,11 +6,10 @@ from collections.abc import Callable
 from fnmatch import fnmatch
 from pathlib import Path
 
-from immich_ml.causes import cause_of
 from immich_ml.models.tasks import ModelKey
 from immich_ml.settings import Settings
 
-__all__ = ["STAGING", "download_from_hub", "failure_message"]
+__all__ = ["STAGING", "download_from_hub"]
 
 _IGNORED = ["*.armnn", "*.rknn"]
 
@@ -53,25 +52,4 @@ def _size(settings: Settings, repo: str, patterns: list[str]) -> int:
         if isinstance(entry, RepoFile)
         and any(fnmatch(entry.path, pattern) for pattern in patterns)  # what snapshot_download selects
         and not any(fnmatch(entry.path, pattern) for pattern in _IGNORED)
-    )
-
-
-def failure_message(settings: Settings, key: ModelKey, path: Path, error: BaseException | str) -> str:
-    """One line: which model, where it was looked for, why the download failed, and what fixes it."""
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    repo = f"{settings.hf_organization}/{key.name}"
-    source = settings.hf_endpoint or "Hugging Face"
-    pull = f"or run `immich-ml models pull {key.name}` on a connected machine and `immich-ml models import` here"
-    if settings.hf_offline:
-        cause, fix = "HF_HUB_OFFLINE is set", f"unset HF_HUB_OFFLINE, {pull}"
-    elif isinstance(error, RepositoryNotFoundError):
-        cause = f"there is no repository {repo}"
-        fix = "check the model name (docs/models.md) and MACHINE_LEARNING_MODEL_ORGANIZATION"
-    else:
-        cause = error if isinstance(error, str) else cause_of(error)
-        fix = f"let this host reach {source} (HF_ENDPOINT names a mirror), {pull}"
-    return (
-        f"Model '{key.name}' ({key.task} {key.type}) is not cached at {path} and could not be downloaded "
-        f"from {source} ({repo}): {cause}. Fix: {fix}."
     )

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import gc
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
-from immich_ml.errors import ImmichMLError, ModelLoadFailed, UnknownModel
-from immich_ml.inference.sessions import ProviderError
+from immich_ml.errors import CorruptModel, ImmichMLError, ModelLoadFailed, ModelUnavailable, UnknownModel
+from immich_ml.heap import return_heap
 from immich_ml.log import MODELS_LOG as log
 from immich_ml.models.catalog import is_known
 from immich_ml.models.store import ModelStore
@@ -43,7 +42,7 @@ class ModelRegistry:
         self.runtime = runtime
         self._entries: dict[ModelKey, _Entry] = {}
         self._locks: dict[ModelKey, asyncio.Lock] = {}
-        self._failures: dict[ModelKey, tuple[float, str]] = {}
+        self._failures: dict[ModelKey, tuple[float, ModelLoadFailed]] = {}
 
     @asynccontextmanager
     async def use(self, key: ModelKey) -> AsyncIterator[InferenceModel]:
@@ -83,7 +82,8 @@ class ModelRegistry:
             await entry.model.close()
             log.info("unloaded %s after %.0f s idle", key, now - entry.last_used)
         if idle:
-            _return_memory()
+            gc.collect()
+            return_heap()
         return idle
 
     async def evict_periodically(self) -> None:
@@ -117,49 +117,78 @@ class ModelRegistry:
     async def _load(self, key: ModelKey) -> InferenceModel:
         model_class = MODEL_CLASSES.get((key.task, key.type))
         if model_class is None or not (is_known(key) or self.store.is_cached(key)):
+            relative = self.store.model_dir(key).relative_to(self.store.root)
             raise UnknownModel(
-                f"Unknown model '{key.name}' for {key.task} {key.type}; see the supported "
-                "models in docs/models.md, or place an export at " + str(self.store.model_dir(key))
+                f"Unknown model '{key.name}' for {key.task} {key.type}; see the supported models in docs/models.md, "
+                f"or place an export in the model cache at {relative}/",
+                log_detail=f"unknown model {key}; an export would go to {self.store.model_dir(key)}",
             )
         if (failure := self._failures.get(key)) and time.monotonic() - failure[0] < _FAILURE_MEMORY_S:
-            raise ModelLoadFailed(f"Failed to load model '{key.name}': {failure[1]} (retrying later)")
+            raise ModelLoadFailed(f"{failure[1].detail} (retrying later)", log_detail=failure[1].log_detail)
         try:
-            model = await self._load_files(model_class, key)
-        except _CorruptModel as error:
-            log.warning("failed to load %s (%s); clearing its cache and downloading it again", key, error.__cause__)
-            await self.runtime.pool.run(self.store.remove_type, key)
-            try:
-                model = await self._load_files(model_class, key)
-            except _CorruptModel as error:
-                self._failures[key] = (time.monotonic(), str(error.__cause__))
-                raise ModelLoadFailed(f"Failed to load model '{key.name}': {error.__cause__}") from error
+            model = await self._load_or_repair(model_class, key)
+        except ModelLoadFailed as error:
+            self._failures[key] = (time.monotonic(), error)
+            raise
         self._failures.pop(key, None)
         return model
 
+    async def _load_or_repair(self, model_class: type[InferenceModel], key: ModelKey) -> InferenceModel:
+        """Load; a damaged file (and only that file) is downloaded again once, when a download is possible."""
+        try:
+            return await self._load_files(model_class, key)
+        except CorruptModel as damage:
+            file = self._relative(key, damage.path)
+            if not self.store.can_download(key):
+                raise self._failed(
+                    key,
+                    f"{file} is damaged ({damage.reason}) and HF_HUB_OFFLINE forbids "
+                    "downloading it again; replace it with `immich-ml models import`",
+                    damage,
+                ) from None
+            log.info("%s: %s is damaged (%s); downloading that file again", key, file, damage.reason)
+            try:
+                await self.runtime.pool.run(self.store.repair, key, file)
+            except ModelUnavailable as error:
+                raise self._failed(key, f"{file} is damaged and downloading it again failed", error) from None
+            except OSError as error:  # a read-only or unwritable cache: nothing can be replaced
+                raise self._failed(
+                    key,
+                    f"{file} is damaged and the model cache is not writable "
+                    f"(read-only or permission denied: {error.strerror})",
+                    error,
+                ) from None
+        try:
+            return await self._load_files(model_class, key)
+        except CorruptModel as damage:
+            again = self._relative(key, damage.path)
+            raise self._failed(key, f"{again} is still damaged after downloading it again", damage) from None
+
     async def _load_files(self, model_class: type[InferenceModel], key: ModelKey) -> InferenceModel:
-        """Find or download the files and create the model; unreadable files raise `_CorruptModel`."""
+        """Find or download the files and create the model. Damage raises `CorruptModel`; any other failure
+        (configuration, provider, GPU memory) is a `ModelLoadFailed` that leaves the files alone."""
         pool = self.runtime.pool
         model = model_class(key, await pool.run(self.store.ensure, key), self.runtime)
         try:
             await pool.run(model.load)
-        except ProviderError as error:  # a configuration problem: the files are fine, keep them
-            raise ModelLoadFailed(f"Failed to load model '{key.name}': {error}") from error
-        except ImmichMLError:
+        except (CorruptModel, ImmichMLError):
+            await model.close()
             raise
         except Exception as error:
             await model.close()
-            raise _CorruptModel from error
+            raise self._failed(key, f"{type(error).__name__}: {error}", error) from error
         return model
 
+    def _failed(self, key: ModelKey, reason: str, cause: BaseException) -> ModelLoadFailed:
+        """A load failure whose reply names the cause without server paths; the log gets the paths."""
+        return ModelLoadFailed(
+            f"Failed to load model '{key.name}' ({key.task} {key.type}): {self.store.redact(reason)}",
+            log_detail=f"failed to load {key}: {reason} [{cause}]",
+        )
 
-class _CorruptModel(Exception):
-    """The model's files exist but do not load; the cause says why."""
-
-
-def _return_memory() -> None:
-    """Give freed heap pages back to the OS, so unloading a model lowers the resident size."""
-    gc.collect()
-    if (libc_name := ctypes.util.find_library("c")) is not None:
-        libc = ctypes.CDLL(libc_name)
-        if hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
+    def _relative(self, key: ModelKey, path: str) -> str:
+        """A damaged file's path within its model (`visual/model.onnx`, `config.json`)."""
+        try:
+            return str(Path(path).relative_to(self.store.model_root(key)))
+        except ValueError:
+            return Path(path).name

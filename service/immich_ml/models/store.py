@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from immich_ml.causes import cause_of
 from immich_ml.errors import ModelUnavailable
 from immich_ml.log import MODELS_LOG as log
 from immich_ml.models.catalog import cache_name
 from immich_ml.models.downloads import download_ocr_model
-from immich_ml.models.hub import STAGING, download_from_hub, failure_message
+from immich_ml.models.hub import STAGING, download_from_hub
 from immich_ml.models.progress import LogReport, Transfers
 from immich_ml.models.tasks import ModelKey, ModelType, Task
 from immich_ml.settings import Settings
@@ -72,33 +73,45 @@ class ModelStore:
         """Whether the model's ONNX file is present."""
         return (self.model_dir(key) / "model.onnx").is_file()
 
+    def can_download(self, key: ModelKey) -> bool:
+        """Whether missing or damaged files of `key` may be fetched (not with HF_HUB_OFFLINE, for any task)."""
+        return not self.settings.hf_offline
+
     def ensure(self, key: ModelKey) -> Path:
         """Return the model directory, downloading the model first if it is not cached. Blocking."""
         model_dir = self.model_dir(key)
         if self.is_cached(key):
             return model_dir
+        if not self.can_download(key):
+            raise self._unavailable(key, "HF_HUB_OFFLINE is set, so nothing is downloaded")
         log.info("downloading %s into %s", key, model_dir)
-        download = self._downloaders.get(key.task, functools.partial(download_from_hub, self.settings))
-        arriving = [model_dir, self.model_root(key) / STAGING / key.type]
-        try:
-            with self.transfers.watch(str(key), arriving) as transfer:
-                download(key, model_dir, transfer.expect)
-        except ModelUnavailable:
-            raise
-        except Exception as error:
-            raise ModelUnavailable(self._unavailable_message(key, error)) from error
+        self._fetch(key, None)
         if not self.is_cached(key):
-            raise ModelUnavailable(self._unavailable_message(key, "the download has no model.onnx"))
+            raise self._unavailable(key, "the download has no model.onnx")
         return model_dir
 
-    def remove_type(self, key: ModelKey) -> None:
-        """Delete one model type's files (after a failed load), leaving other types alone."""
-        model_dir = self.model_dir(key)
-        if model_dir.is_symlink() or model_dir.is_file():
-            model_dir.unlink()
-        elif model_dir.exists():
-            shutil.rmtree(model_dir)
-        log.info("cleared cache directory for %s", key)
+    def repair(self, key: ModelKey, file: str) -> None:
+        """Download one damaged file of a cached model (`visual/model.onnx`) again. Blocking.
+
+        The damaged copy is renamed aside first and put back if the download fails, so nothing is lost; a
+        read-only cache raises the `OSError` of that rename before anything is fetched.
+        """
+        target = self.model_root(key) / file
+        aside = target.with_name(target.name + ".damaged")
+        if target.exists():
+            os.replace(target, aside)
+        try:
+            self._fetch(key, file)
+        except BaseException:
+            if aside.exists() and not target.exists():
+                os.replace(aside, target)
+            raise
+        aside.unlink(missing_ok=True)
+        log.info("downloaded %s of %s again", file, key)
+
+    def redact(self, text: str) -> str:
+        """`text` with the cache folder's absolute path replaced by `<cache>` (for replies to clients)."""
+        return text.replace(str(self.root), "<cache>")
 
     def remove(self, task: Task, name: str) -> bool:
         """Delete every type of a model; returns whether anything was there."""
@@ -155,8 +168,58 @@ class ModelStore:
         self.root.mkdir(parents=True, exist_ok=True)
         return self.root
 
-    def _unavailable_message(self, key: ModelKey, reason: BaseException | str) -> str:
-        return failure_message(self.settings, key, self.model_dir(key) / "model.onnx", reason)
+    def _fetch(self, key: ModelKey, file: str | None) -> None:
+        """Download `file` of `key` (all of its files for None), watched by `transfers`; every failure is
+        `ModelUnavailable`."""
+        try:
+            if file is not None and key.task not in self._downloaders:
+                self._download_file_from_hub(key, file)
+                return
+            download = self._downloaders.get(key.task, functools.partial(download_from_hub, self.settings))
+            arriving = [self.model_dir(key), self.model_root(key) / STAGING / key.type]
+            with self.transfers.watch(str(key), arriving) as transfer:
+                download(key, self.model_dir(key), transfer.expect)
+        except ModelUnavailable:
+            raise
+        except Exception as error:
+            raise self._unavailable(key, error) from error
+
+    def _download_file_from_hub(self, key: ModelKey, file: str) -> None:
+        from huggingface_hub import hf_hub_download  # imported lazily: it is slow to import
+
+        hf_hub_download(
+            f"{self.settings.hf_organization}/{key.name}",
+            file,
+            revision=self.settings.hf_revision,
+            local_dir=self.model_root(key),
+            endpoint=self.settings.hf_endpoint,
+        )
+
+    def _unavailable(self, key: ModelKey, reason: BaseException | str) -> ModelUnavailable:
+        """One line: which model, why it could not be fetched, what fixes it; the cache path in the log only."""
+        from huggingface_hub.errors import RepositoryNotFoundError  # imported lazily: it is slow to import
+
+        pinned = key.task in self._downloaders
+        repo = f"{self.settings.hf_organization}/{key.name}"
+        hub = self.settings.hf_endpoint or "Hugging Face"
+        source = "its pinned URL" if pinned else f"{hub} ({repo})"
+        pull = f"or run `immich-ml models pull {key.name}` on a connected machine and `immich-ml models import` here"
+        if self.settings.hf_offline:
+            cause, fix = "HF_HUB_OFFLINE is set", f"unset HF_HUB_OFFLINE, {pull}"
+        elif isinstance(reason, RepositoryNotFoundError):
+            cause = f"there is no repository {repo}"
+            fix = "check the model name (docs/models.md) and MACHINE_LEARNING_MODEL_ORGANIZATION"
+        else:
+            cause = reason if isinstance(reason, str) else cause_of(reason)
+            mirror = "MACHINE_LEARNING_OCR_MODEL_BASE_URL" if pinned else "HF_ENDPOINT"
+            fix = f"let this host reach {'it' if pinned else hub} ({mirror} names a mirror), {pull}"
+        model = f"Model '{key.name}' ({key.task} {key.type})"
+        download = f"could not be downloaded from {source}"
+        return ModelUnavailable(
+            f"{model} is not cached and {download}: {self.redact(cause)}. Fix: {fix}.",
+            log_detail=f"{model} is not cached at {self.model_dir(key) / 'model.onnx'} and {download}: {cause}. "
+            f"Fix: {fix}.",
+        )
 
 
 def _model_roots(tree: Path) -> Iterator[Path]:

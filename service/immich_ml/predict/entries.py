@@ -14,6 +14,8 @@ from immich_ml.models.tasks import DEPENDS_ON, TASK_TYPES, ModelKey, ModelType, 
 __all__ = ["Entry", "TaskPlan", "parse_entries"]
 
 _INVALID = "Invalid request format."
+_MAX_NAME_BYTES = 200
+"""Longest model name: it becomes a folder name (255 bytes at most on Linux file systems)."""
 
 
 @dataclass(frozen=True)
@@ -86,4 +88,6 @@ def _entry(task: Task, type_name: str, spec: Any) -> Entry:
     options = spec.get("options", {})
     if not isinstance(name, str) or not name.strip() or not isinstance(options, dict):
         raise InvalidEntries(_INVALID)
+    if len(name.encode()) > _MAX_NAME_BYTES or not name.isprintable():
+        raise InvalidEntries(f"{_INVALID} 'modelName' must be printable and at most {_MAX_NAME_BYTES} bytes.")
     return Entry(served_key(task, ModelType(type_name), name.strip()), options)

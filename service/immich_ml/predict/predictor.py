@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
+from immich_ml.heap import return_heap
 from immich_ml.imaging import decode_image
 from immich_ml.inference.threads import ThreadPool
 from immich_ml.models.registry import ModelRegistry
+from immich_ml.predict.admission import PixelBudget
 from immich_ml.predict.entries import Entry, TaskPlan
 
 __all__ = ["PredictInput", "Predictor"]
@@ -35,15 +38,33 @@ class Predictor:
     """Runs the models a request asks for and shapes the response like upstream."""
 
     def __init__(
-        self, registry: ModelRegistry, pool: ThreadPool, *, max_image_pixels: int, jpeg_draft: bool = False
+        self,
+        registry: ModelRegistry,
+        pool: ThreadPool,
+        *,
+        max_image_pixels: int,
+        max_pixels_in_flight: int,
+        jpeg_draft: bool = False,
     ) -> None:
         self.registry = registry
         self.pool = pool
         self.max_image_pixels = max_image_pixels
+        self.pixels = PixelBudget(max_pixels_in_flight, on_idle=self._return_heap)
         self.jpeg_draft = jpeg_draft
+        self._trimming: set[asyncio.Task[None]] = set()
 
     async def predict(self, request: PredictInput) -> dict[str, Any]:
-        """The response body: one key per task, plus the image size for image input."""
+        """The response body: one key per task, plus the image size for image input (whose pixels count
+        against the budget of pixels in flight until the response is built)."""
+        with self.pixels.admission() as admit:
+            return await self._predict(request, admit)
+
+    def _return_heap(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.pool.run(return_heap))
+        self._trimming.add(task)
+        task.add_done_callback(self._trimming.discard)
+
+    async def _predict(self, request: PredictInput, admit: Callable[[int, int], None]) -> dict[str, Any]:
         plans = request.plans
         response: dict[str, Any] = {}
         payload: Image.Image | str
@@ -51,7 +72,7 @@ class Predictor:
         if request.image is not None:
             draft_size = await self._draft_size(plans) if self.jpeg_draft else None
             payload, size = await self.pool.run(
-                decode_image, request.image, max_pixels=self.max_image_pixels, draft_size=draft_size
+                decode_image, request.image, max_pixels=self.max_image_pixels, draft_size=draft_size, admit=admit
             )
         else:
             payload = request.text or ""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,6 +10,7 @@ from PIL import Image
 
 from immich_ml.encoding import vector_string
 from immich_ml.inference.batcher import Batcher
+from immich_ml.models.files import read_json
 from immich_ml.pipelines.base import InferenceModel, Payload, stack
 from immich_ml.pipelines.clip.tokenizer import TextTokenizer, clean_text, flores_code
 from immich_ml.settings import Preprocessing
@@ -44,7 +44,7 @@ class ClipVisual(InferenceModel):
     """Image encoder: `preprocess_cfg.json` drives resizing and normalisation; output is unit-norm."""
 
     def configure(self) -> None:
-        config = json.loads((self.model_dir / "preprocess_cfg.json").read_text())
+        config = read_json(self.model_dir / "preprocess_cfg.json")
         size = config["size"]
         self.size = int(size[0] if isinstance(size, list) else size)
         self.mean = np.asarray(config["mean"], dtype=np.float32)
@@ -88,7 +88,7 @@ class ClipTextual(InferenceModel):
     interactive = True
 
     def configure(self) -> None:
-        config = json.loads((self.model_dir.parent / "config.json").read_text())
+        config = read_json(self.model_dir.parent / "config.json")
         text_cfg = config.get("text_cfg", {})
         context_length = int(text_cfg.get("context_length", 77))
         self.canonicalize = text_cfg.get("tokenizer_kwargs", {}).get("clean") == "canonicalize"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import string
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from immich_ml.log import MODELS_LOG as log
+from immich_ml.models.files import read_json
 
 __all__ = ["TextTokenizer", "clean_text", "flores_code"]
 
@@ -102,8 +102,9 @@ class TextTokenizer:
 
     def __init__(self, textual_dir: Path, context_length: int) -> None:
         self.context_length = context_length
+        read_json(textual_dir / "tokenizer.json")  # damage is named; a valid file parses again below
         self._tokenizer = Tokenizer.from_file(str(textual_dir / "tokenizer.json"))
-        config = json.loads((textual_dir / "tokenizer_config.json").read_text())
+        config = read_json(textual_dir / "tokenizer_config.json")
         pad_token = config["pad_token"]
         if isinstance(pad_token, dict):  # some exports store an AddedToken object
             pad_token = pad_token["content"]

@@ -26,6 +26,9 @@ ANCHORS_PER_CELL = 2
 NMS_THRESHOLD = 0.4
 DEFAULT_MIN_SCORE = 0.7
 """Upstream's default `minScore`; the Immich server sends its own (also 0.7 by default)."""
+MIN_SCORE_FLOOR = 0.1
+"""The lowest `minScore` accepted: the Immich server's settings allow 0.1 to 1. Lower values make the detector
+return every anchor (thousands of faces, megabytes of reply), so they are refused with 422."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,11 @@ def _min_score(options: Mapping[str, Any]) -> float:
     value = options.get("minScore", DEFAULT_MIN_SCORE)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidEntries(f"Invalid request format. minScore must be a number, not {value!r}.")
+    if not MIN_SCORE_FLOOR <= value <= 1:
+        raise InvalidEntries(
+            f"Invalid request format. minScore must be from {MIN_SCORE_FLOOR} to 1 (the Immich server's own range), "
+            f"not {value!r}."
+        )
     return float(value)
 
 

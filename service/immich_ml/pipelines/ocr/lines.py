@@ -107,7 +107,7 @@ def recognition_batch(crops: Sequence[Crop]) -> FloatArray:
     """One [n,3,48,W] float32 input, by rapidocr's `resize_norm_img`: each crop resized to height 48
     (bilinear), scaled to [-1,1] and right-padded with 0 to `W = int(48·max(320/48, widest aspect ratio))`."""
     max_ratio = max(_MIN_WIDTH_RATIO, *(_ratio(crop) for crop in crops))
-    rows = [RapidTextRecognizer.resize_norm_img(_RESIZER, crop, max_ratio) for crop in crops]
+    rows = [RapidTextRecognizer.resize_norm_img(cast(RapidTextRecognizer, _RESIZER), crop, max_ratio) for crop in crops]
     return np.stack(rows).astype(np.float32)
 
 

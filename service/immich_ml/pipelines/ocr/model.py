@@ -33,12 +33,18 @@ def _number(options: Mapping[str, Any], name: str, default: float) -> float:
     return float(value)
 
 
-def detection_params(options: Mapping[str, Any]) -> DetectionParams:
-    """The `ocr.detection` options of one request (`minScore`, `maxResolution`, `scoreMode`)."""
+def detection_params(options: Mapping[str, Any], *, resolution_cap: int) -> DetectionParams:
+    """The `ocr.detection` options of one request (`minScore`, `maxResolution`, `scoreMode`); a
+    `maxResolution` over `resolution_cap` (MACHINE_LEARNING_MAX_OCR_RESOLUTION) is refused."""
     max_resolution = _number(options, "maxResolution", DetectionParams.max_resolution)
     if max_resolution < 1 or max_resolution != int(max_resolution):
         raise InvalidEntries(
             f"Invalid request format. Option 'maxResolution' must be a positive integer, not {max_resolution!r}."
+        )
+    if max_resolution > resolution_cap:
+        raise InvalidEntries(
+            f"Invalid request format. Option 'maxResolution' is at most {resolution_cap} "
+            f"(MACHINE_LEARNING_MAX_OCR_RESOLUTION), not {max_resolution:g}."
         )
     score_mode = options.get("scoreMode", "fast")
     if score_mode not in ("fast", "slow"):
@@ -104,7 +110,7 @@ class TextDetector(InferenceModel):
 
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> TextDetections:
         image = self.image_of(payload)
-        params = detection_params(options)
+        params = detection_params(options, resolution_cap=self.runtime.settings.max_ocr_resolution)
         if image.width < MIN_SIDE or image.height < MIN_SIDE:
             return TextDetections(boxes=[], scores=[])
         pool = self.runtime.pool
