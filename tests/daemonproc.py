@@ -198,6 +198,29 @@ os.execv(sys.executable, [sys.executable, "-m", "immich_ml", "serve"])
 """Run by the child: put the socket at fd 3 and set LISTEN_PID to its own pid, which `exec` keeps."""
 
 
+class KeepAlive:
+    """One keep-alive connection to a daemon for many requests, opened again whenever the daemon closes it."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+        self._connection = daemon.connection()
+
+    def post(self, body: bytes, content_type: str, path: str = "/predict") -> int:
+        """The reply's status, or 0 when the daemon closed the connection instead of answering."""
+        try:
+            self._connection.request("POST", path, body=body, headers={"Content-Type": content_type})
+            response = self._connection.getresponse()
+            response.read()
+            return response.status
+        except (http.client.HTTPException, ConnectionError):  # framing the daemon could not trust
+            self._connection.close()
+            self._connection = self._daemon.connection()
+            return 0
+
+    def close(self) -> None:
+        self._connection.close()
+
+
 def _limit_files(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 

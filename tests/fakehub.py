@@ -1,11 +1,12 @@
 """A local stand-in for the Hugging Face hub's file API (the endpoints `snapshot_download` calls).
 
-It serves the files of a folder per repository and records what was asked, so tests can count downloads
-and break a transfer half-way.
+It serves the files of a folder per repository and records what was asked, so tests can count downloads,
+break a transfer half-way, or hold one half-way until the test lets it finish.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ class FakeHub:
     repos: dict[str, Path] = field(default_factory=dict)
     downloads: Counter[str] = field(default_factory=Counter)
     truncations: Counter[str] = field(default_factory=Counter)
+    held: dict[str, asyncio.Event] = field(default_factory=dict)
+    """Paths whose transfer stops after the first half until the event is set (a slow link, held still)."""
 
     def files(self, repo: str) -> dict[str, bytes]:
         root = self.repos[repo]
@@ -72,5 +75,13 @@ class FakeHub:
             await response.write(data[: len(data) // 2])
             assert request.transport is not None
             request.transport.close()
+            return response
+        if path in self.held:
+            response = web.StreamResponse(headers={**headers, "Content-Length": str(len(data))})
+            await response.prepare(request)
+            await response.write(data[: len(data) // 2])
+            await self.held[path].wait()
+            await response.write(data[len(data) // 2 :])
+            await response.write_eof()
             return response
         return web.Response(body=data, headers=headers)

@@ -1,16 +1,21 @@
-"""`immich-ml serve` and `immich-ml models list|pull|import|remove`."""
+"""`immich-ml serve`, `immich-ml models list|pull|import|remove` and `immich-ml systemd install`."""
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import sysconfig
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 from immich_ml import __version__
-from immich_ml.errors import ConfigError, ImmichMLError
+from immich_ml.daemon import unit_files
+from immich_ml.errors import ConfigError, ImmichMLError, UnknownModel
 from immich_ml.log import setup_logging
-from immich_ml.models.catalog import clean_name, task_of
+from immich_ml.models.catalog import clean_name, is_known, known_names, task_of
+from immich_ml.models.progress import TerminalBar, Transfers
 from immich_ml.models.store import ModelStore
 from immich_ml.models.tasks import TASK_TYPES, ModelKey, ModelType, Task
 from immich_ml.settings import Settings
@@ -45,12 +50,34 @@ def _parser() -> argparse.ArgumentParser:
     remove = actions.add_parser("remove", help="delete a model from the cache")
     remove.add_argument("name")
     remove.add_argument("--task", choices=[t.value for t in Task], help="task (default: every task)")
+
+    systemd = commands.add_parser("systemd", help="run immich-ml as a systemd service on any distribution")
+    units = systemd.add_subparsers(dest="action", required=True)
+    install = units.add_parser("install", help="write the unit, the system user's sysusers.d file and settings")
+    install.add_argument("--gpu", action="store_true", help="add the NVIDIA drop-in and load nvidia_uvm at boot")
+    install.add_argument("--root", type=Path, default=Path("/"), help="write under this folder (default: /)")
+    install.add_argument(
+        "--executable",
+        type=Path,
+        default=_installed_program(),
+        help="the program ExecStart runs (default: %(default)s)",
+    )
+    install.add_argument("--dry-run", action="store_true", help="print the files instead of writing them")
     return parser
+
+
+def _installed_program() -> Path:
+    """This installation's `immich-ml` (the scripts folder of the running Python), else the one on PATH."""
+    beside = Path(sysconfig.get_path("scripts")) / "immich-ml"
+    found = beside if beside.is_file() else shutil.which("immich-ml")
+    return Path(found) if found else beside
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `immich-ml` command."""
     args = _parser().parse_args(argv)
+    if args.command == "systemd":
+        return _systemd_install(args.executable, args.root, gpu=args.gpu, dry_run=args.dry_run)
     try:
         settings = Settings.from_env().with_overrides(
             host=getattr(args, "host", None),
@@ -65,7 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from immich_ml.daemon.server import run
 
         return run(settings)
-    return _models(args, ModelStore(settings))
+    # On a terminal a bar redrawn in place; otherwise (a pipe, a file, the journal) the store's log lines.
+    transfers = Transfers([TerminalBar(sys.stderr)]) if sys.stderr.isatty() else None
+    return _models(args, ModelStore(settings, transfers))
 
 
 def _models(args: argparse.Namespace, store: ModelStore) -> int:
@@ -105,7 +134,46 @@ def _list(store: ModelStore) -> int:
 def _pull(store: ModelStore, name: str, task_name: str | None, type_name: str | None) -> int:
     task = Task(task_name) if task_name else task_of(clean_name(name))
     types = [ModelType(type_name)] if type_name else TASK_TYPES[task]
-    for model_type in types:
-        key = ModelKey(task, model_type, clean_name(name))
+    keys = [ModelKey(task, model_type, clean_name(name)) for model_type in types]
+    if not all(is_known(key) or store.is_cached(key) for key in keys):
+        raise UnknownModel(f"unknown model '{name}' (the server would refuse it too). Known models:\n{_known()}")
+    for key in keys:
         print(f"{key}: {store.ensure(key)}")
+    return 0
+
+
+def _known() -> str:
+    return "\n".join(
+        textwrap.fill(
+            " ".join(known_names(task)),
+            width=110,
+            initial_indent=f"  {task}: ",
+            subsequent_indent="    ",
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+        for task in Task
+    )
+
+
+def _systemd_install(executable: Path, root: Path, *, gpu: bool, dry_run: bool) -> int:
+    if not executable.is_file():
+        print(f"immich-ml: {executable} does not exist; name the installed program with --executable", file=sys.stderr)
+        return 1
+    try:
+        files = unit_files.render(executable, gpu=gpu)
+    except unit_files.UnitError as error:
+        print(f"immich-ml: {error}", file=sys.stderr)
+        return 1
+    if dry_run:
+        for relative, text in files.items():
+            print(f"# {root / relative}\n{text}")
+        return 0
+    for path in unit_files.install(files, root):
+        print(f"wrote {path}")
+    if root == Path("/"):
+        print(
+            "next: systemd-sysusers /etc/sysusers.d/immich-ml.conf && systemctl daemon-reload && "
+            "systemctl enable --now immich-ml" + (" (and modprobe nvidia_uvm once)" if gpu else "")
+        )
     return 0

@@ -6,8 +6,9 @@ import io
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
+from immich_ml.causes import cause_of
 from immich_ml.errors import BadImage, ImmichMLError, PayloadTooLarge
 
 __all__ = ["Size", "decode_image", "to_bgr"]
@@ -53,8 +54,10 @@ def decode_image(
         image.load()
     except ImmichMLError:
         raise
+    except UnidentifiedImageError:
+        raise BadImage("Image could not be decoded (not a supported image format)") from None
     except Exception as error:  # Pillow raises many types for bad input: all mean "undecodable"
-        raise BadImage(f"Could not decode image: {error}") from None
+        raise BadImage(f"Image could not be decoded ({cause_of(error)})") from None
     if image.width == 0 or image.height == 0:
         raise BadImage("Image has zero width or height")
     # Upstream converts every mode with Pillow's own rules (no EXIF rotation; previews are upright).

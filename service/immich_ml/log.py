@@ -76,6 +76,9 @@ def setup_logging(level: str, *, no_color: bool) -> None:
     root.setLevel(level)
     # Client-facing access lines are one per request at debug level (see routes); silence aiohttp's.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # The hub client's HTTP library logs every request at info level; progress has its own lines.
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class Throttle:

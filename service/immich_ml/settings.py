@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from immich_ml.errors import ConfigError
 from immich_ml.models.tasks import TASK_TYPES, ModelType, Task
 
-__all__ = ["Preprocessing", "Provider", "Settings", "parse_size"]
+__all__ = ["Preprocessing", "Provider", "Settings", "parse_size", "variable_names"]
 
 T = TypeVar("T")
 
@@ -210,8 +210,10 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read settings from the environment; raise `ConfigError` naming the first bad variable."""
-        env = os.environ if env is None else env
-        reader = _EnvReader(env)
+        return cls._from_reader(_EnvReader(os.environ if env is None else env))
+
+    @classmethod
+    def _from_reader(cls, reader: _EnvReader) -> Settings:
         values: dict[str, object] = {}
 
         def put(attr: str, var: str, parse: Callable[[str], object]) -> None:
@@ -326,6 +328,14 @@ _CONVERTED_FIELDS: dict[str, type[Any]] = {
 }
 """Fields that `Settings.__post_init__` converts from plain values (strings) to their types."""
 
+
+def variable_names() -> list[str]:
+    """Every environment variable `Settings.from_env` reads, in reading order (the docs are checked against it)."""
+    reader = _EnvReader({})
+    Settings._from_reader(reader)
+    return list(dict.fromkeys(reader.asked))
+
+
 _PRELOADABLE = [(task, model_type) for task, types in TASK_TYPES.items() for model_type in types]
 
 
@@ -334,8 +344,10 @@ class _EnvReader:
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self._env = {key.upper(): value for key, value in env.items()}
+        self.asked: list[str] = []
 
     def get(self, name: str, parse: Callable[[str], T]) -> T | None:
+        self.asked.append(name)
         raw = self._env.get(name.upper())
         if raw is None or (raw.strip() == "" and name != "NO_COLOR"):
             return None

@@ -34,7 +34,8 @@ def test_two_workers_share_one_port_with_round_robin_devices(tmp_path: Path) -> 
         assert "device 0" in status and "device 1" in status
 
         workers: dict[int, int] = {}
-        for _ in range(200):  # each request on a new connection; the kernel hands them to either worker
+        deadline = time.monotonic() + 30  # each request on a new connection; either worker may accept it, and
+        while time.monotonic() < deadline:  # on a busy machine one worker can win many accepts in a row
             health = daemon.health()
             assert health["ready"]
             workers[health["pid"]] = health["device"]["id"]
@@ -68,12 +69,10 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path, tmp_path / "cache", {"MACHINE_LEARNING_WORKERS": "2"})
     try:
         daemon.wait_ready()
-        workers: set[int] = set()
-        for _ in range(200):  # each request on a new connection; the kernel hands them to either worker
-            workers.add(daemon.health()["pid"])
-            if len(workers) == 2:
-                break
+        # The workers as the kernel knows them (which worker answers HTTP depends on scheduling, not on this test).
+        workers = _children(daemon.pid)
         assert len(workers) == 2
+        assert daemon.health()["pid"] in workers
         daemon.process.kill()
         daemon.process.wait(30)
         for _ in range(600):  # bounded: the workers drain and exit within seconds
@@ -84,6 +83,13 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
         assert alive == [], f"workers {alive} outlived their parent"
     finally:
         daemon.kill()
+
+
+def _children(pid: int) -> set[int]:
+    """The direct child processes of `pid`, from /proc."""
+    return {
+        int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()
+    }
 
 
 def _running(pid: int) -> bool:

@@ -4,7 +4,6 @@ docs/security.md (measured with IMMICH_ML_FUZZ_EXAMPLES=3000)."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import uuid
@@ -15,7 +14,7 @@ from hypothesis import strategies as st
 
 from tests import modelgen
 from tests.conftest import CLIP
-from tests.daemonproc import Daemon, multipart
+from tests.daemonproc import Daemon, KeepAlive, multipart
 
 EXAMPLES = int(os.environ.get("IMMICH_ML_FUZZ_EXAMPLES", "300"))
 """Requests per run: 300 by default so the suite stays fast; the long run for docs/security.md uses 3000."""
@@ -84,7 +83,7 @@ def test_malformed_requests_leave_the_daemon_healthy_and_bounded(tmp_path: Path)
         {"MACHINE_LEARNING_PRELOAD__CLIP__VISUAL": CLIP, "MACHINE_LEARNING_PRELOAD__CLIP__TEXTUAL": CLIP},
     )
     statuses: dict[int, int] = {}
-    connection = [daemon.connection()]
+    connection = KeepAlive(daemon)
     try:
         daemon.wait_ready()
         image = modelgen.jpeg_bytes(modelgen.make_gradient_image(64, 48))
@@ -99,16 +98,7 @@ def test_malformed_requests_leave_the_daemon_healthy_and_bounded(tmp_path: Path)
         )
         @given(_requests())
         def send(request: tuple[bytes, str]) -> None:
-            body, content_type = request
-            try:
-                connection[0].request("POST", "/predict", body=body, headers={"Content-Type": content_type})
-                response = connection[0].getresponse()
-                response.read()
-                status = response.status
-            except (http.client.HTTPException, ConnectionError):
-                status = 0  # the server closed a connection whose framing it could not trust
-                connection[0].close()
-                connection[0] = daemon.connection()
+            status = connection.post(*request)
             statuses[status] = statuses.get(status, 0) + 1
             assert status != 500 or False, "a malformed request must never be a server error"
 
@@ -125,5 +115,5 @@ def test_malformed_requests_leave_the_daemon_healthy_and_bounded(tmp_path: Path)
         assert status == 200 and len(body["clip"].split(",")) == 512
         assert rss_after - rss_before < RSS_GROWTH_LIMIT
     finally:
-        connection[0].close()
+        connection.close()
         assert daemon.stop() == 0, daemon.log()

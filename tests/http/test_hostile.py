@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gzip
-import http.client
 import json
 import os
 import socket
@@ -21,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests import modelgen
-from tests.daemonproc import Daemon, multipart
+from tests.daemonproc import Daemon, KeepAlive, multipart
 from tests.http.test_fuzz import _requests as _multipart_requests
 
 CLIP = "ViT-B-32__openai"
@@ -219,7 +218,7 @@ def test_fuzzed_requests_are_never_a_server_fault(daemon: Daemon) -> None:
     `IMMICH_ML_FUZZ_EXAMPLES=10000 scripts/fuzz` is the long run; CI runs a few dozen examples.
     """
     statuses: dict[str, dict[int, int]] = {"raw": {}, "multipart": {}, "urlencoded": {}}
-    connection = [daemon.connection()]
+    connection = KeepAlive(daemon)
 
     @settings(
         max_examples=FUZZ_EXAMPLES,
@@ -233,22 +232,14 @@ def test_fuzzed_requests_are_never_a_server_fault(daemon: Daemon) -> None:
         if kind == "raw":
             status = status_of(exchange(daemon.port, body, wait_s=0.1))
         else:
-            try:
-                connection[0].request("POST", "/predict", body=body, headers={"Content-Type": content_type})
-                response = connection[0].getresponse()
-                response.read()
-                status = response.status
-            except (http.client.HTTPException, ConnectionError):
-                status = 0  # the daemon closed a connection whose framing it could not trust
-                connection[0].close()
-                connection[0] = daemon.connection()
+            status = connection.post(body, content_type)
         statuses[kind][status] = statuses[kind].get(status, 0) + 1
         assert_not_a_server_fault(status, body[:200])
 
     try:
         send()
     finally:
-        connection[0].close()
+        connection.close()
     total = sum(sum(counts.values()) for counts in statuses.values())
     faults = sum(n for counts in statuses.values() for status, n in counts.items() if 500 <= status != 503)
     print(

@@ -128,18 +128,23 @@ async def test_empty_text_field_counts_as_absent(
         assert isinstance(json.loads(body["clip"]), list)
 
 
-@pytest.mark.parametrize("image", [b"\xff\xd8\xff\xe0 this is not a jpeg", b"GIF89a", b"\x00" * 100])
+@pytest.mark.parametrize("image", [b"\xff\xd8\xff\xe0 this is not a jpeg", b"GIF89a", b"\x00" * 100, b"plain text"])
 async def test_undecodable_image_gets_400(make_client: ClientFactory, clip_cache: Path, image: bytes) -> None:
     client = await make_client()
     async with client.post("/predict", data=predict_form(VISUAL, image=image)) as resp:
         assert resp.status == 400
-        assert "decode" in (await resp.json())["detail"]
+        detail = (await resp.json())["detail"]
+    assert detail.startswith("Image could not be decoded (") and " object at 0x" not in detail
+    if image[:2] not in (b"\xff\xd8", b"GI"):  # no known format's signature
+        assert detail == "Image could not be decoded (not a supported image format)"
 
 
 async def test_truncated_jpeg_gets_400(make_client: ClientFactory, clip_cache: Path, jpeg: bytes) -> None:
     client = await make_client()
     async with client.post("/predict", data=predict_form(VISUAL, image=jpeg[: len(jpeg) // 2])) as resp:
         assert resp.status == 400
+        detail = (await resp.json())["detail"]
+    assert detail.startswith("Image could not be decoded (") and " object at 0x" not in detail
 
 
 async def test_unknown_model_gets_404_naming_it(make_client: ClientFactory, jpeg: bytes) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 import socket
 import ssl
 import struct
@@ -246,7 +247,10 @@ async def test_query_text_and_image_never_reach_the_logs(
         assert response.status == 200
     async with client.post("/predict", data=predict_form(VISUAL, image=secret.encode() * 10)) as response:
         assert response.status == 400
-    assert any(record.name == "immich_ml.access" for record in caplog.records)  # one line per request
+    access = [record.getMessage() for record in caplog.records if record.name == "immich_ml.access"]
+    assert len(access) == 3  # one line per request, failed ones included
+    assert re.fullmatch(r'predict \{"clip": ?\{"textual":.*\} \(text 17 chars\): 200, \d+\.\d ms', access[0]), access
+    assert re.fullmatch(r"predict .* \(image 170 B\): 400 BadImage, \d+\.\d ms", access[2]), access
     for record in caplog.records:
         assert secret not in record.getMessage()
         assert repr(image[:16]) not in record.getMessage()

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import pty
+import re
 import resource
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -14,8 +19,13 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from immich_ml.cli import main as cli_main
+from immich_ml.errors import ModelUnavailable
+from immich_ml.models.catalog import is_known, known_names
+from immich_ml.models.store import ModelStore
+from immich_ml.models.tasks import TASK_TYPES, ModelKey, ModelType, Task
+from immich_ml.settings import Settings
 from tests import modelgen
-from tests.conftest import VISUAL, ClientFactory, predict_form
+from tests.conftest import VISUAL, ClientFactory, predict_form, wait_for
 from tests.fakehub import FakeHub
 
 TEXTUAL_WITH_ORGANIZATION = '{"clip":{"textual":{"modelName":"immich-app/ViT-B-32__openai"}}}'
@@ -214,3 +224,165 @@ def test_models_pull_finds_the_task_from_the_name(name: str, task: str) -> None:
     from immich_ml.models.catalog import task_of
 
     assert task_of(name) == task
+
+
+def test_models_pull_refuses_an_unknown_name_with_the_known_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a download attempt would fail differently
+    assert cli_main(["models", "--cache", str(tmp_path), "pull", "nope-model"]) == 1
+    message = capsys.readouterr().err
+    assert message.startswith("immich-ml: unknown model 'nope-model'")
+    for known in (
+        "ViT-B-32__openai",
+        "nllb-clip-base-siglip__v1",
+        "buffalo_l",
+        "PP-OCRv5_mobile",
+        "EN__PP-OCRv5_mobile",
+    ):
+        assert known in message.split()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_listed_known_name_is_accepted_by_the_catalog() -> None:
+    for task in Task:
+        names = known_names(task)
+        assert names and all(is_known(ModelKey(task, t, name)) for name in names for t in TASK_TYPES[task])
+
+
+_PADDING = 24 * 1000**2  # over the hub client's 10 MB write chunk, so half a transfer is visible on disk
+
+
+@pytest.fixture
+def held_hub(hub: Any) -> tuple[Any, asyncio.Event, int]:
+    """The hub with a large side file in the visual folder whose transfer stops half-way until released."""
+    (hub.repos["immich-app/ViT-B-32__openai"] / "visual" / "padding.bin").write_bytes(bytes(_PADDING))
+    release = asyncio.Event()
+    hub.held["visual/padding.bin"] = release
+    files = hub.files("immich-app/ViT-B-32__openai")
+    total = sum(len(data) for name, data in files.items() if name.startswith("visual/") or name == "config.json")
+    return hub, release, total
+
+
+async def test_a_download_in_progress_shows_in_health_and_in_log_lines(
+    make_client: ClientFactory, held_hub: Any, jpeg: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub, release, total = held_hub
+    caplog.set_level(logging.INFO, logger="immich_ml.models")
+    client = await make_client(hf_endpoint=hub.endpoint, hf_offline=False)
+    request = asyncio.ensure_future(client.post("/predict", data=predict_form(VISUAL, image=jpeg)))
+    try:
+        seen: dict[str, Any] = {}
+
+        async def halfway() -> bool:
+            async with client.get("/health") as resp:
+                downloads = (await resp.json())["downloads"]
+            seen["download"] = downloads[0] if downloads else None
+            return bool(downloads) and downloads[0]["doneBytes"] >= 10 * 1000**2
+
+        await wait_for(halfway, "the download half-way in /health", interval_s=0.05)
+        download = seen["download"]
+        assert download["model"] == "clip/ViT-B-32__openai/visual"
+        assert download["totalBytes"] == total
+        assert 40 <= download["percent"] < 60 and download["bytesPerSecond"] > 0
+
+        def progress_lines() -> list[str]:
+            prefix = "downloading clip/ViT-B-32__openai/visual: "
+            return [r.getMessage() for r in caplog.records if r.getMessage().startswith(prefix)]
+
+        await wait_for(progress_lines, "a progress line in the log", interval_s=0.05)
+        line = progress_lines()[0]
+        assert re.fullmatch(
+            rf"downloading clip/ViT-B-32__openai/visual: \d+% \(\d+\.\d of {total / 1e6:.1f} MB\) at \d+\.\d MB/s", line
+        ), line
+    finally:
+        release.set()  # the hub client gives up on a transfer idle for 10 s
+    response = await request
+    assert response.status == 200
+    async with client.get("/health") as resp:
+        assert (await resp.json())["downloads"] == []
+    assert f"downloaded clip/ViT-B-32__openai/visual: {total / 1e6:.1f} MB in" in caplog.text
+
+
+async def test_models_pull_draws_a_bar_on_a_terminal(held_hub: Any, tmp_path: Path) -> None:
+    hub, release, total = held_hub
+    release.set()  # not held: the finished bar is the point here
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "NO_COLOR": "1"}
+    program = Path(sys.executable).parent / "immich-ml"
+    pull = [program, "models", "--cache", str(tmp_path / "c"), "pull", "ViT-B-32__openai", "--type", "visual"]
+    process = await asyncio.create_subprocess_exec(*pull, env=env, stdout=asyncio.subprocess.PIPE, stderr=terminal)
+    os.close(terminal)
+    stdout, _ = await asyncio.wait_for(process.communicate(), 120)
+    screen = _read_all(controller)
+    assert process.returncode == 0, screen
+    assert "\rclip/ViT-B-32__openai/visual [" + "#" * 30 + "] 100% (" in screen
+    assert f"of {total / 1e6:.1f} MB)" in screen and screen.endswith("\r\n")
+    assert "downloading clip/ViT-B-32__openai/visual: " not in screen  # the bar replaces the progress lines
+    assert stdout.decode().startswith("clip/ViT-B-32__openai/visual: ")
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the other side is closed and everything was read
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks).decode(errors="replace")
+
+
+async def test_models_pull_prints_lines_when_not_on_a_terminal(
+    hub: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    pull = ["models", "--cache", str(tmp_path), "pull", "ViT-B-32__openai", "--type", "textual"]
+    assert await asyncio.to_thread(cli_main, pull) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert re.search(
+        r"^INFO immich_ml.models: downloaded clip/ViT-B-32__openai/textual: \d+\.\d MB in \d+ s$", err, re.M
+    )
+
+
+@pytest.mark.parametrize("offline", [True, False])
+async def test_a_failed_download_is_one_line_with_cause_and_fix(tmp_path: Path, offline: bool) -> None:
+    settings = Settings(cache_folder=tmp_path, hf_endpoint="http://127.0.0.1:9", hf_offline=offline)
+    with pytest.raises(ModelUnavailable) as failure:
+        await asyncio.to_thread(ModelStore(settings).ensure, ModelKey(Task.CLIP, ModelType.VISUAL, "ViT-B-32__openai"))
+    message, logged = failure.value.detail, failure.value.log_detail
+    for text in (message, logged):
+        assert "\n" not in text and ".." not in text and "Please check" not in text
+    cause = "HF_HUB_OFFLINE is set" if offline else "Connection refused"
+    where = f" at {tmp_path}/clip/ViT-B-32__openai/visual/model.onnx"
+    for text, path in ((message, ""), (logged, where)):  # the client is never told the server's paths
+        assert re.fullmatch(
+            rf"Model 'ViT-B-32__openai' \(clip visual\) is not cached{re.escape(path)} and could not be downloaded "
+            rf"from http://127.0.0.1:9 \(immich-app/ViT-B-32__openai\): {cause}\. Fix: .*immich-ml models pull "
+            rf"ViT-B-32__openai.*\.",
+            text,
+        ), text
+
+
+async def test_a_model_missing_on_the_hub_says_so_and_what_to_check(hub: Any, tmp_path: Path) -> None:
+    settings = Settings(cache_folder=tmp_path, hf_endpoint=hub.endpoint, hf_offline=False)
+    with pytest.raises(ModelUnavailable) as failure:
+        await asyncio.to_thread(ModelStore(settings).ensure, ModelKey(Task.CLIP, ModelType.VISUAL, "ViT-B-16__openai"))
+    assert "there is no repository immich-app/ViT-B-16__openai. Fix: check the model name" in str(failure.value)
+
+
+async def test_a_failed_ocr_download_is_one_line_with_cause_and_fix(tmp_path: Path) -> None:
+    settings = Settings(cache_folder=tmp_path, ocr_model_base_url="http://127.0.0.1:9/mirror")
+    with pytest.raises(ModelUnavailable) as failure:
+        await asyncio.to_thread(ModelStore(settings).ensure, ModelKey(Task.OCR, ModelType.DETECTION, "PP-OCRv5_mobile"))
+    assert re.fullmatch(
+        r"Could not download OCR model 'PP-OCRv5_mobile' \(detection\): http://127\.0\.0\.1:9/mirror/\S+\.onnx failed "
+        r"2 times: Connection refused\. Fix: let this host reach 127\.0\.0\.1:9, set "
+        r"MACHINE_LEARNING_OCR_MODEL_BASE_URL to a mirror, or run `immich-ml models pull PP-OCRv5_mobile` on a "
+        r"connected machine and `immich-ml models import` here\.",
+        str(failure.value),
+    ), str(failure.value)

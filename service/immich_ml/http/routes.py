@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from immich_ml.daemon.lifecycle import stalled_batchers
-from immich_ml.errors import ShuttingDown
+from immich_ml.errors import ImmichMLError, ShuttingDown
 from immich_ml.http.appkeys import CONNECTIONS, PREDICTOR, REGISTRY, SETTINGS, STATE
 from immich_ml.http.connections import FIRST_BYTE
 from immich_ml.http.forms import read_form
@@ -58,6 +58,7 @@ async def health(request: web.Request) -> web.Response:
         "queue": {str(key): model.queue_depth for key, model in loaded.items()},
         "inFlight": state.in_flight,
         "stalled": stalled,
+        "downloads": [progress.as_json() for progress in request.app[REGISTRY].store.transfers.active()],
         "pid": os.getpid(),
     }
     return json_response(body, status=200 if body["ready"] else 503)
@@ -77,9 +78,21 @@ async def predict(request: web.Request) -> web.Response:
         raise ShuttingDown("Shutting down; send requests to another machine-learning URL")
     settings = request.app[SETTINGS]
     started = time.monotonic()
-    predict_input = await read_form(request, max_body_size=settings.max_body_size, timeout_s=settings.body_timeout_s)
-    request.app[CONNECTIONS].body_read(request)
-    request[PLANS] = predict_input.plans
-    result = await request.app[PREDICTOR].predict(predict_input)
-    log.debug("predict %s %.1f ms", predict_input.describe(), (time.monotonic() - started) * 1000)
+    described = "(form not read)"
+    try:
+        predict_input = await read_form(
+            request, max_body_size=settings.max_body_size, timeout_s=settings.body_timeout_s
+        )
+        request.app[CONNECTIONS].body_read(request)
+        described = predict_input.describe()
+        request[PLANS] = predict_input.plans
+        result = await request.app[PREDICTOR].predict(predict_input)
+    except ImmichMLError as error:  # the access line names the error's kind, never its text (it may quote input)
+        log.debug("predict %s: %d %s, %.1f ms", described, error.status, type(error).__name__, _ms_since(started))
+        raise
+    log.debug("predict %s: 200, %.1f ms", described, _ms_since(started))
     return json_response(result)
+
+
+def _ms_since(started: float) -> float:
+    return (time.monotonic() - started) * 1000

@@ -6,7 +6,16 @@ import re
 
 from immich_ml.models.tasks import TASK_TYPES, ModelKey, ModelType, Task
 
-__all__ = ["OCR_LANGUAGES", "cache_name", "clean_name", "is_known", "ocr_language", "served_key", "task_of"]
+__all__ = [
+    "OCR_LANGUAGES",
+    "cache_name",
+    "clean_name",
+    "is_known",
+    "known_names",
+    "ocr_language",
+    "served_key",
+    "task_of",
+]
 
 _SEPARATORS = re.compile(r"[:\\/]")
 
@@ -65,6 +74,15 @@ def is_known(key: ModelKey) -> bool:
     if base not in _OCR_BASES or language not in OCR_LANGUAGES:
         return False
     return not (language in _OCR_MOBILE_ONLY and base.endswith("_server"))
+
+
+def known_names(task: Task) -> list[str]:
+    """The model names upstream supports for `task`, sorted (OCR: each language's name once)."""
+    if task is Task.CLIP:
+        return sorted(_OPENCLIP | MCLIP)
+    if task is Task.FACIAL_RECOGNITION:
+        return sorted(_INSIGHTFACE)
+    return sorted(_OCR_BASES) + [f"{language}__PP-OCRv5_mobile" for language in sorted(_OCR_MOBILE_ONLY)]
 
 
 def task_of(name: str) -> Task:

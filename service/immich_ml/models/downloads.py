@@ -11,9 +11,12 @@ import hashlib
 import http.client
 import os
 import tempfile
+import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
+from immich_ml.causes import cause_of
 from immich_ml.errors import DownloadFailed, HashMismatch, ModelUnavailable
 from immich_ml.log import MODELS_LOG as log
 from immich_ml.models.catalog import ocr_language
@@ -84,6 +87,10 @@ _RECOGNITION: dict[tuple[str, str], PinnedFile] = {
 }
 
 
+def _ignore(total_bytes: int) -> None:
+    """The default `expect`: nobody is watching the download."""
+
+
 def pinned_file(key: ModelKey) -> PinnedFile:
     """The pinned (path, SHA-256) of an OCR model's ONNX file; `ModelUnavailable` if there is none."""
     language, base = ocr_language(key.name)
@@ -96,48 +103,52 @@ def pinned_file(key: ModelKey) -> PinnedFile:
     return pinned
 
 
-def download_ocr_model(key: ModelKey, model_dir: Path, *, base_url: str | None = None) -> None:
+def download_ocr_model(
+    key: ModelKey, model_dir: Path, expect: Callable[[int], None] = _ignore, *, base_url: str | None = None
+) -> None:
     """Download `model_dir/model.onnx` for an OCR model from its pinned URL and check its SHA-256. Blocking.
 
-    `base_url` replaces `DEFAULT_BASE_URL` (a mirror with the same layout).
+    `base_url` replaces `DEFAULT_BASE_URL` (a mirror with the same layout); `expect` hears the size.
     """
     path, expected = pinned_file(key)
-    url = f"{(base_url or DEFAULT_BASE_URL).rstrip('/')}/{path}"
+    base = (base_url or DEFAULT_BASE_URL).rstrip("/")
     model_dir.mkdir(parents=True, exist_ok=True)
     try:
-        fetch_verified(url, expected, model_dir / "model.onnx")
+        fetch_verified(f"{base}/{path}", expected, model_dir / "model.onnx", expect)
     except DownloadFailed as error:
         raise ModelUnavailable(
-            f"Could not download OCR model '{key.name}' ({key.type}): {error}. Fix: allow this host to reach "
-            f"it, point MACHINE_LEARNING_OCR_MODEL_BASE_URL at a mirror, or run `immich-ml models pull "
-            f"{key.name}` on a connected machine and `immich-ml models import` here."
+            f"Could not download OCR model '{key.name}' ({key.type}): {error}. Fix: let this host reach "
+            f"{urllib.parse.urlsplit(base).netloc or base}, set MACHINE_LEARNING_OCR_MODEL_BASE_URL to a mirror, "
+            f"or run `immich-ml models pull {key.name}` on a connected machine and `immich-ml models import` here."
         ) from error
 
 
-def fetch_verified(url: str, expected_sha256: str, target: Path) -> None:
+def fetch_verified(url: str, expected_sha256: str, target: Path, expect: Callable[[int], None] = _ignore) -> None:
     """Download `url` to `target`, which appears only if the bytes hash to `expected_sha256`. Blocking.
 
     The bytes go to a temporary file next to `target` and are renamed into place after the check, so an
-    interrupted or corrupted download never leaves `target`. A failed attempt is retried once.
+    interrupted or corrupted download never leaves `target`. A failed attempt is retried once. `expect` is
+    told the size the server announces.
     """
     failure = ""
     for attempt in range(1, _ATTEMPTS + 1):
         try:
-            _fetch_once(url, expected_sha256, target)
+            _fetch_once(url, expected_sha256, target, expect)
             return
         # urllib raises OSErrors; a connection closed mid-body raises http.client.IncompleteRead.
         except (OSError, http.client.HTTPException, HashMismatch) as error:
-            failure = str(error) or type(error).__name__
+            failure = cause_of(error)
             log.warning("download %d/%d of %s failed: %s", attempt, _ATTEMPTS, url, failure)
-    raise DownloadFailed(f"{url} (expected SHA-256 {expected_sha256}) failed {_ATTEMPTS} times; last: {failure}")
+    raise DownloadFailed(f"{url} failed {_ATTEMPTS} times: {failure}")
 
 
-def _fetch_once(url: str, expected: str, target: Path) -> None:
+def _fetch_once(url: str, expected: str, target: Path, expect: Callable[[int], None]) -> None:
     digest = hashlib.sha256()
     handle, partial_name = tempfile.mkstemp(dir=target.parent, prefix=".model-", suffix=".part")
     partial = Path(partial_name)
     try:
         with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
+            expect(int(response.headers.get("Content-Length") or 0))
             while chunk := response.read(_CHUNK):
                 digest.update(chunk)
                 out.write(chunk)

@@ -21,20 +21,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from immich_ml.causes import cause_of
 from immich_ml.errors import ModelUnavailable
 from immich_ml.log import MODELS_LOG as log
 from immich_ml.models.catalog import cache_name
 from immich_ml.models.downloads import download_ocr_model
+from immich_ml.models.hub import STAGING, download_from_hub
+from immich_ml.models.progress import LogReport, Transfers
 from immich_ml.models.tasks import ModelKey, ModelType, Task
 from immich_ml.settings import Settings
 
 __all__ = ["CachedModel", "Downloader", "ModelStore"]
 
 
-Downloader = Callable[[ModelKey, Path], None]
-"""Fetches one model's files into its model directory (`<cache>/<task>/<name>/<type>`)."""
-
-_IGNORED = ["*.armnn", "*.rknn"]
+Downloader = Callable[[ModelKey, Path, Callable[[int], None]], None]
+"""Fetches one model's files into its model directory (`<cache>/<task>/<name>/<type>`); tells the third
+argument the number of bytes to expect when it knows it."""
 
 
 @dataclass(frozen=True)
@@ -51,11 +53,13 @@ class CachedModel:
 class ModelStore:
     """Finds, downloads, imports and removes model files under the cache folder."""
 
-    def __init__(self, settings: Settings, downloaders: dict[Task, Downloader] | None = None) -> None:
+    def __init__(self, settings: Settings, transfers: Transfers | None = None) -> None:
         self.root = settings.cache_folder
         self.settings = settings
+        self.transfers = transfers or Transfers([LogReport()])
+        """Downloads in progress, reported to the log (or a terminal bar) and `/health`."""
         ocr = functools.partial(download_ocr_model, base_url=settings.ocr_model_base_url)
-        self._downloaders: dict[Task, Downloader] = {Task.OCR: ocr, **(downloaders or {})}
+        self._downloaders: dict[Task, Downloader] = {Task.OCR: ocr}
 
     def model_root(self, key: ModelKey) -> Path:
         """`<cache>/<task>/<name>`: where one model's types and shared config live."""
@@ -165,18 +169,20 @@ class ModelStore:
         return self.root
 
     def _fetch(self, key: ModelKey, file: str | None) -> None:
-        """Download `file` of `key` (all of its files for None); every failure is `ModelUnavailable`."""
+        """Download `file` of `key` (all of its files for None), watched by `transfers`; every failure is
+        `ModelUnavailable`."""
         try:
-            if (download := self._downloaders.get(key.task)) is not None:  # OCR: its one pinned file
-                download(key, self.model_dir(key))
-            elif file is None:
-                self._download_from_hub(key, self.model_dir(key))
-            else:
+            if file is not None and key.task not in self._downloaders:
                 self._download_file_from_hub(key, file)
+                return
+            download = self._downloaders.get(key.task, functools.partial(download_from_hub, self.settings))
+            arriving = [self.model_dir(key), self.model_root(key) / STAGING / key.type]
+            with self.transfers.watch(str(key), arriving) as transfer:
+                download(key, self.model_dir(key), transfer.expect)
         except ModelUnavailable:
             raise
         except Exception as error:
-            raise self._unavailable(key, f"{type(error).__name__}: {error}") from error
+            raise self._unavailable(key, error) from error
 
     def _download_file_from_hub(self, key: ModelKey, file: str) -> None:
         from huggingface_hub import hf_hub_download  # imported lazily: it is slow to import
@@ -189,34 +195,30 @@ class ModelStore:
             endpoint=self.settings.hf_endpoint,
         )
 
-    def _download_from_hub(self, key: ModelKey, model_dir: Path) -> None:
-        from huggingface_hub import snapshot_download  # imported lazily: it is slow to import
+    def _unavailable(self, key: ModelKey, reason: BaseException | str) -> ModelUnavailable:
+        """One line: which model, why it could not be fetched, what fixes it; the cache path in the log only."""
+        from huggingface_hub.errors import RepositoryNotFoundError  # imported lazily: it is slow to import
 
-        snapshot_download(
-            f"{self.settings.hf_organization}/{key.name}",
-            revision=self.settings.hf_revision,
-            local_dir=model_dir.parent,
-            allow_patterns=[f"{key.type}/*", "config.json"],
-            ignore_patterns=_IGNORED,
-            endpoint=self.settings.hf_endpoint,
-            local_files_only=self.settings.hf_offline,
-        )
-
-    def _unavailable(self, key: ModelKey, reason: str) -> ModelUnavailable:
-        path = self.model_dir(key) / "model.onnx"
-        source = (
-            "its pinned URL"
-            if key.task in self._downloaders
-            else f"Hugging Face ({self.settings.hf_organization}/{key.name})"
-        )
-        fix = (
-            f"Fix: give this host access to the hub (HF_ENDPOINT for a mirror, unset HF_HUB_OFFLINE), or run "
-            f"`immich-ml models pull {key.name}` on a connected machine and `immich-ml models import` here."
-        )
+        pinned = key.task in self._downloaders
+        repo = f"{self.settings.hf_organization}/{key.name}"
+        hub = self.settings.hf_endpoint or "Hugging Face"
+        source = "its pinned URL" if pinned else f"{hub} ({repo})"
+        pull = f"or run `immich-ml models pull {key.name}` on a connected machine and `immich-ml models import` here"
+        if self.settings.hf_offline:
+            cause, fix = "HF_HUB_OFFLINE is set", f"unset HF_HUB_OFFLINE, {pull}"
+        elif isinstance(reason, RepositoryNotFoundError):
+            cause = f"there is no repository {repo}"
+            fix = "check the model name (docs/models.md) and MACHINE_LEARNING_MODEL_ORGANIZATION"
+        else:
+            cause = reason if isinstance(reason, str) else cause_of(reason)
+            mirror = "MACHINE_LEARNING_OCR_MODEL_BASE_URL" if pinned else "HF_ENDPOINT"
+            fix = f"let this host reach {'it' if pinned else hub} ({mirror} names a mirror), {pull}"
+        model = f"Model '{key.name}' ({key.task} {key.type})"
+        download = f"could not be downloaded from {source}"
         return ModelUnavailable(
-            f"Model '{key.name}' ({key.task} {key.type}) is not cached and could not be downloaded from {source}: "
-            f"{self.redact(reason)}. {fix}",
-            log_detail=f"model {key} is not cached at {path} and could not be downloaded from {source}: {reason}",
+            f"{model} is not cached and {download}: {self.redact(cause)}. Fix: {fix}.",
+            log_detail=f"{model} is not cached at {self.model_dir(key) / 'model.onnx'} and {download}: {cause}. "
+            f"Fix: {fix}.",
         )
 
 

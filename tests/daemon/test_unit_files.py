@@ -1,0 +1,117 @@
+"""The systemd files for hosts that are not NixOS: systemd's own parser accepts them, and they carry what the
+NixOS module's unit has."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from immich_ml.cli import main as cli_main
+from immich_ml.daemon import unit_files
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def executable(tmp_path: Path) -> Path:
+    """The installed `immich-ml`, reached through a path outside home directories (ProtectHome)."""
+    installed = Path(sys.executable).parent / "immich-ml"
+    assert installed.is_file(), f"{installed} missing: install the package (scripts/setup-venv)"
+    link = tmp_path / "opt" / "bin" / "immich-ml"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(installed)
+    return link
+
+
+def _verify(root: Path) -> subprocess.CompletedProcess[str]:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is missing (apt-get install systemd; .ci/run does)")
+    unit = root / unit_files.UNIT
+    return subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_systemd_analyze_verify_accepts_the_unit_and_drop_in(tmp_path: Path, executable: Path, gpu: bool) -> None:
+    root = tmp_path / "root"
+    written = unit_files.install(unit_files.render(executable, gpu=gpu), root)
+    assert (root / unit_files.GPU_DROP_IN in written) is gpu
+    result = _verify(root)
+    # verify exits 0 on unknown keys and unparsable values, and only warns: any output is a failure.
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_verify_catches_a_broken_drop_in(tmp_path: Path, executable: Path) -> None:
+    """The check above can fail: systemd reads the drop-in next to the unit and complains about it."""
+    root = tmp_path / "root"
+    unit_files.install(unit_files.render(executable, gpu=True), root)
+    drop_in = root / unit_files.GPU_DROP_IN
+    drop_in.write_text(drop_in.read_text().replace("LimitMEMLOCK=infinity", "LimitMEMLOK=infinity"))
+    assert "Unknown key 'LimitMEMLOK'" in _verify(root).stderr
+
+
+def test_the_unit_has_the_nixos_modules_service_settings(executable: Path) -> None:
+    """Every directive of the module's serviceConfig is in the unit or the drop-in, except those that only
+    exist for module options (TLS credentials, the systemd IP filter, the cache path)."""
+    module = (ROOT / "nix" / "module.nix").read_text()
+    service_config = module[module.index("serviceConfig = ") : module.index("SystemCallErrorNumber")]
+    directives = set(re.findall(r"^\s+([A-Z][A-Za-z]+) =", service_config, re.MULTILINE))
+    option_only = {"LoadCredential", "IPAddressDeny", "IPAddressAllow", "ReadWritePaths"}
+    files = unit_files.render(executable, gpu=True)
+    text = files[unit_files.UNIT] + files[unit_files.GPU_DROP_IN]
+    present = set(re.findall(r"^([A-Z][A-Za-z]+)=", text, re.MULTILINE))
+    assert len(directives) > 30
+    assert directives - option_only - present == set()
+
+
+def test_exec_start_is_the_given_program_quoted_for_systemd(tmp_path: Path) -> None:
+    program = tmp_path / "odd dir 100%" / "immich-ml"
+    unit = unit_files.render(program)[unit_files.UNIT]
+    assert f'ExecStart="{str(program).replace("%", "%%")}" serve' in unit.splitlines()
+
+
+@pytest.mark.parametrize("program", ["/home/ann/immich-ml/.venv/bin/immich-ml", "/root/.venv/bin/immich-ml"])
+def test_a_program_in_a_home_directory_is_refused_with_the_fix(program: str) -> None:
+    with pytest.raises(unit_files.UnitError, match="ProtectHome=yes hides .* /opt/immich-ml"):
+        unit_files.render(Path(program))
+
+
+def test_install_keeps_the_operators_settings_file(tmp_path: Path, executable: Path) -> None:
+    settings = tmp_path / unit_files.ENV_FILE
+    settings.parent.mkdir(parents=True)
+    settings.write_text("IMMICH_HOST=172.17.0.1\n")
+    written = unit_files.install(unit_files.render(executable), tmp_path)
+    assert settings not in written
+    assert settings.read_text() == "IMMICH_HOST=172.17.0.1\n"
+    assert (tmp_path / unit_files.UNIT) in written
+
+
+def test_systemd_install_writes_files_whose_exec_start_is_the_program(
+    tmp_path: Path, executable: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "root"
+    args = ["systemd", "install", "--root", str(root), "--executable", str(executable), "--gpu"]
+    assert cli_main([*args, "--dry-run"]) == 0
+    assert not root.exists()
+    assert f"ExecStart={executable} serve" in capsys.readouterr().out.splitlines()
+    assert cli_main(args) == 0
+    assert f"ExecStart={executable} serve" in (root / unit_files.UNIT).read_text().splitlines()
+    assert (root / unit_files.GPU_DROP_IN).is_file() and (root / unit_files.SYSUSERS).is_file()
+    assert _verify(root).stderr == ""
+
+
+def test_systemd_install_defaults_to_this_installations_program(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["systemd", "install", "--dry-run", "--executable", "/nowhere/immich-ml"]) == 1
+    assert "/nowhere/immich-ml does not exist" in capsys.readouterr().err
+    result = subprocess.run(
+        [Path(sys.executable).parent / "immich-ml", "systemd", "install", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert str(Path(sys.executable).parent / "immich-ml") in " ".join(result.stdout.split())
