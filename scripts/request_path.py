@@ -20,13 +20,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from aiohttp import FormData
 from aiohttp.test_utils import TestClient, TestServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from immich_ml.http.app import create_app  # noqa: E402
 from immich_ml.settings import Settings  # noqa: E402
 from tests import modelgen  # noqa: E402
+from tests.conftest import predict_form  # noqa: E402
 
 CLIP = "ViT-B-32__openai"
 FACE = modelgen.Face(stride=16, cell_x=12, cell_y=14, anchor=0, score=0.92, distances=(40.3, 48.0, 40.0, 56.2))
@@ -59,16 +59,6 @@ class Tracer:
             self.entries[module] += 1
 
 
-def form(entries: str, *, image: bytes | None = None, text: str | None = None) -> FormData:
-    data = FormData()
-    data.add_field("entries", entries)
-    if image is not None:
-        data.add_field("image", image, filename="blob", content_type="application/octet-stream")
-    if text is not None:
-        data.add_field("text", text)
-    return data
-
-
 async def main() -> None:
     tracer = Tracer()
     sys.setprofile(tracer)
@@ -93,7 +83,7 @@ async def main() -> None:
                 for traced in (False, True):  # the first request loads the model
                     tracer.reset()
                     tracer.on = traced
-                    async with client.post("/predict", data=form(entries, **payload)) as response:
+                    async with client.post("/predict", data=predict_form(entries, **payload)) as response:
                         assert response.status == 200, await response.text()
                     tracer.on = False
                 repeated = ", ".join(f"{m} ×{n}" for m, n in sorted(tracer.entries.items()) if n > 1)
