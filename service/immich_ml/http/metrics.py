@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 from immich_ml.errors import ClientDisconnected
 from immich_ml.http.appkeys import CONNECTIONS, REGISTRY, STATE
 from immich_ml.log import METRICS_LOG as log
-from immich_ml.models.memory import peak_resident_bytes, resident_bytes
+from immich_ml.memory import peak_resident_bytes, resident_bytes
 from immich_ml.predict.entries import TaskPlan
 
 __all__ = [

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from immich_ml.errors import CorruptModel, ImmichMLError, ModelLoadFailed, ModelUnavailable, UnknownModel
 from immich_ml.log import MODELS_LOG as log
+from immich_ml.memory import resident_bytes, return_freed_memory
 from immich_ml.models.catalog import is_known
-from immich_ml.models.memory import resident_bytes, return_freed_memory
 from immich_ml.models.store import ModelStore
 from immich_ml.models.tasks import ModelKey
 from immich_ml.pipelines import MODEL_CLASSES, InferenceModel

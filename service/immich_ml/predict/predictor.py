@@ -9,9 +9,9 @@ from typing import Any
 
 from PIL import Image
 
-from immich_ml.heap import return_heap
 from immich_ml.imaging import decode_image
 from immich_ml.inference.threads import ThreadPool
+from immich_ml.memory import return_heap
 from immich_ml.models.registry import ModelRegistry
 from immich_ml.predict.admission import PixelBudget
 from immich_ml.predict.entries import Entry, TaskPlan

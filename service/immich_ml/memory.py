@@ -1,13 +1,31 @@
-"""The process's resident memory, and giving freed heap back to the OS."""
+"""The process's memory: resident-size readings, and giving freed heap back to the operating system (glibc
+keeps it otherwise, so RSS stays high after a burst of large images, a session build or a model unload)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import gc
+from collections.abc import Callable
 from pathlib import Path
 
-from immich_ml.heap import return_heap
+__all__ = ["peak_resident_bytes", "resident_bytes", "return_freed_memory", "return_heap"]
 
-__all__ = ["peak_resident_bytes", "resident_bytes", "return_freed_memory"]
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name is not None else None
+    return getattr(libc, "malloc_trim", None)  # glibc only; musl and others have no such call
+
+
+def return_heap() -> None:
+    """Release free pages of every malloc arena (glibc's `malloc_trim(0)`); a no-op elsewhere. Blocking
+    for a few milliseconds: call it from a worker thread."""
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
+
 
 _STATUS = Path("/proc/self/status")
 
@@ -35,7 +53,7 @@ def peak_resident_bytes() -> int:
 
 
 def return_freed_memory() -> None:
-    """Collect garbage, then give freed heap pages back to the OS (`immich_ml.heap`). Blocking.
+    """Collect garbage, then give freed heap pages back to the OS (`return_heap`). Blocking.
 
     ONNX Runtime frees a model's parsed file and the unpacked copies of pre-packed weights once a session is
     built, and a model's arrays when it is unloaded; glibc keeps such freed pages mapped until told otherwise.
