@@ -1,17 +1,24 @@
-"""Image decoding like upstream (Pillow, converted to RGB), with size limits against decompression bombs."""
+"""Image decoding like upstream (Pillow, converted to RGB) within two limits: pixels per image (decompression
+bombs) and a budget of decoded pixels in flight across all requests (memory admission).
+
+An image's pixel count is known from its header, before it is decoded; a request whose image would take the
+pixels in flight over MACHINE_LEARNING_MAX_PIXELS_IN_FLIGHT gets 503 with `Retry-After` instead of decoding.
+Its pixels stay reserved until the request is answered (the decoded image lives that long). When the last
+reservation of a burst ends, its holder is told to hand the heap back to the OS.
+"""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+import threading
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from immich_ml.causes import cause_of
-from immich_ml.errors import BadImage, ImmichMLError, PayloadTooLarge
+from immich_ml.errors import BadImage, ImmichMLError, Overloaded, PayloadTooLarge
 
-__all__ = ["Size", "decode_image", "to_bgr"]
+__all__ = ["PixelBudget", "Reservation", "Size", "decode_image", "to_bgr"]
 
 Size = tuple[int, int]
 """(width, height) in pixels."""
@@ -22,18 +29,68 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # warning per call (warnings.catch_warnings) is not thread-safe in the decoding pool.
 Image.MAX_IMAGE_PIXELS = None
 
+_TRIM_AFTER_PIXELS = 20_000_000
+"""Pixels admitted since the last trim (about 60 MB as RGB) before an idle budget asks for the heap back."""
+
+
+class PixelBudget:
+    """Decoded pixels reserved by the requests being served; thread-safe (reserved in the decoding threads)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._since_trim = 0
+        self._lock = threading.Lock()
+
+    def reservation(self) -> Reservation:
+        """An empty reservation for one request; `Reservation.release` ends it."""
+        return Reservation(self)
+
+
+class Reservation:
+    """One request's pixels in a `PixelBudget`."""
+
+    def __init__(self, budget: PixelBudget) -> None:
+        self.budget = budget
+        self.pixels = 0
+
+    def admit(self, width: int, height: int) -> None:
+        """Reserve an image's pixels, or raise `Overloaded` (503) when they would exceed the budget."""
+        budget, pixels = self.budget, width * height
+        with budget._lock:
+            if budget.in_use + pixels > budget.limit:
+                raise Overloaded(
+                    f"Too many image pixels in flight ({budget.in_use} + {pixels} of {budget.limit}, "
+                    "MACHINE_LEARNING_MAX_PIXELS_IN_FLIGHT); retry shortly"
+                )
+            budget.in_use += pixels
+            budget._since_trim += pixels
+        self.pixels += pixels
+
+    def release(self) -> bool:
+        """Give the pixels back; True when this emptied the budget after a burst (time to return the heap)."""
+        budget, pixels, self.pixels = self.budget, self.pixels, 0
+        if not pixels:
+            return False
+        with budget._lock:
+            budget.in_use -= pixels
+            idle_after_burst = budget.in_use == 0 and budget._since_trim >= _TRIM_AFTER_PIXELS
+            if idle_after_burst:
+                budget._since_trim = 0
+        return idle_after_burst
+
 
 def decode_image(
     data: bytes,
     *,
     max_pixels: int,
     draft_size: int | None = None,
-    admit: Callable[[int, int], None] | None = None,
+    reservation: Reservation | None = None,
 ) -> tuple[Image.Image, Size]:
     """Decode encoded image bytes to an RGB Pillow image; also return the encoded image's size.
 
-    The header is read first, so an image over `max_pixels` is refused, and `admit(width, height)` may refuse
-    it (by raising), before its pixels are decoded. With
+    The header is read first, so an image over `max_pixels` is refused, and `reservation` admits its pixels
+    (or refuses them), before they are decoded. With
     `draft_size`, a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale whose sides are still at least
     `draft_size` (Pillow's draft mode: scaled in the DCT domain, several times cheaper).
     """
@@ -47,8 +104,8 @@ def decode_image(
                 f"Image too large: {width}x{height} pixels, over the limit of {max_pixels} "
                 "(MACHINE_LEARNING_MAX_IMAGE_PIXELS)"
             )
-        if admit is not None:
-            admit(width, height)
+        if reservation is not None:
+            reservation.admit(width, height)
         if draft_size is not None and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
         image.load()

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests import modelgen
-from tests.daemonproc import Daemon, KeepAlive, multipart
+from tests.daemonproc import Daemon, KeepAlive, multipart, write_slow_clip
 from tests.http.test_fuzz import _requests as _multipart_requests
 
 CLIP = "ViT-B-32__openai"
@@ -379,6 +379,34 @@ def test_more_stalled_clients_than_file_descriptors_leave_ping_answering(tmp_pat
         exposition = daemon.request("GET", "/metrics")[1].decode()
         assert _sample(exposition, 'immich_ml_connections_dropped{reason="connection_cap"}') > 0
         assert _sample(exposition, "immich_ml_connections_open") <= 1024 - 448
+    finally:
+        for sock in stalled:
+            sock.close()
+        assert daemon.stop() == 0, daemon.log()
+
+
+def test_a_request_whose_body_arrived_is_never_evicted_at_the_connection_cap(tmp_path: Path) -> None:
+    """At the cap, new connections take the place of stalled ones, never of a request being answered (whose
+    connection has been silent longest: it sent everything and waits)."""
+    write_slow_clip(tmp_path / "cache", CLIP, iterations=600)
+    settings = {**PRELOAD, "MACHINE_LEARNING_MAX_CONNECTIONS": "4", "MACHINE_LEARNING_BODY_TIMEOUT_S": "60"}
+    daemon = Daemon(tmp_path, tmp_path / "cache", settings)
+    stalled: list[socket.socket] = []
+    try:
+        daemon.wait_ready()
+        body, content_type = multipart(VISUAL, image=modelgen.jpeg_bytes(modelgen.make_gradient_image(64, 64)))
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=60) as answering:
+            answering.sendall(request_bytes(body, content_type))
+            deadline = time.monotonic() + 20
+            while "immich_ml_batch_running_seconds{" not in daemon.request("GET", "/metrics")[1].decode():
+                assert time.monotonic() < deadline, "the request never reached inference"
+            stalled = [_stalled_upload(daemon.port) for _ in range(8)]  # twice the cap: four evictions
+            reply = b""
+            while chunk := answering.recv(65536):
+                reply += chunk
+        assert status_of(reply) == 200, reply[:300]
+        exposition = daemon.request("GET", "/metrics")[1].decode()
+        assert _sample(exposition, 'immich_ml_connections_dropped{reason="connection_cap"}') >= 4
     finally:
         for sock in stalled:
             sock.close()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from immich_ml.http.appkeys import STATE
+from immich_ml.http.appkeys import CONNECTIONS, STATE
 from tests import modelgen
 from tests.conftest import CLIP, TEXTUAL, VISUAL, ClientFactory, predict_form
 from tests.daemonproc import Daemon
@@ -62,7 +62,7 @@ async def test_ready_gauge_follows_preload(make_client: ClientFactory, clip_cach
     client = await make_client(preload={})
     await client.app[STATE].ready_event.wait()
     assert (await _scrape(client))[("immich_ml_ready", ())] == 1
-    client.app[STATE].start_draining()
+    client.app[CONNECTIONS].start_draining()
     assert (await _scrape(client))[("immich_ml_ready", ())] == 0
 
 

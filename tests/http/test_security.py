@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from immich_ml.http.app import create_app
-from immich_ml.http.appkeys import STATE
+from immich_ml.http.appkeys import CONNECTIONS
 from immich_ml.settings import Settings
 from tests import modelgen
 from tests.conftest import CLIP, TEXTUAL, VISUAL, ClientFactory, predict_form
@@ -210,7 +210,7 @@ async def test_truncated_upload_does_not_break_the_daemon(make_client: ClientFac
     await writer.wait_closed()
     async with client.post("/predict", data=predict_form(VISUAL, image=_image())) as response:
         assert response.status == 200
-    assert client.app[STATE].in_flight == 0
+    assert client.app[CONNECTIONS].in_flight == 0
 
 
 async def test_slow_client_does_not_block_others(make_client: ClientFactory, clip_cache: Path) -> None:

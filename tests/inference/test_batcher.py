@@ -392,8 +392,8 @@ async def test_image_work_runs_in_its_own_lower_priority_pool(
     runtime = client.app[REGISTRY].runtime
     assert runtime.images is not runtime.pool
     base = _niceness_of(threading.get_native_id())
-    image_threads = [t.native_id for t in runtime.images.executor._threads]
-    query_threads = [t.native_id for t in runtime.pool.executor._threads]
+    image_threads = [t.native_id for t in runtime.images._threads]
+    query_threads = [t.native_id for t in runtime.pool._threads]
     assert image_threads and query_threads
     assert {_niceness_of(t) for t in image_threads if t is not None} == {min(19, base + 5)}
     assert {_niceness_of(t) for t in query_threads if t is not None} == {base}

@@ -10,11 +10,14 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from immich_ml.errors import ProviderError
 from immich_ml.http.app import create_app
-from immich_ml.inference.sessions import CPU, CUDA, TENSORRT, SessionFactory
+from immich_ml.inference.sessions import CPU, CUDA, TENSORRT, OnnxSession, SessionFactory
 from immich_ml.settings import Provider, Settings
 from tests import modelgen
 from tests.conftest import VISUAL, predict_form
@@ -133,3 +136,54 @@ def test_one_onnxruntime_build_is_quiet(caplog: pytest.LogCaptureFixture) -> Non
     with caplog.at_level(logging.ERROR):
         SessionFactory(Settings())
     assert caplog.text == ""
+
+
+def _doubling_session(tmp_path: Path) -> OnnxSession:
+    """A real graph over [rows, width], both axes symbolic: `y = 2x`, and per row the rows of its run."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "two"], ["y"]),
+            helper.make_node("Shape", ["x"], ["rows"], end=1),
+            helper.make_node("Concat", ["rows", "one"], ["target"], axis=0),
+            helper.make_node("Expand", ["rows", "target"], ["run_rows"]),
+        ],
+        "doubling",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", "width"])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", "width"]),
+            helper.make_tensor_value_info("run_rows", TensorProto.INT64, ["rows", 1]),
+        ],
+        [
+            numpy_helper.from_array(np.array(2, dtype=np.float32), "two"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
+        ],
+    )
+    path = tmp_path / "doubling.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return SessionFactory(Settings(provider=Provider.CPU)).create(path, cache_key="doubling")
+
+
+def test_run_rows_gives_every_input_its_own_rows_in_shared_runs(tmp_path: Path) -> None:
+    session = _doubling_session(tmp_path)
+    rng = np.random.default_rng(0)
+    inputs = [
+        {"x": rng.standard_normal((rows, width)).astype(np.float32)}
+        for rows, width in [(1, 2), (2, 3), (3, 2), (1, 3), (4, 2)]
+    ]
+    outputs = session.run_rows(inputs, max_rows=4)
+    for feeds, (doubled, rows_in_run) in zip(inputs, outputs, strict=True):
+        np.testing.assert_array_equal(doubled, 2 * feeds["x"])
+        assert rows_in_run.shape == (len(feeds["x"]), 1)
+    # equal widths share runs of at most 4 rows; an input of 4 rows fills a run of its own
+    runs = {feeds["x"].shape: int(run[0, 0]) for feeds, (_, run) in zip(inputs, outputs, strict=True)}
+    assert runs == {(1, 2): 4, (3, 2): 4, (4, 2): 4, (2, 3): 3, (1, 3): 3}
+
+
+def test_run_rows_without_split_runs_each_input_alone_and_returns_its_whole_outputs(tmp_path: Path) -> None:
+    session = _doubling_session(tmp_path)
+    inputs = [{"x": np.ones((rows, 2), dtype=np.float32)} for rows in (2, 3)]
+    outputs = session.run_rows(inputs, max_rows=1, split=False)
+    assert [[array.tolist() for array in per_input] for per_input in outputs] == [
+        [[[2.0, 2.0]] * 2, [[2]] * 2],
+        [[[2.0, 2.0]] * 3, [[3]] * 3],
+    ]

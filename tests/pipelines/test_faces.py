@@ -148,13 +148,14 @@ async def test_a_batched_detector_splits_one_run_into_per_image_outputs(cache: P
     detector = FaceDetector(key, cache / "facial-recognition" / "buffalo_m" / "detection", runtime)
     detector.load()
     blob, _ = detector.preprocess(Image.new("RGB", (640, 640)))
+    feeds = {detector.input_name: blob[None]}
     try:
-        outputs = await detector.batcher.submit_many([blob, blob])
+        outputs = await detector.batcher.submit_many([feeds, feeds])
     finally:
         await detector.close()
         runtime.pool.shutdown()
     assert detector.batched and detector.batcher.snapshot().batches == 1
-    shapes = [(rows, k) for k in (1, 4, 10) for rows in (12800, 3200, 800)]
+    shapes = [(1, rows, k) for k in (1, 4, 10) for rows in (12800, 3200, 800)]
     assert [[output.shape for output in per_image] for per_image in outputs] == [shapes, shapes]
 
 
@@ -231,19 +232,16 @@ async def test_five_faces_with_max_batch_two_run_as_two_two_one(make_client: Cli
 
 async def test_recognition_warms_up_without_a_detector(face_cache: Path) -> None:
     settings = Settings(cache_folder=face_cache)
-    sizes: list[int] = []
-    runtime = Runtime(
-        settings, SessionFactory(settings), ThreadPool(1), on_batch=lambda _, size, __: sizes.append(size)
-    )
+    runtime = Runtime(settings, SessionFactory(settings), ThreadPool(1))
     model_dir = face_cache / "facial-recognition" / "buffalo_l" / "recognition"
     recognizer = FaceRecognizer(RECOGNITION, model_dir, runtime)
     recognizer.load()
     try:
         await recognizer.warmup()
+        assert [snapshot.sizes for snapshot in recognizer.batcher_snapshots()] == [{1: 1}]
     finally:
         await recognizer.close()
         runtime.pool.shutdown()
-    assert sizes == [1]
 
 
 def test_similarity_transform_is_the_least_squares_fit_and_never_mirrors() -> None:

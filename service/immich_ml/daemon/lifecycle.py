@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 
 from immich_ml.daemon.systemd import Notifier, Reporter
-from immich_ml.http.appkeys import REGISTRY, SETTINGS, STATE
+from immich_ml.http.appkeys import CONNECTIONS, REGISTRY, SETTINGS, STATE
 from immich_ml.log import SYSTEMD_LOG as log
 
 __all__ = ["Lifecycle", "stalled_batchers", "status_line"]
@@ -31,13 +31,13 @@ def stalled_batchers(app: web.Application, older_than_s: float) -> list[str]:
 
 def status_line(app: web.Application, stalled: list[str]) -> str:
     """One human-readable line for `systemctl status`: phase, models and providers, queue, requests."""
-    state = app[STATE]
+    state, connections = app[STATE], app[CONNECTIONS]
     registry = app.get(REGISTRY)
     loaded = registry.loaded() if registry is not None else {}
     if stalled:
         phase = f"inference stalled in {', '.join(stalled)}"
-    elif state.draining:
-        phase = f"draining {state.in_flight} request(s)"
+    elif connections.draining:
+        phase = f"draining {connections.in_flight} request(s)"
     elif not state.ready:
         phase = "loading models"
     else:
@@ -50,7 +50,7 @@ def status_line(app: web.Application, stalled: list[str]) -> str:
         or "none"
     )
     queued = sum(model.queue_depth for model in loaded.values())
-    return f"{phase}; models: {models}; queued {queued}; in flight {state.in_flight}"
+    return f"{phase}; models: {models}; queued {queued}; in flight {connections.in_flight}"
 
 
 class Lifecycle:
@@ -81,7 +81,7 @@ class Lifecycle:
 
     def stopping(self) -> None:
         """Tell systemd the daemon is stopping (before the drain starts)."""
-        self.reporter.stopping(f"stopping: draining {self.app[STATE].in_flight} request(s)")
+        self.reporter.stopping(f"stopping: draining {self.app[CONNECTIONS].in_flight} request(s)")
 
     def _report(self, *, ready: bool) -> None:
         stalled = stalled_batchers(self.app, self.app[SETTINGS].watchdog_inference_timeout_s)

@@ -67,8 +67,7 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     lifecycle = Lifecycle(app, notifier)
     reporting = asyncio.create_task(lifecycle.run(), name="systemd")
-    state = app[STATE]
-    ready = asyncio.create_task(state.ready_event.wait())
+    ready = asyncio.create_task(app[STATE].ready_event.wait())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if ready.done():
@@ -77,11 +76,14 @@ async def serve(
 
     lifecycle.stopping()
     reporting.cancel()
-    state.start_draining()
-    log.info("stopping: draining %d request(s) in flight", state.in_flight)
-    if not await state.wait_idle(settings.shutdown_timeout_s):
+    connections = app[CONNECTIONS]
+    connections.start_draining()
+    log.info("stopping: draining %d request(s) in flight", connections.in_flight)
+    if not await connections.wait_idle(settings.shutdown_timeout_s):
         log.warning(
-            "%d request(s) still running after %.0f s; stopping anyway", state.in_flight, settings.shutdown_timeout_s
+            "%d request(s) still running after %.0f s; stopping anyway",
+            connections.in_flight,
+            settings.shutdown_timeout_s,
         )
     ready.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -95,7 +95,6 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
     metrics = Metrics()
     state = DaemonState()
     connections = Connections(
-        state,
         header_timeout_s=settings.header_timeout_s,
         max_connections=settings.max_connections or default_max_connections(),
     )
@@ -113,7 +112,7 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
         settings,
         sessions or SessionFactory(settings),
         ThreadPool(settings.request_threads),
-        on_batch=metrics.observe_batch,
+        batch_metrics=metrics.batches,
         image_pool=ThreadPool(settings.request_threads, niceness=settings.bulk_niceness, name="immich-ml-images"),
     )
 

@@ -1,10 +1,11 @@
-"""Every open client connection: a header deadline, a cap below the file limit, and in-flight accounting that
-starts at a request's first byte (so a drain waits for uploads still arriving).
+"""Every open client connection: a header deadline, a cap below the file limit, the requests in flight counted
+from their first byte, and the drain on stop (which waits for them, uploads still arriving included, and refuses
+requests that begin after it).
 
 The daemon's listening sites wrap aiohttp's protocol in `_Tracked`, which sees every byte arrive. At the cap,
 a new connection (say, the Immich server's `/ping`) takes the place of the connection that has waited longest
 without sending anything: an idle keep-alive first, then a stalled request; connections whose request is
-being answered are never closed.
+being answered (their body is complete) are never closed.
 """
 
 from __future__ import annotations
@@ -17,17 +18,16 @@ import ssl
 import time
 from collections.abc import Callable
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.typedefs import Handler, Middleware
 
-from immich_ml.daemon.state import DaemonState
 from immich_ml.log import SERVER_LOG as log
 
-__all__ = ["FIRST_BYTE", "Connections", "TrackedSite", "default_max_connections", "raise_file_limit"]
+__all__ = ["LATE", "Connections", "TrackedSite", "default_max_connections", "raise_file_limit"]
 
 
-FIRST_BYTE = web.RequestKey("first_byte", float)
-"""`time.monotonic()` when the request's first byte arrived."""
+LATE = web.RequestKey("late", bool)
+"""Whether the request's first byte arrived after the drain began: such a prediction is refused (503)."""
 
 _BACKLOG = 128
 """The listen backlog, which is also how many connections asyncio accepts in one go."""
@@ -59,43 +59,67 @@ def default_max_connections() -> int:
 class _Phase(enum.Enum):
     IDLE = "idle"  # no request yet, or between keep-alive requests
     HEADERS = "headers"  # a request's first bytes arrived, its headers are not complete
-    BODY = "body"  # a predict request is being read
+    BODY = "body"  # a predict request is being read; answering (never evicted) once its body is complete
     ANSWERING = "answering"  # the request is complete and being handled: never evicted
 
 
 class Connections:
-    """The open connections of one application, and the middleware that follows their requests."""
+    """The open connections of one application, the middleware that follows their requests, and the drain."""
 
-    def __init__(self, state: DaemonState, *, header_timeout_s: float, max_connections: int = _DEFAULT_CAP) -> None:
-        self.state = state
+    def __init__(self, *, header_timeout_s: float, max_connections: int = _DEFAULT_CAP) -> None:
         self.header_timeout_s = header_timeout_s
         self.max_connections = max_connections
         self._open: dict[object, _Tracked] = {}  # aiohttp's protocol → its tracker
         self.evicted = 0
         self.timed_out = 0
+        self.in_flight = 0
+        """Requests whose first byte arrived and that are not answered yet (predictions, and any request whose
+        headers are still arriving)."""
+        self.draining_since: float | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def __len__(self) -> int:
         return len(self._open)
+
+    @property
+    def draining(self) -> bool:
+        """Whether the drain began (SIGTERM): predictions that begin from now on are refused."""
+        return self.draining_since is not None
+
+    def start_draining(self) -> None:
+        """Refuse predictions whose first byte arrives from now on; those already arriving are finished."""
+        self.draining_since = time.monotonic()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight; False if the timeout passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     def protocol_factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         """Wrap aiohttp's protocol factory (`runner.server`) so every connection is tracked."""
         return lambda: _Tracked(self, inner())
 
     def middleware(self) -> Middleware:
-        """Mark a request's headers complete; count it in flight (from its first byte) until it is answered."""
+        """Mark a request's headers complete and whether it is `LATE`; count it in flight (from its first byte)
+        until it is answered."""
 
         @web.middleware
         async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
             tracked = self._open.get(request.protocol)
             predict = request.path == "/predict"  # only predictions count as in flight once their headers are in
             if tracked is None:  # a connection not made by our sites (tests' in-process servers): count from here
-                request[FIRST_BYTE] = time.monotonic()
+                first_byte = time.monotonic()
                 if predict:
-                    self.state.begin_request()
+                    self._begin()
             else:
-                request[FIRST_BYTE] = tracked.headers_complete(predict=predict)
+                first_byte = tracked.headers_complete(request.content if predict else None)
                 if not predict:
                     self._end(tracked)
+            request[LATE] = self.draining_since is not None and first_byte >= self.draining_since
             try:
                 return await handler(request)
             finally:
@@ -103,26 +127,30 @@ class Connections:
                     self._end(tracked)
                     tracked.request_done()
                 elif predict:
-                    self.state.end_request()
+                    self._finish()
 
         return middleware
 
-    def body_read(self, request: web.Request) -> None:
-        """The predict body is complete: the connection is answering and is never evicted now."""
-        if (tracked := self._open.get(request.protocol)) is not None:
-            tracked.phase = _Phase.ANSWERING
+    def _begin(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def _finish(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
 
     def _end(self, tracked: _Tracked) -> None:
         if tracked.counted:
             tracked.counted = False
-            self.state.end_request()
+            self._finish()
 
     def _admit(self, new: _Tracked) -> bool:
         """Make room for `new` at the cap; False if every open connection is answering a request."""
         if len(self._open) < self.max_connections:
             self._open[new.inner] = new
             return True
-        candidates = [c for c in self._open.values() if c.phase is not _Phase.ANSWERING]
+        candidates = [c for c in self._open.values() if not c.answering]
         if not candidates:
             return False
         victim = min(candidates, key=lambda c: (c.phase is not _Phase.IDLE, c.last_activity))
@@ -147,6 +175,7 @@ class _Tracked(asyncio.Protocol):
         self.last_activity = time.monotonic()
         self.first_byte = self.last_activity
         self.counted = False
+        self.body: StreamReader | None = None
         self.transport: asyncio.BaseTransport | None = None
         self._deadline: asyncio.TimerHandle | None = None
 
@@ -166,7 +195,7 @@ class _Tracked(asyncio.Protocol):
             self.first_byte = self.last_activity
             if not self.counted:
                 self.counted = True
-                self.connections.state.begin_request()
+                self.connections._begin()
             self._arm_deadline()
         self.inner.data_received(data)
 
@@ -184,15 +213,24 @@ class _Tracked(asyncio.Protocol):
         self.connections._forget(self)
         self.inner.connection_lost(exc)
 
-    def headers_complete(self, *, predict: bool) -> float:
-        """A request reached the application: stop the header deadline; returns its first byte's time."""
+    def headers_complete(self, body: StreamReader | None) -> float:
+        """A request reached the application: stop the header deadline; returns its first byte's time. A
+        prediction's `body` is still arriving; other requests are answered at once."""
         self._cancel_deadline()
-        self.phase = _Phase.BODY if predict else _Phase.ANSWERING
+        self.phase = _Phase.BODY if body is not None else _Phase.ANSWERING
+        self.body = body
         return self.first_byte
+
+    @property
+    def answering(self) -> bool:
+        """Whether the connection's request is complete and being answered (then it is never evicted)."""
+        body_complete = self.phase is _Phase.BODY and self.body is not None and self.body.is_eof()
+        return self.phase is _Phase.ANSWERING or body_complete
 
     def request_done(self) -> None:
         """The request was answered; the connection waits for the next one (keep-alive)."""
         self.phase = _Phase.IDLE
+        self.body = None
 
     def close(self, reason: str) -> None:
         """Drop the connection at once (a stalled peer gets no lingering close)."""

@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from immich_ml.errors import ClientDisconnected
 from immich_ml.http.appkeys import CONNECTIONS, REGISTRY, STATE
+from immich_ml.inference.batcher import BatchMetrics
 from immich_ml.log import METRICS_LOG as log
 from immich_ml.memory import peak_resident_bytes, resident_bytes
 from immich_ml.predict.entries import TaskPlan
@@ -70,25 +71,23 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.batch_size = Histogram(
-            "immich_ml_batch_size",
-            "Inputs per inference batch, by batcher",
-            ["batcher"],
-            buckets=_BATCH_BUCKETS,
-            registry=self.registry,
+        self.batches = BatchMetrics(
+            size=Histogram(
+                "immich_ml_batch_size",
+                "Inputs per inference batch, by batcher",
+                ["batcher"],
+                buckets=_BATCH_BUCKETS,
+                registry=self.registry,
+            ),
+            seconds=Histogram(
+                "immich_ml_batch_duration_seconds",
+                "Inference time per batch, by batcher",
+                ["batcher"],
+                buckets=_LATENCY_BUCKETS,
+                registry=self.registry,
+            ),
         )
-        self.batch_seconds = Histogram(
-            "immich_ml_batch_duration_seconds",
-            "Inference time per batch, by batcher",
-            ["batcher"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-
-    def observe_batch(self, batcher: str, size: int, seconds: float) -> None:
-        """The `Runtime.on_batch` hook: one finished batch."""
-        self.batch_size.labels(batcher).observe(size)
-        self.batch_seconds.labels(batcher).observe(seconds)
+        """Observed by the batchers themselves (`Runtime.batch_metrics`)."""
 
     def observe_request(self, models: list[tuple[str, str]], status: int, seconds: float) -> None:
         """One finished predict request; a request whose entries did not parse counts under task "invalid"."""
@@ -132,18 +131,18 @@ class Metrics:
 
 def daemon_gauges(app: web.Application) -> Gauges:
     """Readiness, requests in flight, and per loaded model: load time, queue depth, running batches."""
-    state = app[STATE]
+    connections = app[CONNECTIONS]
     yield (
         "immich_ml_ready",
         "1 once preloaded models are warm, 0 before and while draining",
         [],
-        [([], float(state.ready and not state.draining))],
+        [([], float(app[STATE].ready and not connections.draining))],
     )
     yield (
         "immich_ml_requests_in_flight",
         "Predict requests being received or handled, and requests whose headers are arriving",
         [],
-        [([], float(state.in_flight))],
+        [([], float(connections.in_flight))],
     )
     yield "immich_ml_resident_bytes", "Memory the process holds in RAM (VmRSS)", [], [([], float(resident_bytes()))]
     yield (
@@ -152,7 +151,6 @@ def daemon_gauges(app: web.Application) -> Gauges:
         [],
         [([], float(peak_resident_bytes()))],
     )
-    connections = app[CONNECTIONS]
     yield "immich_ml_connections_open", "Client connections open now", [], [([], float(len(connections)))]
     yield (
         "immich_ml_connections_dropped",

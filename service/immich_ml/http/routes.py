@@ -12,7 +12,7 @@ from aiohttp import web
 from immich_ml.daemon.lifecycle import stalled_batchers
 from immich_ml.errors import ImmichMLError, ShuttingDown
 from immich_ml.http.appkeys import CONNECTIONS, PREDICTOR, REGISTRY, SETTINGS, STATE
-from immich_ml.http.connections import FIRST_BYTE
+from immich_ml.http.connections import LATE
 from immich_ml.http.forms import read_form
 from immich_ml.http.metrics import CONTENT_TYPE, METRICS, PLANS
 from immich_ml.log import ACCESS_LOG as log
@@ -35,8 +35,9 @@ async def root(request: web.Request) -> web.Response:
 
 @routes.get("/ping")
 async def ping(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    if request.app[SETTINGS].ping_requires_ready and (not state.ready or state.draining):
+    if request.app[SETTINGS].ping_requires_ready and (
+        not request.app[STATE].ready or request.app[CONNECTIONS].draining
+    ):
         return web.Response(text="not ready", status=503)
     return web.Response(text="pong")
 
@@ -44,19 +45,19 @@ async def ping(request: web.Request) -> web.Response:
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
     """Readiness: 503 until preloaded models are warm, then what is loaded and where it runs."""
-    state = request.app[STATE]
+    state, connections = request.app[STATE], request.app[CONNECTIONS]
     settings = request.app[SETTINGS]
     loaded = request.app[REGISTRY].loaded()
     stalled = stalled_batchers(request.app, settings.watchdog_inference_timeout_s)
     body = {
-        "ready": state.ready and not state.draining and not stalled,
-        "draining": state.draining,
+        "ready": state.ready and not connections.draining and not stalled,
+        "draining": connections.draining,
         "preloadError": state.preload_error,
         "models": [{"model": str(key), "providers": model.providers} for key, model in loaded.items()],
         "providers": {"configured": str(settings.provider), "available": ort.get_available_providers()},
         "device": {"id": settings.device_id},
         "queue": {str(key): model.queue_depth for key, model in loaded.items()},
-        "inFlight": state.in_flight,
+        "inFlight": connections.in_flight,
         "stalled": stalled,
         "downloads": [progress.as_json() for progress in request.app[REGISTRY].store.transfers.active()],
         "pid": os.getpid(),
@@ -73,8 +74,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 @routes.post("/predict")
 async def predict(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    if not state.accepts(request[FIRST_BYTE]):
+    if request[LATE]:
         raise ShuttingDown("Shutting down; send requests to another machine-learning URL")
     settings = request.app[SETTINGS]
     started = time.monotonic()
@@ -83,7 +83,6 @@ async def predict(request: web.Request) -> web.Response:
         predict_input = await read_form(
             request, max_body_size=settings.max_body_size, timeout_s=settings.body_timeout_s
         )
-        request.app[CONNECTIONS].body_read(request)
         described = predict_input.describe()
         request[PLANS] = predict_input.plans
         result = await request.app[PREDICTOR].predict(predict_input)

@@ -10,11 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from prometheus_client import Histogram
+
 from immich_ml.errors import Overloaded, ShuttingDown
 from immich_ml.inference.threads import lower_thread_priority
 from immich_ml.log import BATCHER_LOG as log
 
-__all__ = ["Batcher", "BatcherSnapshot"]
+__all__ = ["BatchMetrics", "Batcher", "BatcherSnapshot"]
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -38,6 +40,19 @@ class _Counters:
     sizes: Counter[int] = field(default_factory=Counter)
     peak_depth: int = 0
     rejected: int = 0
+
+
+@dataclass(frozen=True)
+class BatchMetrics:
+    """The Prometheus histograms every finished batch is recorded in, labelled by batcher name. The batcher
+    observes them itself (prometheus-client is thread-safe), so inference never calls back into the HTTP layer."""
+
+    size: Histogram
+    seconds: Histogram
+
+    def of(self, batcher: str) -> BatchMetrics:
+        """The histograms of one batcher (its label values)."""
+        return BatchMetrics(self.size.labels(batcher), self.seconds.labels(batcher))
 
 
 @dataclass(frozen=True)
@@ -88,7 +103,7 @@ class Batcher(Generic[In, Out]):
         concurrency: int = 1,
         niceness: int = 0,
         across_calls: bool = True,
-        on_batch: Callable[[str, int, float], None] | None = None,
+        metrics: BatchMetrics | None = None,
     ) -> None:
         self.name = name
         self.max_batch = max(1, max_batch)
@@ -98,7 +113,7 @@ class Batcher(Generic[In, Out]):
         self.concurrency = max(1, concurrency)
         self._stats = _Counters()
         self._run = run
-        self._on_batch = on_batch
+        self._metrics = metrics.of(name) if metrics is not None else None
         self._queue: asyncio.Queue[_Item[In, Out]] = asyncio.Queue()
         self._slots = asyncio.Semaphore(self.concurrency)
         self._running: dict[asyncio.Task[None], float] = {}
@@ -224,5 +239,6 @@ class Batcher(Generic[In, Out]):
         self._stats.items += len(live)
         self._stats.last_batch_size = len(live)
         self._stats.sizes[len(live)] += 1
-        if self._on_batch is not None:
-            self._on_batch(self.name, len(live), time.monotonic() - started)
+        if self._metrics is not None:
+            self._metrics.size.observe(len(live))
+            self._metrics.seconds.observe(time.monotonic() - started)

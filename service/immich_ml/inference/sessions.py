@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -15,12 +15,15 @@ from immich_ml.log import MODELS_LOG as log
 from immich_ml.models.files import onnx_damage
 from immich_ml.settings import Provider, Settings
 
-__all__ = ["CPU", "CUDA", "TENSORRT", "OnnxSession", "SessionFactory", "onnxruntime_builds"]
+__all__ = ["CPU", "CUDA", "TENSORRT", "Feeds", "OnnxSession", "SessionFactory", "onnxruntime_builds"]
 
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
+
+Feeds = Mapping[str, np.ndarray]
+"""A graph's inputs by name."""
 
 _WANTED: dict[Provider, tuple[str, ...]] = {
     Provider.AUTO: (CUDA, CPU),
@@ -55,6 +58,47 @@ class OnnxSession:
             self._session.run(None, {name: value[i : i + 1] for name, value in feeds.items()}) for i in range(batch)
         ]
         return [np.concatenate(parts) for parts in zip(*rows, strict=True)]
+
+    def run_rows(self, inputs: Sequence[Feeds], *, max_rows: int, split: bool = True) -> list[list[np.ndarray]]:
+        """Run several callers' inputs, each a feeds dict whose arrays carry a leading axis of rows, and
+        return every input's own outputs (rows kept): the batcher's one way to run a session.
+
+        Inputs of equal shape share runs of up to `max_rows` rows and get their rows back, so results never
+        depend on which other inputs were queued alongside. With `split` false (a graph whose outputs are not
+        per row, like insightface's SCRFD exports) each input runs alone and gets the whole outputs.
+        """
+        if not split:
+            return [self.run(dict(feeds)) for feeds in inputs]
+        outputs: list[list[np.ndarray]] = [[] for _ in inputs]
+        for members in _runs(inputs, max_rows):
+            names = inputs[members[0]].keys()
+            results = self.run({name: np.concatenate([inputs[i][name] for i in members]) for name in names})
+            offset = 0
+            for index in members:
+                rows = len(next(iter(inputs[index].values())))
+                outputs[index] = [result[offset : offset + rows] for result in results]
+                offset += rows
+        return outputs
+
+
+def _runs(inputs: Sequence[Feeds], max_rows: int) -> list[list[int]]:
+    """The inputs (by index) of each session run: equal shapes together, at most `max_rows` rows a run (an
+    input larger than that runs alone)."""
+    groups: dict[tuple[tuple[str, tuple[int, ...]], ...], list[int]] = {}
+    for index, feeds in enumerate(inputs):
+        groups.setdefault(tuple((name, array.shape[1:]) for name, array in feeds.items()), []).append(index)
+    runs: list[list[int]] = []
+    for members in groups.values():
+        rows = 0
+        runs.append([])
+        for index in members:
+            size = len(next(iter(inputs[index].values())))
+            if runs[-1] and rows + size > max_rows:
+                runs.append([])
+                rows = 0
+            runs[-1].append(index)
+            rows += size
+    return runs
 
 
 def onnxruntime_builds() -> list[str]:

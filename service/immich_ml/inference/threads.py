@@ -1,45 +1,34 @@
-"""Run blocking work off the event loop, in the shared thread pool, and at a chosen CPU priority."""
+"""Thread pools for blocking work off the event loop, at a chosen CPU priority."""
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import functools
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from typing import TypeVar
 
 from immich_ml.log import SERVER_LOG as log
 
 __all__ = ["ThreadPool", "in_background_thread", "lower_thread_priority"]
 
 
-P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class ThreadPool:
-    """A pool of threads for blocking work (decoding, pre- and post-processing, model loading), all running
-    `niceness` steps below normal CPU priority."""
+class ThreadPool(ThreadPoolExecutor):
+    """An executor for blocking work (decoding, pre- and post-processing, model loading) whose threads all run
+    `niceness` steps below normal CPU priority. Work goes in with the event loop's own
+    `loop.run_in_executor(pool, func, *args)`, called where the work is decided, so no wrapper of ours sits
+    between a step and the code that asked for it."""
 
     def __init__(self, threads: int, *, niceness: int = 0, name: str = "immich-ml") -> None:
-        self.executor = ThreadPoolExecutor(
+        super().__init__(
             max_workers=max(1, threads),
             thread_name_prefix=name,
             initializer=lower_thread_priority,
             initargs=(niceness,),
         )
-
-    async def run(self, func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """Call `func` in the pool and await its result."""
-        call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self.executor, call)
-
-    def shutdown(self) -> None:
-        """Wait for running work and stop the threads."""
-        self.executor.shutdown(wait=True, cancel_futures=False)
 
 
 def lower_thread_priority(niceness: int) -> None:

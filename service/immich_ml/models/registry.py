@@ -164,7 +164,7 @@ class ModelRegistry:
                 ) from None
             log.info("%s: %s is damaged (%s); downloading that file again", key, file, damage.reason)
             try:
-                await self.runtime.pool.run(self.store.repair, key, file)
+                await asyncio.get_running_loop().run_in_executor(self.runtime.pool, self.store.repair, key, file)
             except ModelUnavailable as error:
                 raise self._failed(key, f"{file} is damaged and downloading it again failed", error) from None
             except OSError as error:  # a read-only or unwritable cache: nothing can be replaced
@@ -183,17 +183,17 @@ class ModelRegistry:
     async def _load_files(self, model_class: type[InferenceModel], key: ModelKey) -> InferenceModel:
         """Find or download the files and create the model. Damage raises `CorruptModel`; any other failure
         (configuration, provider, GPU memory) is a `ModelLoadFailed` that leaves the files alone."""
-        pool = self.runtime.pool
-        model = model_class(key, await pool.run(self.store.ensure, key), self.runtime)
+        loop, pool = asyncio.get_running_loop(), self.runtime.pool
+        model = model_class(key, await loop.run_in_executor(pool, self.store.ensure, key), self.runtime)
         try:
             async with self._building:
                 trim = self.runtime.settings.trim_memory
                 if trim:  # freed pages left from before would hide part of this model's growth
-                    await pool.run(return_freed_memory)
+                    await loop.run_in_executor(pool, return_freed_memory)
                 before = resident_bytes()
-                await pool.run(model.load)
+                await loop.run_in_executor(pool, model.load)
                 if trim:
-                    await pool.run(return_freed_memory)
+                    await loop.run_in_executor(pool, return_freed_memory)
                 self._memory[key] = max(0, resident_bytes() - before)
         except (CorruptModel, ImmichMLError):
             await model.close()

@@ -1,31 +1,37 @@
-"""What every model of every task provides, and the runtime it is given."""
+"""What every model of every task provides, the runtime it is given, and vectors as the Immich server stores them."""
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
+import orjson
 from PIL import Image
 
-from immich_ml.errors import WrongInput
-from immich_ml.inference.batcher import Batcher, BatcherSnapshot
-from immich_ml.inference.sessions import CPU, OnnxSession, SessionFactory
+from immich_ml.errors import NonFiniteOutput, WrongInput
+from immich_ml.inference.batcher import Batcher, BatcherSnapshot, BatchMetrics
+from immich_ml.inference.sessions import CPU, Feeds, OnnxSession, SessionFactory
 from immich_ml.inference.threads import ThreadPool, in_background_thread
 from immich_ml.models.tasks import ModelKey
 from immich_ml.settings import Settings
 
-__all__ = ["InferenceModel", "Payload", "Runtime", "stack"]
+__all__ = ["InferenceModel", "Outputs", "Payload", "Runtime", "SessionBatcher", "vector_string"]
 
-In = TypeVar("In")
-Out = TypeVar("Out")
 T = TypeVar("T")
 
 Payload = Image.Image | str
 """What a request carries to a model: a decoded RGB image, or query text."""
+
+Outputs = list[np.ndarray]
+"""A graph's outputs for one input, in the graph's order, each with the input's leading axis of rows."""
+
+SessionBatcher = Batcher[Feeds, Outputs]
+"""A batcher that runs one session on the feeds of concurrent calls (`OnnxSession.run_rows`)."""
 
 
 @dataclass
@@ -35,7 +41,7 @@ class Runtime:
     settings: Settings
     sessions: SessionFactory
     pool: ThreadPool
-    on_batch: Callable[[str, int, float], None] | None = None
+    batch_metrics: BatchMetrics | None = None
     image_pool: ThreadPool | None = None
     """Where bulk (image) work runs: decoding, pre- and post-processing, at MACHINE_LEARNING_BULK_NICENESS, so
     a text query's tokenising never queues behind photos being decoded and indexing yields the cores to it.
@@ -47,29 +53,24 @@ class Runtime:
         return self.image_pool or self.pool
 
     def batcher(
-        self,
-        name: str,
-        run: Callable[[list[In]], Sequence[Out]],
-        *,
-        max_batch: int,
-        concurrency: int = 1,
-        niceness: int = 0,
-    ) -> Batcher[In, Out]:
-        """A batcher for one session, with the configured delay, queue size and metrics hook.
+        self, name: str, session: OnnxSession, *, max_batch: int, split: bool, concurrency: int, niceness: int
+    ) -> SessionBatcher:
+        """A batcher that runs `session` on up to `max_batch` inputs at once (`OnnxSession.run_rows`, in the
+        batcher's own threads), with the configured delay, queue size and metrics.
 
         With batching turned off (MACHINE_LEARNING_BATCHING=false) a batch holds one call's inputs only (a
         photo's faces still run together, as upstream runs them), never inputs of different requests.
         """
         return Batcher(
             name,
-            run,
+            functools.partial(session.run_rows, max_rows=max_batch, split=split),
             max_batch=max_batch,
             max_delay_s=self.settings.batch_delay_ms / 1000,
             queue_size=self.settings.queue_size,
             concurrency=concurrency,
             niceness=niceness,
             across_calls=self.settings.batching,
-            on_batch=self.on_batch,
+            metrics=self.batch_metrics,
         )
 
 
@@ -95,7 +96,10 @@ class InferenceModel(ABC):
         self.model_dir = model_dir
         self.runtime = runtime
         self.session: OnnxSession | None = None
-        self.batchers: list[Batcher[Any, Any]] = []
+        self.batchers: list[SessionBatcher] = []
+        self.pool: ThreadPool = runtime.pool if self.interactive else runtime.images
+        """The thread pool for this model's pre- and post-processing: the normal one for interactive models,
+        the image pool for bulk ones. Steps go in with `loop.run_in_executor(self.pool, …)`."""
 
     @property
     def model_path(self) -> Path:
@@ -136,11 +140,15 @@ class InferenceModel(ABC):
         stack inputs. (With batching off, the inputs stacked all come from one call: `Runtime.batcher`.)"""
         return self.batch_size if self.stacks_inputs() else 1
 
-    def add_batcher(self, run: Callable[[list[In]], Sequence[Out]], *, stage: str = "") -> Batcher[In, Out]:
-        """A batcher of up to `max_batch` inputs for one of this model's session runs; closed with the model."""
-        name = f"{self.key}{'/' + stage if stage else ''}"
+    def add_batcher(self) -> SessionBatcher:
+        """A batcher of up to `max_batch` inputs for this model's session; closed with the model."""
         batcher = self.runtime.batcher(
-            name, run, max_batch=self.max_batch, concurrency=self.concurrent_batches, niceness=self.niceness
+            str(self.key),
+            self._require_session(),
+            max_batch=self.max_batch,
+            split=self.stacks_inputs(),
+            concurrency=self.concurrent_batches,
+            niceness=self.niceness,
         )
         self.batchers.append(batcher)
         return batcher
@@ -158,12 +166,6 @@ class InferenceModel(ABC):
         if configured := self.runtime.settings.concurrent_batches:
             return configured
         return 2 if self._require_session().providers[0] == CPU else 1
-
-    @property
-    def pool(self) -> ThreadPool:
-        """The thread pool for this model's pre- and post-processing: the normal one for interactive models,
-        the image pool for bulk ones."""
-        return self.runtime.pool if self.interactive else self.runtime.images
 
     @property
     def niceness(self) -> int:
@@ -229,6 +231,10 @@ class InferenceModel(ABC):
         return self.session
 
 
-def stack(rows: Sequence[np.ndarray]) -> np.ndarray:
-    """Stack per-request inputs into one batch array."""
-    return np.stack(rows) if len(rows) > 1 else rows[0][None]
+def vector_string(vector: np.ndarray) -> str:
+    """Encode a 1-D vector as the `[a,b,…]` JSON-array string the Immich server stores verbatim (float32,
+    shortest form), refusing NaN and infinity."""
+    vector = np.ascontiguousarray(vector, dtype=np.float32)
+    if not np.isfinite(vector).all():
+        raise NonFiniteOutput("model output contains NaN or infinity")
+    return orjson.dumps(vector, option=orjson.OPT_SERIALIZE_NUMPY).decode()

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
-from immich_ml.imaging import decode_image
+from immich_ml.imaging import PixelBudget, Reservation, Size, decode_image
 from immich_ml.inference.threads import ThreadPool
 from immich_ml.memory import return_heap
 from immich_ml.models.registry import ModelRegistry
-from immich_ml.predict.admission import PixelBudget
 from immich_ml.predict.entries import Entry, TaskPlan
 
 __all__ = ["PredictInput", "Predictor"]
@@ -49,40 +48,38 @@ class Predictor:
         self.registry = registry
         self.pool = pool
         self.max_image_pixels = max_image_pixels
-        self.pixels = PixelBudget(max_pixels_in_flight, on_idle=self._return_heap)
+        self.pixels = PixelBudget(max_pixels_in_flight)
         self.jpeg_draft = jpeg_draft
-        self._trimming: set[asyncio.Task[None]] = set()
 
     async def predict(self, request: PredictInput) -> dict[str, Any]:
         """The response body: one key per task, plus the image size for image input (whose pixels count
         against the budget of pixels in flight until the response is built)."""
-        with self.pixels.admission() as admit:
-            return await self._predict(request, admit)
+        if request.image is None:
+            return await self._run_plans(request.plans, request.text or "")
+        reservation = self.pixels.reservation()
+        try:
+            image, size = await self._decode(request.image, request.plans, reservation)
+            response = await self._run_plans(request.plans, image)
+        finally:
+            if reservation.release():  # the last image of a burst is done: hand its heap back to the OS
+                self.pool.submit(return_heap)
+        response["imageWidth"], response["imageHeight"] = size
+        return response
 
-    def _return_heap(self) -> None:
-        task = asyncio.get_running_loop().create_task(self.pool.run(return_heap))
-        self._trimming.add(task)
-        task.add_done_callback(self._trimming.discard)
+    async def _decode(self, data: bytes, plans: list[TaskPlan], reservation: Reservation) -> tuple[Image.Image, Size]:
+        draft_size = await self._draft_size(plans) if self.jpeg_draft else None
+        decode = functools.partial(
+            decode_image, data, max_pixels=self.max_image_pixels, draft_size=draft_size, reservation=reservation
+        )
+        return await asyncio.get_running_loop().run_in_executor(self.pool, decode)
 
-    async def _predict(self, request: PredictInput, admit: Callable[[int, int], None]) -> dict[str, Any]:
-        plans = request.plans
-        response: dict[str, Any] = {}
-        payload: Image.Image | str
-        size = None
-        if request.image is not None:
-            draft_size = await self._draft_size(plans) if self.jpeg_draft else None
-            payload, size = await self.pool.run(
-                decode_image, request.image, max_pixels=self.max_image_pixels, draft_size=draft_size, admit=admit
-            )
-        else:
-            payload = request.text or ""
+    async def _run_plans(self, plans: list[TaskPlan], payload: Image.Image | str) -> dict[str, Any]:
         outcomes = await asyncio.gather(*(self._run_task(plan, payload) for plan in plans), return_exceptions=True)
+        response: dict[str, Any] = {}
         for plan, outcome in zip(plans, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 raise outcome
             response[plan.task.value] = outcome
-        if size is not None:
-            response["imageWidth"], response["imageHeight"] = size
         return response
 
     async def _draft_size(self, plans: list[TaskPlan]) -> int | None:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from immich_ml.encoding import vector_string
-from immich_ml.inference.batcher import Batcher
 from immich_ml.models.files import read_json
-from immich_ml.pipelines.base import InferenceModel, Payload, stack
+from immich_ml.pipelines.base import InferenceModel, Payload, vector_string
 from immich_ml.pipelines.clip.tokenizer import TextTokenizer, clean_text, flores_code
 from immich_ml.settings import Preprocessing
 
@@ -60,7 +59,7 @@ class ClipVisual(InferenceModel):
         else:  # the released upstream ignores both settings: bicubic, shortest side, centre crop
             self.resample, self.squash = Image.Resampling.BICUBIC, False
         self.input_name = self._require_session().input_names[0]
-        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(self._run)
+        self.batcher = self.add_batcher()
 
     @property
     def min_image_side(self) -> int:
@@ -72,13 +71,11 @@ class ClipVisual(InferenceModel):
         pixels = np.asarray(image, dtype=np.float32) / 255.0
         return ((pixels - self.mean) / self.std).transpose(2, 0, 1)
 
-    def _run(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        (embeddings, *_) = self._require_session().run({self.input_name: stack(images)})
-        return list(embeddings)
-
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> str:
-        pixels = await self.pool.run(self.preprocess, self.image_of(payload))
-        return vector_string(await self.batcher.submit(pixels))
+        image = self.image_of(payload)
+        pixels = await asyncio.get_running_loop().run_in_executor(self.pool, self.preprocess, image)
+        (embedding, *_) = await self.batcher.submit({self.input_name: pixels[None]})
+        return vector_string(embedding[0])
 
     def warmup_payload(self) -> Payload:
         return Image.new("RGB", (self.size, self.size), (128, 128, 128))
@@ -98,29 +95,26 @@ class ClipTextual(InferenceModel):
         self.input_names = self._require_session().input_names
         self.is_mclip = "input_ids" in self.input_names
         self.uses_language = self.key.name.startswith("nllb")
-        self.batcher: Batcher[tuple[np.ndarray, np.ndarray], np.ndarray] = self.add_batcher(self._run)
+        self.batcher = self.add_batcher()
 
-    def tokenize(self, text: str, language: str | None) -> tuple[np.ndarray, np.ndarray]:
-        """Clean the query, add the nllb language prefix where it applies, and encode it."""
+    def feeds(self, text: str, language: str | None) -> dict[str, np.ndarray]:
+        """The graph's inputs for one query: cleaned, with the nllb language prefix where it applies, encoded
+        (token ids, plus the attention mask for M-CLIP), as one row."""
         text = clean_text(text, canonicalize=self.canonicalize)
         if self.uses_language and language:
             text = flores_code(language) + text
-        return self.tokenizer.encode(text)
-
-    def _run(self, encodings: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-        ids = stack([ids for ids, _ in encodings])
+        ids, mask = self.tokenizer.encode(text)
         if self.is_mclip:
-            feeds = {"input_ids": ids, "attention_mask": stack([mask for _, mask in encodings])}
-        else:
-            feeds = {self.input_names[0]: ids}
-        (embeddings, *_) = self._require_session().run(feeds)
-        return list(embeddings)
+            return {"input_ids": ids[None], "attention_mask": mask[None]}
+        return {self.input_names[0]: ids[None]}
 
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> str:
         text = self.text_of(payload)
         language = options.get("language")
-        encoding = await self.pool.run(self.tokenize, text, language if isinstance(language, str) else None)
-        return vector_string(await self.batcher.submit(encoding))
+        language = language if isinstance(language, str) else None
+        feeds = await asyncio.get_running_loop().run_in_executor(self.pool, self.feeds, text, language)
+        (embedding, *_) = await self.batcher.submit(feeds)
+        return vector_string(embedding[0])
 
     def warmup_payload(self) -> Payload:
         return "a photo of a cat"

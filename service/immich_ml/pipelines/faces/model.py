@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -11,11 +12,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from immich_ml.encoding import vector_string
 from immich_ml.errors import InvalidEntries, ModelLoadFailed
-from immich_ml.inference.batcher import Batcher
 from immich_ml.inference.sessions import OnnxSession
-from immich_ml.pipelines.base import InferenceModel, Payload, stack
+from immich_ml.pipelines.base import InferenceModel, Outputs, Payload, vector_string
 from immich_ml.pipelines.faces.alignment import ARCFACE_SIZE, ARCFACE_TEMPLATE, align_face
 
 __all__ = ["DEFAULT_MIN_SCORE", "FaceDetections", "FaceDetector", "FaceRecognizer", "decode_detections", "letterbox"]
@@ -75,7 +74,8 @@ def anchor_centres(stride: int) -> np.ndarray:
 
 
 def decode_detections(outputs: Sequence[np.ndarray], scale: float, min_score: float) -> FaceDetections:
-    """Turn SCRFD's nine outputs (scores, box distances, keypoint offsets per stride) into image faces."""
+    """Turn SCRFD's nine outputs for one image (scores, box distances, keypoint offsets per stride) into image
+    faces."""
     levels = len(STRIDES)
     scores, boxes, points = [], [], []
     for level, stride in enumerate(STRIDES):
@@ -150,7 +150,7 @@ class FaceDetector(InferenceModel):
             )
         self.input_name = session.input_names[0]
         self.batched = has_batch_axis(session)
-        self.batcher: Batcher[np.ndarray, list[np.ndarray]] = self.add_batcher(self._run)
+        self.batcher = self.add_batcher()
 
     def stacks_inputs(self) -> bool:
         return self.batched
@@ -161,18 +161,13 @@ class FaceDetector(InferenceModel):
         blob = (canvas.astype(np.float32) - 127.5) / 128.0
         return np.ascontiguousarray(blob.transpose(2, 0, 1)), scale
 
-    def _run(self, blobs: list[np.ndarray]) -> list[list[np.ndarray]]:
-        outputs = self._require_session().run({self.input_name: stack(blobs)})
-        if not self.batched:
-            return [outputs]
-        return [[output[i] for output in outputs] for i in range(len(blobs))]
-
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> FaceDetections:
         image = self.image_of(payload)
         min_score = _min_score(options)
-        blob, scale = await self.pool.run(self.preprocess, image)
-        outputs = await self.batcher.submit(blob)
-        return await self.pool.run(decode_detections, outputs, scale, min_score)
+        loop = asyncio.get_running_loop()
+        blob, scale = await loop.run_in_executor(self.pool, self.preprocess, image)
+        outputs: Outputs = await self.batcher.submit({self.input_name: blob[None]})
+        return await loop.run_in_executor(self.pool, decode_detections, outputs, scale, min_score)
 
     def warmup_payload(self) -> Payload:
         return Image.new("RGB", (DETECTION_SIZE, DETECTION_SIZE), (128, 128, 128))
@@ -188,17 +183,13 @@ class FaceRecognizer(InferenceModel):
 
     def configure(self) -> None:
         self.input_name = self._require_session().input_names[0]
-        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(self._run)
+        self.batcher = self.add_batcher()
 
-    def crops(self, image: Image.Image, landmarks: np.ndarray) -> list[np.ndarray]:
-        """One blob per face. Upstream warps the BGR image and swaps to RGB afterwards; a warp treats every
-        channel alike, so warping the RGB image directly gives the same pixels."""
+    def crops(self, image: Image.Image, landmarks: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """The graph's inputs, one row per face. Upstream warps the BGR image and swaps to RGB afterwards; a
+        warp treats every channel alike, so warping the RGB image directly gives the same pixels."""
         pixels = np.asarray(image)
-        return [face_blob(align_face(pixels, points)) for points in landmarks]
-
-    def _run(self, crops: list[np.ndarray]) -> list[np.ndarray]:
-        (embeddings, *_) = self._require_session().run({self.input_name: stack(crops)})
-        return list(embeddings)
+        return [{self.input_name: face_blob(align_face(pixels, points))[None]} for points in landmarks]
 
     async def predict(
         self, payload: Payload, options: Mapping[str, Any], dependency: Any = None
@@ -208,15 +199,15 @@ class FaceRecognizer(InferenceModel):
         if not faces.scores:
             return []
         landmarks = np.asarray(faces.landmarks, dtype=np.float64)
-        crops = await self.pool.run(self.crops, image, landmarks)
-        embeddings = await self.batcher.submit_many(crops)
+        crops = await asyncio.get_running_loop().run_in_executor(self.pool, self.crops, image, landmarks)
+        outputs = await self.batcher.submit_many(crops)
         return [
             {
                 "boundingBox": dict(zip(("x1", "y1", "x2", "y2"), box, strict=True)),
-                "embedding": vector_string(embedding),
+                "embedding": vector_string(embedding[0]),
                 "score": score,
             }
-            for box, score, embedding in zip(faces.boxes, faces.scores, embeddings, strict=True)
+            for box, score, (embedding, *_) in zip(faces.boxes, faces.scores, outputs, strict=True)
         ]
 
     def warmup_payload(self) -> Payload:

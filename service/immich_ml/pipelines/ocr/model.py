@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,9 +11,7 @@ import numpy as np
 from PIL import Image
 
 from immich_ml.errors import InvalidEntries
-from immich_ml.inference.batcher import Batcher
-from immich_ml.inference.sessions import OnnxSession
-from immich_ml.pipelines.base import InferenceModel, Payload
+from immich_ml.pipelines.base import InferenceModel, Outputs, Payload
 from immich_ml.pipelines.ocr.boxes import MIN_SIDE, DetectionParams, boxes_from_probability, detection_input
 from immich_ml.pipelines.ocr.lines import (
     Recognised,
@@ -58,30 +57,6 @@ def detection_params(options: Mapping[str, Any], *, resolution_cap: int) -> Dete
     )
 
 
-def _run_grouped(session: OnnxSession, input_name: str, inputs: list[np.ndarray], max_rows: int) -> list[np.ndarray]:
-    """Run inputs that each carry a leading batch dimension; inputs of equal shape from any request share
-    session runs of up to `max_rows` rows. Each input's rows are its own, so results never depend on
-    which other requests were queued alongside."""
-    outputs: list[np.ndarray | None] = [None] * len(inputs)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for index, array in enumerate(inputs):
-        groups.setdefault(array.shape[1:], []).append(index)
-    runs: list[list[int]] = []
-    for members in groups.values():
-        runs.append([])
-        for index in members:
-            if runs[-1] and sum(len(inputs[i]) for i in runs[-1]) + len(inputs[index]) > max_rows:
-                runs.append([])
-            runs[-1].append(index)
-    for members in runs:
-        (result, *_) = session.run({input_name: np.concatenate([inputs[i] for i in members])})
-        offset = 0
-        for index in members:
-            outputs[index] = result[offset : offset + len(inputs[index])]
-            offset += len(inputs[index])
-    return [output for output in outputs if output is not None]
-
-
 @dataclass(frozen=True)
 class TextDetections:
     """The text boxes found in one image, in reading order: detection's output and recognition's input.
@@ -102,21 +77,17 @@ class TextDetector(InferenceModel):
 
     def configure(self) -> None:
         self.input_name = self._require_session().input_names[0]
-        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(self._run)
-
-    def _run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        # Detector inputs vary in size; requests whose resized images match share one run.
-        return _run_grouped(self._require_session(), self.input_name, inputs, self.batch_size)
+        self.batcher = self.add_batcher()  # inputs vary in size: requests whose resized images match share runs
 
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> TextDetections:
         image = self.image_of(payload)
         params = detection_params(options, resolution_cap=self.runtime.settings.max_ocr_resolution)
         if image.width < MIN_SIDE or image.height < MIN_SIDE:
             return TextDetections(boxes=[], scores=[])
-        pool = self.pool
-        pixels = await pool.run(detection_input, image, params.max_resolution, self.runtime.settings.preprocessing)
-        probability = await self.batcher.submit(pixels)
-        found = await pool.run(boxes_from_probability, probability[0, 0], image.size, params)
+        loop, pool, preprocessing = asyncio.get_running_loop(), self.pool, self.runtime.settings.preprocessing
+        pixels = await loop.run_in_executor(pool, detection_input, image, params.max_resolution, preprocessing)
+        (probability, *_) = await self.batcher.submit({self.input_name: pixels})
+        found = await loop.run_in_executor(pool, boxes_from_probability, probability[0, 0], image.size, params)
         return TextDetections(boxes=found.boxes.tolist(), scores=found.scores.tolist())
 
     def warmup_payload(self) -> Payload:
@@ -143,10 +114,7 @@ class TextRecognizer(InferenceModel):
         session = self._require_session()
         self.decoder = text_decoder(session.metadata, self.model_dir / "charset.txt")
         self.input_name = session.input_names[0]
-        self.batcher: Batcher[np.ndarray, np.ndarray] = self.add_batcher(self._run)
-
-    def _run(self, chunks: list[np.ndarray]) -> list[np.ndarray]:
-        return _run_grouped(self._require_session(), self.input_name, chunks, self.batch_size)
+        self.batcher = self.add_batcher()
 
     def _chunks(self, image: Image.Image, boxes: np.ndarray) -> list[_Chunk]:
         crops = [crop_line(image, corners) for corners in boxes]
@@ -157,10 +125,10 @@ class TextRecognizer(InferenceModel):
             for members in (order[start : start + self.batch_size],)
         ]
 
-    def _decode(self, chunks: Sequence[_Chunk], outputs: Sequence[np.ndarray]) -> dict[int, Recognised]:
+    def _decode(self, chunks: Sequence[_Chunk], outputs: Sequence[Outputs]) -> dict[int, Recognised]:
         return {
             index: line
-            for chunk, output in zip(chunks, outputs, strict=True)
+            for chunk, (output, *_) in zip(chunks, outputs, strict=True)
             for index, line in zip(chunk.members, ctc_decode(output, self.decoder), strict=True)
         }
 
@@ -171,10 +139,10 @@ class TextRecognizer(InferenceModel):
         if not detections.scores:
             return {"box": [], "boxScore": [], "text": [], "textScore": []}
         boxes = np.asarray(detections.boxes, dtype=np.float64)
-        pool = self.pool
-        chunks = await pool.run(self._chunks, image, boxes)
-        outputs = await self.batcher.submit_many([chunk.pixels for chunk in chunks])
-        lines = await pool.run(self._decode, chunks, outputs)
+        loop = asyncio.get_running_loop()
+        chunks = await loop.run_in_executor(self.pool, self._chunks, image, boxes)
+        outputs = await self.batcher.submit_many([{self.input_name: chunk.pixels} for chunk in chunks])
+        lines = await loop.run_in_executor(self.pool, self._decode, chunks, outputs)
         kept = [i for i in range(len(boxes)) if lines[i].score > min_score]
         normalised = boxes[kept] / np.array([image.width, image.height], dtype=np.float64)
         return {
