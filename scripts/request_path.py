@@ -6,7 +6,8 @@ The daemon's serving stack (aiohttp's `AppRunner` behind `TrackedSite`, the conn
 loopback port with generated models (tests/modelgen.py, so run it from the repository with the test
 dependencies: `.venv/bin/python scripts/request_path.py [--json PATH]`). A keep-alive client sends each
 request twice; the first loads the model, the second is traced: every Python call in every thread
-(`sys.setprofile`, `threading.setprofile` set before any thread starts).
+(`sys.setprofile`, `threading.setprofile` set before any thread starts). The thread pools start their threads
+lazily; they are all started first, as in a daemon that has served a while, so no traced request starts one.
 
 A new frame of an immich_ml module is one call of that module; a coroutine resuming is not. Its caller is the
 nearest immich_ml frame below it, skipping library frames (asyncio, contextlib, functools). A frame with none
@@ -44,10 +45,9 @@ import aiohttp
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from immich_ml.daemon.state import DaemonState  # noqa: E402
 from immich_ml.http.app import create_app  # noqa: E402
-from immich_ml.http.appkeys import CONNECTIONS, STATE  # noqa: E402
-from immich_ml.http.connections import TrackedSite  # noqa: E402
+from immich_ml.http.appkeys import CONNECTIONS, REGISTRY  # noqa: E402
+from immich_ml.http.connections import Connections, TrackedSite  # noqa: E402
 from immich_ml.settings import Settings  # noqa: E402
 from tests import modelgen  # noqa: E402
 from tests.conftest import predict_form  # noqa: E402
@@ -205,12 +205,12 @@ def tracing(tracer: Tracer) -> Iterator[None]:
         threading.setprofile(None)
 
 
-async def _settled(state: DaemonState) -> None:
+async def _settled(connections: Connections) -> None:
     """Wait until the daemon has finished every request (read, not called: that would be traced), and the
     callbacks they left have run."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 10
-    while state.in_flight and loop.time() < deadline:
+    while connections.in_flight and loop.time() < deadline:
         await asyncio.sleep(0)
     await asyncio.sleep(0)
 
@@ -264,6 +264,7 @@ async def trace_requests(cache: Path) -> dict[str, dict[str, Any]]:
         site = TrackedSite(runner, listener, app[CONNECTIONS], ssl_context=None)
         await site.start()
         url = f"http://127.0.0.1:{listener.getsockname()[1]}/predict"
+        _start_pool_threads(app)
         try:
             async with aiohttp.ClientSession() as client:  # one keep-alive connection for every request
                 for name, (entries, payload) in requests.items():
@@ -273,12 +274,20 @@ async def trace_requests(cache: Path) -> dict[str, dict[str, Any]]:
                         async with client.post(url, data=predict_form(entries, **payload)) as response:
                             assert response.status == 200, await response.text()
                             await response.read()
-                        await _settled(app[STATE])
+                        await _settled(app[CONNECTIONS])
                         tracer.on = False
                     paths[name] = tracer.summary()
         finally:
             await runner.cleanup()
     return paths
+
+
+def _start_pool_threads(app: web.Application) -> None:
+    """Start every thread of the daemon's two thread pools (each waits for all the others)."""
+    runtime = app[REGISTRY].runtime
+    for pool in (runtime.pool, runtime.images):
+        barrier = threading.Barrier(pool._max_workers)
+        concurrent.futures.wait([pool.submit(barrier.wait) for _ in range(pool._max_workers)])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -130,11 +130,6 @@ def test_every_request_runs_code_in_modules_reached_from_outside(paths: dict[str
         assert path["old_entries_from_another_file"] >= calls, name  # every call between modules is one
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 10's goal for the lead's restructure: no module of a CLIP path entered from more than one "
-    "place; main fails it today (e.g. pipelines/clip/model.py is called by predictor, batcher and thread pool)",
-)
 @pytest.mark.parametrize("name", ["CLIP visual", "CLIP textual"])
 def test_no_module_of_a_clip_path_is_entered_from_more_than_one_place(paths: dict[str, Any], name: str) -> None:
     assert paths[name]["entered_from_more_than_one_place"] == {}

@@ -3,6 +3,7 @@ NixOS module's unit has."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -113,5 +114,6 @@ def test_systemd_install_defaults_to_this_installations_program(capsys: pytest.C
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, "COLUMNS": "1000"},  # argparse would wrap a long path at its hyphens
     )
     assert str(Path(sys.executable).parent / "immich-ml") in " ".join(result.stdout.split())
