@@ -46,6 +46,24 @@ class PixelBudget:
         """An empty reservation for one request; `Reservation.release` ends it."""
         return Reservation(self)
 
+    def _take(self, pixels: int) -> None:
+        with self._lock:
+            if self.in_use + pixels > self.limit:
+                raise Overloaded(
+                    f"Too many image pixels in flight ({self.in_use} + {pixels} of {self.limit}, "
+                    "MACHINE_LEARNING_MAX_PIXELS_IN_FLIGHT); retry shortly"
+                )
+            self.in_use += pixels
+            self._since_trim += pixels
+
+    def _give_back(self, pixels: int) -> bool:
+        with self._lock:
+            self.in_use -= pixels
+            idle_after_burst = self.in_use == 0 and self._since_trim >= _TRIM_AFTER_PIXELS
+            if idle_after_burst:
+                self._since_trim = 0
+        return idle_after_burst
+
 
 class Reservation:
     """One request's pixels in a `PixelBudget`."""
@@ -56,28 +74,13 @@ class Reservation:
 
     def admit(self, width: int, height: int) -> None:
         """Reserve an image's pixels, or raise `Overloaded` (503) when they would exceed the budget."""
-        budget, pixels = self.budget, width * height
-        with budget._lock:
-            if budget.in_use + pixels > budget.limit:
-                raise Overloaded(
-                    f"Too many image pixels in flight ({budget.in_use} + {pixels} of {budget.limit}, "
-                    "MACHINE_LEARNING_MAX_PIXELS_IN_FLIGHT); retry shortly"
-                )
-            budget.in_use += pixels
-            budget._since_trim += pixels
-        self.pixels += pixels
+        self.budget._take(width * height)
+        self.pixels += width * height
 
     def release(self) -> bool:
         """Give the pixels back; True when this emptied the budget after a burst (time to return the heap)."""
-        budget, pixels, self.pixels = self.budget, self.pixels, 0
-        if not pixels:
-            return False
-        with budget._lock:
-            budget.in_use -= pixels
-            idle_after_burst = budget.in_use == 0 and budget._since_trim >= _TRIM_AFTER_PIXELS
-            if idle_after_burst:
-                budget._since_trim = 0
-        return idle_after_burst
+        pixels, self.pixels = self.pixels, 0
+        return bool(pixels) and self.budget._give_back(pixels)
 
 
 def decode_image(
