@@ -44,8 +44,8 @@ GOOD_JOURNAL = (
     "loaded clip/ViT-B-32__openai/visual using CUDAExecutionProvider, CPUExecutionProvider",
 )
 FALLBACK_LINE = (
-    "CUDAExecutionProvider failed to initialise for clip/ViT-B-32__openai/visual; running on the "
-    "CPU instead (check the driver, CUDA/cuDNN libraries and `immich-gpu-check`)"
+    "CUDAExecutionProvider failed to initialise for clip/ViT-B-32__openai/visual; running on "
+    "CPUExecutionProvider instead (check the driver, CUDA/cuDNN/TensorRT libraries and `immich-gpu-check`)"
 )
 
 

@@ -1,4 +1,5 @@
-"""ONNX Runtime sessions: provider choice and options from settings, and the providers really in use."""
+"""ONNX Runtime sessions: provider choice and options from settings, the providers really in use, and the one way
+a batch of several callers' inputs runs (`OnnxSession.run_rows`)."""
 
 from __future__ import annotations
 
@@ -147,7 +148,7 @@ class SessionFactory:
         return wanted
 
     def create(self, model_path: Path, *, cache_key: str, split_between: int = 1) -> OnnxSession:
-        """Load `model_path`; log the providers in use; raise in strict mode if a GPU one was lost.
+        """Load `model_path`; log the providers in use; raise in strict mode if the first one asked for was lost.
 
         `split_between` > 1 divides the default CPU intra-op threads between that many runs at once (each gets
         its part); with 1, or MACHINE_LEARNING_MODEL_INTRA_OP_THREADS set, concurrent runs share all of them.
@@ -163,11 +164,10 @@ class SessionFactory:
                     provider_options=options,
                 )
             )
-        used_gpu = session.providers[0] != CPU
-        if wanted[0] != CPU and not used_gpu:
+        if session.providers[0] != wanted[0]:  # also TensorRT falling back to plain CUDA
             message = (
-                f"{wanted[0]} failed to initialise for {cache_key}; running on the CPU instead "
-                "(check the driver, CUDA/cuDNN libraries and `immich-gpu-check`)"
+                f"{wanted[0]} failed to initialise for {cache_key}; running on {session.providers[0]} instead "
+                "(check the driver, CUDA/cuDNN/TensorRT libraries and `immich-gpu-check`)"
             )
             if self.settings.provider_strict:
                 raise ProviderError(message)
