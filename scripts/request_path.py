@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Which immich_ml modules one warm request runs code in, and which module calls which: a CLIP image, a CLIP
-text and a face request.
+text, a face and an OCR request.
 
 The daemon's serving stack (aiohttp's `AppRunner` behind `TrackedSite`, the connection tracker) listens on a
 loopback port with generated models (tests/modelgen.py, so run it from the repository with the test
@@ -49,10 +49,11 @@ from immich_ml.http.app import create_app  # noqa: E402
 from immich_ml.http.appkeys import CONNECTIONS, REGISTRY  # noqa: E402
 from immich_ml.http.connections import Connections, TrackedSite  # noqa: E402
 from immich_ml.settings import Settings  # noqa: E402
-from tests import modelgen  # noqa: E402
+from tests import modelgen, ocrimages  # noqa: E402
 from tests.conftest import predict_form  # noqa: E402
 
 CLIP = "ViT-B-32__openai"
+OCR = "PP-OCRv5_mobile"
 FACE = modelgen.Face(stride=16, cell_x=12, cell_y=14, anchor=0, score=0.92, distances=(40.3, 48.0, 40.0, 56.2))
 OUTSIDE = "outside"
 
@@ -247,12 +248,18 @@ async def trace_requests(cache: Path) -> dict[str, dict[str, Any]]:
     modelgen.write_scrfd(cache, "buffalo_l", [FACE])
     modelgen.write_arcface(cache, "buffalo_l")
     settings = Settings(cache_folder=cache, request_threads=2, model_ttl_poll_s=0, hf_offline=True)
+    modelgen.write_ocr(cache, OCR)
     image = modelgen.png_bytes(modelgen.make_gradient_image(640, 480, seed=3))
+    page = modelgen.png_bytes(ocrimages.render([("Smart search finds text", (20, 30)), ("in photos", (20, 100))])[0])
     faces = {"detection": {"modelName": "buffalo_l"}, "recognition": {"modelName": "buffalo_l"}}
     requests: dict[str, tuple[str, dict[str, Any]]] = {
         "CLIP visual": (json.dumps({"clip": {"visual": {"modelName": CLIP}}}), {"image": image}),
         "CLIP textual": (json.dumps({"clip": {"textual": {"modelName": CLIP}}}), {"text": "a photo"}),
         "faces": (json.dumps({"facial-recognition": faces}), {"image": image}),
+        "OCR": (
+            json.dumps({"ocr": {"detection": {"modelName": OCR}, "recognition": {"modelName": OCR}}}),
+            {"image": page},
+        ),
     }
     tracer = Tracer()
     paths: dict[str, dict[str, Any]] = {}

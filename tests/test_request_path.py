@@ -1,4 +1,4 @@
-"""scripts/request_path.py: its tracer on a synthetic package, and the three request paths it measures."""
+"""scripts/request_path.py: its tracer on a synthetic package, and the four request paths it measures."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "request_path.py"
-REQUESTS = ("CLIP visual", "CLIP textual", "faces")
+REQUESTS = ("CLIP visual", "CLIP textual", "faces", "OCR")
 
 _SYNTHETIC = {
     "__init__.py": "",
@@ -107,7 +107,7 @@ def test_scheduled_work_is_called_by_the_module_that_scheduled_it(
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The tool's JSON for the three requests, from one run of the script."""
+    """The tool's JSON for the four requests, from one run of the script."""
     output = tmp_path_factory.mktemp("request_path") / "paths.json"
     run = subprocess.run(
         [sys.executable, str(SCRIPT), "--json", str(output)], capture_output=True, text=True, timeout=120
@@ -130,6 +130,6 @@ def test_every_request_runs_code_in_modules_reached_from_outside(paths: dict[str
         assert path["old_entries_from_another_file"] >= calls, name  # every call between modules is one
 
 
-@pytest.mark.parametrize("name", ["CLIP visual", "CLIP textual"])
-def test_no_module_of_a_clip_path_is_entered_from_more_than_one_place(paths: dict[str, Any], name: str) -> None:
+@pytest.mark.parametrize("name", REQUESTS)
+def test_no_module_of_a_request_path_is_entered_from_more_than_one_place(paths: dict[str, Any], name: str) -> None:
     assert paths[name]["entered_from_more_than_one_place"] == {}

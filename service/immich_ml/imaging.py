@@ -12,13 +12,12 @@ from __future__ import annotations
 import io
 import threading
 
-import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from immich_ml.causes import cause_of
 from immich_ml.errors import BadImage, ImmichMLError, Overloaded, PayloadTooLarge
 
-__all__ = ["PixelBudget", "Reservation", "Size", "decode_image", "to_bgr"]
+__all__ = ["PixelBudget", "Reservation", "Size", "decode_image"]
 
 Size = tuple[int, int]
 """(width, height) in pixels."""
@@ -122,8 +121,3 @@ def decode_image(
         raise BadImage("Image has zero width or height")
     # Upstream converts every mode with Pillow's own rules (no EXIF rotation; previews are upright).
     return (image if image.mode == "RGB" else image.convert("RGB")), (width, height)
-
-
-def to_bgr(image: Image.Image) -> np.ndarray:
-    """The image as a contiguous uint8 HWC array in BGR order (what OpenCV-style models expect)."""
-    return np.ascontiguousarray(np.asarray(image)[:, :, ::-1])

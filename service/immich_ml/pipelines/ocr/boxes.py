@@ -15,7 +15,6 @@ from numpy.typing import NDArray
 from PIL import Image
 from rapidocr.ch_ppocr_det.utils import DBPostProcess
 
-from immich_ml.imaging import to_bgr
 from immich_ml.settings import Preprocessing
 
 __all__ = [
@@ -76,7 +75,7 @@ def detection_input(image: Image.Image, max_resolution: int, preprocessing: Prep
     Released upstream feeds `(x − 0.5) / 127.5` (values in about [0, 2]); the newest feeds `x / 127.5 − 1`.
     """
     size = detection_size(image.width, image.height, max_resolution)
-    pixels = to_bgr(image.resize(size, resample=Image.Resampling.LANCZOS)).astype(np.float32)
+    pixels = np.asarray(image.resize(size, resample=Image.Resampling.LANCZOS), dtype=np.float32)[:, :, ::-1]  # BGR
     if preprocessing is Preprocessing.RELEASED:
         pixels = (pixels - 0.5) / 127.5
     else:

@@ -21,8 +21,6 @@ from PIL import Image
 from rapidocr.ch_ppocr_rec import TextRecognizer as RapidTextRecognizer
 from rapidocr.ch_ppocr_rec.utils import CTCLabelDecode
 
-from immich_ml.imaging import to_bgr
-
 __all__ = [
     "REC_HEIGHT",
     "Recognised",
@@ -90,7 +88,7 @@ def crop_line(image: Image.Image, corners: NDArray[np.floating]) -> Crop:
     )
     if height / width >= _TALL_RATIO:
         crop = crop.rotate(90, expand=True)
-    return to_bgr(crop)
+    return np.ascontiguousarray(np.asarray(crop)[:, :, ::-1])  # PP-OCR reads BGR
 
 
 def _ratio(crop: Crop) -> float:
