@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import contextvars
 import dis
 import functools
 import inspect
@@ -77,14 +76,11 @@ def _first_resume(code: CodeType) -> int:
 
 
 def _code_of(scheduled: object) -> CodeType | None:
-    """The code a scheduled callable will run: through partials, `Context.run` partials and bound methods."""
+    """The code a scheduled callable will run: through partials and bound methods."""
     if isinstance(scheduled, threading.Thread):
         scheduled = getattr(scheduled, "_target", None) or scheduled.run
     while isinstance(scheduled, functools.partial):
-        if isinstance(getattr(scheduled.func, "__self__", None), contextvars.Context) and scheduled.args:
-            scheduled = scheduled.args[0]  # partial(context.run, func, ...)
-        else:
-            scheduled = scheduled.func
+        scheduled = scheduled.func
     scheduled = getattr(scheduled, "__func__", scheduled)
     code = getattr(scheduled, "__code__", None)
     return code if isinstance(code, CodeType) else None

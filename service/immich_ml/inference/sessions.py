@@ -52,7 +52,7 @@ class OnnxSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run the graph; a graph with a fixed batch of 1 is run row by row and the rows stacked."""
-        batch = len(next(iter(feeds.values())))
+        batch = _rows(feeds)
         if self.fixed_batch != 1 or batch == 1:
             return list(self._session.run(None, feeds))
         rows = [
@@ -76,10 +76,15 @@ class OnnxSession:
             results = self.run({name: np.concatenate([inputs[i][name] for i in members]) for name in names})
             offset = 0
             for index in members:
-                rows = len(next(iter(inputs[index].values())))
+                rows = _rows(inputs[index])
                 outputs[index] = [result[offset : offset + rows] for result in results]
                 offset += rows
         return outputs
+
+
+def _rows(feeds: Feeds) -> int:
+    """How many rows an input carries (the leading axis of its arrays)."""
+    return len(next(iter(feeds.values())))
 
 
 def _runs(inputs: Sequence[Feeds], max_rows: int) -> list[list[int]]:
@@ -93,7 +98,7 @@ def _runs(inputs: Sequence[Feeds], max_rows: int) -> list[list[int]]:
         rows = 0
         runs.append([])
         for index in members:
-            size = len(next(iter(inputs[index].values())))
+            size = _rows(inputs[index])
             if runs[-1] and rows + size > max_rows:
                 runs.append([])
                 rows = 0
