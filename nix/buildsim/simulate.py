@@ -283,7 +283,8 @@ def run_build(record: dict[str, Any], sites: dict[str, Path], build: Path, junit
         environment["PYTEST_ADDOPTS"] = record["PYTEST_ADDOPTS"]
     # Reporting only: list failures and skips in the log, and per-test outcomes for the summary.
     arguments = [*pytest_arguments(record), "-rfEs", f"--junitxml={junit}"]
-    shell = 'ip link set lo up && exec setpriv --reuid={0} --regid={0} --clear-groups env -i "$@"'.format(BUILDER_USER)
+    user = f"--reuid={BUILDER_USER} --regid={BUILDER_USER} --clear-groups"
+    shell = f'ip link set lo up && exec setpriv {user} env -i "$@"'
     builder = ["bash", str(build / "builder.sh"), *arguments]
     env_args = [f"{key}={value}" for key, value in environment.items()]
     command = ["unshare", "--net", "--", "sh", "-c", shell, "sh", *env_args, *builder]

@@ -173,6 +173,23 @@ def test_import_rejects_a_folder_without_models(tmp_path: Path, capsys: pytest.C
     assert "no models found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("member", ["../escaped/model.onnx", "/tmp/absolute/model.onnx", "clip/link"])
+def test_import_refuses_an_archive_member_outside_the_cache_or_not_a_plain_file(
+    tmp_path: Path, member: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    archive, cache = tmp_path / "hostile.tar", tmp_path / "cache" / "inner"
+    modelgen.write_clip(tmp_path / "good", "ViT-B-32__openai")
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tmp_path / "good" / "clip", arcname="clip")
+        entry = tarfile.TarInfo(member)
+        if member.endswith("link"):
+            entry.type, entry.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(entry)
+    assert cli_main(["models", "--cache", str(cache), "import", str(archive)]) == 1
+    assert f"refusing archive member {member!r}" in capsys.readouterr().err
+    assert not (cache / "clip").exists() and not (tmp_path / "cache" / "escaped").exists()
+
+
 def test_import_replaces_an_older_copy_whole(tmp_path: Path) -> None:
     old, new, cache = tmp_path / "old", tmp_path / "new", tmp_path / "cache"
     modelgen.write_clip(old, "ViT-B-32__openai")
