@@ -7,6 +7,7 @@ store paths (PyPI installs and wheels, host files), copies exactly the `src` fil
 phases as `nobody` in a fresh network namespace; it exits non-zero when a phase (the check included) fails.
 
     nix/buildsim/simulate.py record [--package nix/package.nix] [--lib LIB]
+    nix/buildsim/simulate.py fetch [--package nix/package.nix] [--lib LIB]
     nix/buildsim/simulate.py run [--lib LIB] [--summary summary.json] [--keep]
 
 LIB is a nixpkgs `lib` folder (or a checkout holding lib/); default $NIXPKGS_LIB, else the stand-in
@@ -336,7 +337,7 @@ def simulate(arguments: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("record", "run"))
+    parser.add_argument("action", choices=("record", "fetch", "run"))
     parser.add_argument("--package", type=Path, default=REPO / "nix" / "package.nix")
     parser.add_argument("--lib", help="nixpkgs lib folder (default $NIXPKGS_LIB, else nix/stand-in)")
     parser.add_argument("--store", default="/buildsim-store", help="record: the stub store's prefix")
@@ -347,6 +348,10 @@ def main() -> int:
     if arguments.action == "record":
         record = evaluate(arguments.package, find_lib(arguments.lib), Path(arguments.store))
         print(json.dumps(summary_of(record), indent=1))
+        return 0
+    if arguments.action == "fetch":
+        for wheel in wheels(evaluate(arguments.package, find_lib(arguments.lib), Path(arguments.store))):
+            print(f"{fetch_wheel(wheel)}: {wheel.hash}")
         return 0
     return simulate(arguments)
 
