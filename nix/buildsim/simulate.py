@@ -256,6 +256,11 @@ def check_disabled_paths(record: dict[str, Any], source: Path) -> None:
             sys.exit(f"buildsim: disabled tests path {path} does not exist")
 
 
+def relaxed(setting: bool | list[str]) -> str:
+    """pythonRelaxDeps for builder.sh: `*` for every dependency, else the names, space-separated."""
+    return "*" if setting is True else " ".join(setting or [])
+
+
 def run_build(record: dict[str, Any], sites: dict[str, Path], build: Path, junit: Path) -> int:
     """builder.sh as `nobody`, in a network namespace of its own (loopback only), with nixpkgs' environment."""
     store = Path(record["storeDir"])
@@ -277,7 +282,7 @@ def run_build(record: dict[str, Any], sites: dict[str, Path], build: Path, junit
         "postCheck": record["postCheck"],
         "pythonImportsCheck": " ".join(record["pythonImportsCheck"]),
         "doCheck": "1" if record["doCheck"] else "",
-        "pythonRelaxDeps": "1" if record["pythonRelaxDeps"] is True else "",
+        "pythonRelaxDeps": relaxed(record["pythonRelaxDeps"]),
         "buildsimTools": str(sites["tools"]),
     }
     if record["PYTEST_ADDOPTS"] is not None:
@@ -322,7 +327,7 @@ def simulate(arguments: argparse.Namespace) -> int:
         for owned in (build, out):
             subprocess.run(["chown", "-R", f"{BUILDER_USER}:{BUILDER_USER}", str(owned)], check=True)
         status = run_build(record, sites, build, build / "junit.xml")
-        result = {"status": status, **outcomes(build / "junit.xml"), "record": summary_of(record)}
+        result = {"status": status, **outcomes(build / "junit.xml")}
         if arguments.summary:
             Path(arguments.summary).write_text(json.dumps(result, indent=1) + "\n")
         counts = result["counts"]
@@ -342,7 +347,7 @@ def main() -> int:
     parser.add_argument("--lib", help="nixpkgs lib folder (default $NIXPKGS_LIB, else nix/stand-in)")
     parser.add_argument("--store", default="/buildsim-store", help="record: the stub store's prefix")
     parser.add_argument("--python", default="/usr/bin/python3.11", help="run: the bare interpreter")
-    parser.add_argument("--summary", help="run: write counts, per-test outcomes and the record here (JSON)")
+    parser.add_argument("--summary", help="run: write the exit status, counts and per-test outcomes here (JSON)")
     parser.add_argument("--keep", action="store_true", help="run: keep the scratch store and build folder")
     arguments = parser.parse_args()
     if arguments.action == "record":
