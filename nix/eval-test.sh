@@ -5,13 +5,21 @@
 # Usage: nix/eval-test.sh [PATH]
 #   PATH, or $NIXPKGS_LIB: a checkout of nixpkgs or of nix-community/nixpkgs.lib (the folder that
 #   holds lib/), or the lib/ folder itself. Needs only nix-instantiate (Debian: nix-bin), no network.
-# Without a library it evaluates with nix/stand-in, our own small implementation of the `lib`
-# functions nix/ uses (what CI does). The stand-in is the entry point for any evaluation here:
+#
+# Without a library (CI) it evaluates with nix/stand-in, our own small implementation of the `lib`
+# functions nix/ uses, and fails when nix/ changed since the stand-in was last compared with the
+# real library (the hash in nix/stand-in/checked-against-real-lib). With a library it evaluates
+# with both, compares what they decide (`--argstr output summary`: every option, the evaluated
+# configs with their units, the package's arguments, the nginx configs) and, when they agree,
+# records the hash of nix/ and the library's revision there: commit that file.
+#
+# The stand-in is the entry point for any evaluation here, e.g.
 #   nix-instantiate --store dummy:// --eval --strict nix/tests/eval.nix --arg lib 'import ./nix/stand-in'
-#   nix-instantiate --store dummy:// --eval --strict -E 'import ./nix/package.nix { lib = import ./nix/stand-in; ... }'
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+stand_in=$here/stand-in
+record=$stand_in/checked-against-real-lib
 lib_path=${1:-${NIXPKGS_LIB:-}}
 
 fail() {
@@ -20,22 +28,85 @@ fail() {
 }
 
 command -v nix-instantiate >/dev/null || fail "nix-instantiate not found (apt-get install nix-bin)"
-if [[ -z $lib_path ]]; then
-  lib_path=$here/stand-in
-elif [[ -f $lib_path/lib/default.nix ]]; then
-  lib_path=$lib_path/lib
-elif [[ ! -f $lib_path/default.nix ]]; then
-  fail "$lib_path holds neither lib/default.nix nor default.nix"
+if [[ -n $lib_path ]]; then
+  if [[ -f $lib_path/lib/default.nix ]]; then
+    lib_path=$lib_path/lib
+  elif [[ ! -f $lib_path/default.nix ]]; then
+    fail "$lib_path holds neither lib/default.nix nor default.nix"
+  fi
+  lib_path=$(cd "$lib_path" && pwd)
 fi
-lib_path=$(cd "$lib_path" && pwd)
 
 # Nothing here needs a store, the daemon or channels: the dummy store lets a non-root user run
 # this where /nix/var belongs to root.
 export NIX_PATH=
 evaluate() {
-  nix-instantiate --store dummy:// --eval --strict "$here/tests/eval.nix" --arg lib "import $lib_path" "$@"
+  local lib=$1
+  shift
+  nix-instantiate --store dummy:// --eval --strict "$here/tests/eval.nix" --arg lib "import $lib" "$@"
 }
-evaluate
+
+# sha256 over the names and contents of nix/'s files and flake.nix (tracked or new, not ignored),
+# the record itself left out.
+nix_tree_hash() {
+  local root
+  root=$(cd "$here/.." && pwd)
+  (
+    cd "$root"
+    git ls-files --cached --others --exclude-standard -- nix flake.nix |
+      grep -vxF "nix/stand-in/$(basename "$record")" | LC_ALL=C sort -u |
+      while IFS= read -r file; do
+        [[ -f $file ]] && sha256sum -- "$file"
+      done
+  ) | sha256sum | cut -d' ' -f1
+}
+
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+
+if [[ -z $lib_path ]]; then
+  echo "nix eval: nixpkgs' lib not given, evaluating with our stand-in (nix/stand-in)"
+  evaluate "$stand_in"
+  recorded=$(sed -n 's/^nix-tree-sha256 //p' "$record" 2>/dev/null || true)
+  current=$(nix_tree_hash)
+  if [[ $recorded != "$current" ]]; then
+    fail "nix/ changed since the stand-in was last checked against nixpkgs' lib
+  (recorded ${recorded:-nothing} in nix/stand-in/$(basename "$record"), now $current). With nixpkgs' lib at hand
+  (git clone https://github.com/nix-community/nixpkgs.lib /path/to/nixpkgs.lib), run
+    nix/eval-test.sh /path/to/nixpkgs.lib
+  and commit nix/stand-in/$(basename "$record")."
+  fi
+  echo "nix eval: nix/ is as it was when the stand-in last agreed with nixpkgs' lib ($(sed -n 's/^nixpkgs-lib //p' "$record"))"
+  nginx_lib=$stand_in
+else
+  echo "nix eval: with nixpkgs' lib ($lib_path) and with our stand-in"
+  evaluate "$lib_path"
+  evaluate "$stand_in"
+  # The summary forces the renamed option, whose use nixpkgs traces: keep stderr for failures only.
+  for side in real stand-in; do
+    lib=$lib_path
+    [[ $side == stand-in ]] && lib=$stand_in
+    evaluate "$lib" --argstr output summary --json >"$scratch/$side.json" 2>"$scratch/$side.err" ||
+      { cat "$scratch/$side.err" >&2; fail "the summary does not evaluate with the $side library"; }
+  done
+  if ! cmp -s "$scratch/real.json" "$scratch/stand-in.json"; then
+    if command -v python3 >/dev/null; then
+      for side in real stand-in; do python3 -m json.tool --sort-keys "$scratch/$side.json" >"$scratch/$side.pretty"; done
+      diff -u "$scratch/real.pretty" "$scratch/stand-in.pretty" | head -200 >&2 || true
+    fi
+    fail "the stand-in's results differ from nixpkgs' lib (diff above: - nixpkgs' lib, + stand-in); fix nix/stand-in"
+  fi
+  revision=$(git -C "$lib_path" rev-parse HEAD 2>/dev/null || echo "${NIXPKGS_LIB_REV:-unknown revision}")
+  version=$(cat "$lib_path/.version" 2>/dev/null || echo "?")
+  {
+    echo "# Written by nix/eval-test.sh when nix/stand-in and nixpkgs' lib gave the same results for"
+    echo "# nix/tests/eval.nix (checks and summary). CI fails when the hash of nix/ no longer matches."
+    echo "nix-tree-sha256 $(nix_tree_hash)"
+    echo "nixpkgs-lib $revision (lib/.version $version)"
+  } >"$record"
+  echo "nix eval: the stand-in agrees with nixpkgs' lib ($(wc -c <"$scratch/real.json") bytes of summary); recorded in $record"
+  nginx_lib=$lib_path
+fi
 
 # The balancer's nginx configuration, as the module generates it, must pass `nginx -t`.
 nginx=$(command -v nginx || { [ -x /usr/sbin/nginx ] && echo /usr/sbin/nginx; } || true)
@@ -44,12 +115,10 @@ if [[ -z $nginx ]]; then
   echo "nginx -t of the balancer configuration SKIPPED: nginx or python3 not found" >&2
   exit 0
 fi
-scratch=$(mktemp -d)
-trap 'rm -rf "$scratch"' EXIT
 for variant in nginx nginx-allowlisted; do
   {
     echo "pid $scratch/nginx.pid; error_log stderr; events {}"
-    evaluate --argstr output "$variant" --json | python3 -c 'import json, sys; print(json.load(sys.stdin))'
+    evaluate "$nginx_lib" --argstr output "$variant" --json | python3 -c 'import json, sys; print(json.load(sys.stdin))'
   } >"$scratch/$variant.conf"
   "$nginx" -q -t -p "$scratch" -e stderr -c "$scratch/$variant.conf"
   echo "nginx -t: the $variant balancer configuration is valid"

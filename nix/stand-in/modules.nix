@@ -369,7 +369,8 @@ let
           operator = module: builtins.filter (imported: !builtins.elem imported.key disabled) (importsOf module);
         };
       disabledKeys = map toString (builtins.concatMap (module: module.disabledModules) (closure [ ]));
-      collected = if disabledKeys == [ ] then closure [ ] else closure disabledKeys;
+      # Definitions are listed in the order nixpkgs gives them: the last module reached first.
+      collected = lib.reverseList (if disabledKeys == [ ] then closure [ ] else closure disabledKeys);
 
       tree = mergeTree prefix (map (module: { inherit (module) file options; }) collected) (
         map (module: {

@@ -13,6 +13,7 @@ let
       to,
       visible,
       warn,
+      use,
     }:
     { config, options, ... }:
     let
@@ -25,7 +26,9 @@ let
           {
             inherit visible;
             description = "Alias of {option}`${showOption to}`.";
-            apply = _: lib.attrByPath to (throw "Renaming error: option `${showOption to}' does not exist.") config;
+            apply =
+              _:
+              use (lib.attrByPath to (throw "Renaming error: option `${showOption to}' does not exist.") config);
           }
           // lib.optionalAttrs (target ? type) { inherit (target) type; }
         )
@@ -45,6 +48,7 @@ in
       inherit from to;
       visible = false;
       warn = true;
+      use = builtins.trace "Obsolete option `${showOption from}' is used. It was renamed to `${showOption to}'.";
     };
   mkAliasOptionModule =
     from: to:
@@ -52,6 +56,7 @@ in
       inherit from to;
       visible = true;
       warn = false;
+      use = lib.id;
     };
 
   mkRemovedOptionModule =
