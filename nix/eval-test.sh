@@ -10,7 +10,8 @@
 # functions nix/ uses, and fails when nix/ changed since the stand-in was last compared with the
 # real library (the hash in nix/stand-in/checked-against-real-lib). With a library it evaluates
 # with both, compares what they decide (`--argstr output summary`: every option, the evaluated
-# configs with their units, the package's arguments, the nginx configs) and, when they agree,
+# configs with their units, the package's arguments, the nginx configs; and nix/tests/stand-in.nix,
+# the module system's behaviour beyond what nix/ uses today) and, when they agree,
 # records the hash of nix/ and the library's revision there: commit that file.
 #
 # The stand-in is the entry point for any evaluation here, e.g.
@@ -45,6 +46,20 @@ evaluate() {
   shift
   nix-instantiate --store dummy:// --eval --strict "$here/tests/eval.nix" --arg lib "import $lib" "$@"
 }
+# What a library decides, as JSON: eval.nix's summary and the module system's behaviour beyond
+# today's module (nix/tests/stand-in.nix). The summary forces the renamed option, whose use
+# nixpkgs traces: stderr is kept for failures only.
+results() {
+  local lib=$1 side=$2
+  for what in summary behaviour; do
+    if [[ $what == summary ]]; then
+      evaluate "$lib" --argstr output summary --json
+    else
+      nix-instantiate --store dummy:// --eval --strict --json "$here/tests/stand-in.nix" --arg lib "import $lib"
+    fi >"$scratch/$side.$what.json" 2>"$scratch/$side.$what.err" ||
+      { cat "$scratch/$side.$what.err" >&2; fail "the $what does not evaluate with the $side library"; }
+  done
+}
 
 # sha256 over the names and contents of nix/'s files and flake.nix (tracked or new, not ignored),
 # the record itself left out.
@@ -67,6 +82,7 @@ trap 'rm -rf "$scratch"' EXIT
 if [[ -z $lib_path ]]; then
   echo "nix eval: nixpkgs' lib not given, evaluating with our stand-in (nix/stand-in)"
   evaluate "$stand_in"
+  results "$stand_in" stand-in
   recorded=$(sed -n 's/^nix-tree-sha256 //p' "$record" 2>/dev/null || true)
   current=$(nix_tree_hash)
   if [[ $recorded != "$current" ]]; then
@@ -82,29 +98,29 @@ else
   echo "nix eval: with nixpkgs' lib ($lib_path) and with our stand-in"
   evaluate "$lib_path"
   evaluate "$stand_in"
-  # The summary forces the renamed option, whose use nixpkgs traces: keep stderr for failures only.
-  for side in real stand-in; do
-    lib=$lib_path
-    [[ $side == stand-in ]] && lib=$stand_in
-    evaluate "$lib" --argstr output summary --json >"$scratch/$side.json" 2>"$scratch/$side.err" ||
-      { cat "$scratch/$side.err" >&2; fail "the summary does not evaluate with the $side library"; }
-  done
-  if ! cmp -s "$scratch/real.json" "$scratch/stand-in.json"; then
-    if command -v python3 >/dev/null; then
-      for side in real stand-in; do python3 -m json.tool --sort-keys "$scratch/$side.json" >"$scratch/$side.pretty"; done
-      diff -u "$scratch/real.pretty" "$scratch/stand-in.pretty" | head -200 >&2 || true
+  results "$lib_path" real
+  results "$stand_in" stand-in
+  for what in summary behaviour; do
+    if ! cmp -s "$scratch/real.$what.json" "$scratch/stand-in.$what.json"; then
+      if command -v python3 >/dev/null; then
+        for side in real stand-in; do
+          python3 -m json.tool --sort-keys "$scratch/$side.$what.json" >"$scratch/$side.$what.pretty"
+        done
+        diff -u "$scratch/real.$what.pretty" "$scratch/stand-in.$what.pretty" | head -200 >&2 || true
+      fi
+      fail "the stand-in's $what differs from nixpkgs' lib's (diff above: - nixpkgs' lib, + stand-in); fix nix/stand-in"
     fi
-    fail "the stand-in's results differ from nixpkgs' lib (diff above: - nixpkgs' lib, + stand-in); fix nix/stand-in"
-  fi
+  done
   revision=$(git -C "$lib_path" rev-parse HEAD 2>/dev/null || echo "${NIXPKGS_LIB_REV:-unknown revision}")
   version=$(cat "$lib_path/.version" 2>/dev/null || echo "?")
   {
     echo "# Written by nix/eval-test.sh when nix/stand-in and nixpkgs' lib gave the same results for"
-    echo "# nix/tests/eval.nix (checks and summary). CI fails when the hash of nix/ no longer matches."
+    echo "# nix/tests/eval.nix (checks and summary) and nix/tests/stand-in.nix. CI fails when the hash"
+    echo "# of nix/ and flake.nix no longer matches."
     echo "nix-tree-sha256 $(nix_tree_hash)"
     echo "nixpkgs-lib $revision (lib/.version $version)"
   } >"$record"
-  echo "nix eval: the stand-in agrees with nixpkgs' lib ($(wc -c <"$scratch/real.json") bytes of summary); recorded in $record"
+  echo "nix eval: the stand-in agrees with nixpkgs' lib ($(cat "$scratch"/real.*.json | wc -c) bytes of JSON); recorded in nix/stand-in/$(basename "$record")"
   nginx_lib=$lib_path
 fi
 

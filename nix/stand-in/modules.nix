@@ -368,7 +368,16 @@ let
           startSet = builtins.filter (module: !builtins.elem module.key disabled) topLevel;
           operator = module: builtins.filter (imported: !builtins.elem imported.key disabled) (importsOf module);
         };
-      disabledKeys = map toString (builtins.concatMap (module: module.disabledModules) (closure [ ]));
+      # disabledModules names a module by its file, its `key`, or a file under specialArgs.modulesPath.
+      disabledKey =
+        entry:
+        if builtins.isAttrs entry then
+          toString entry.key
+        else if builtins.isString entry && !lib.hasPrefix "/" entry && specialArgs ? modulesPath then
+          "${toString specialArgs.modulesPath}/${entry}"
+        else
+          toString entry;
+      disabledKeys = map disabledKey (builtins.concatMap (module: module.disabledModules) (closure [ ]));
       # Definitions are listed in the order nixpkgs gives them: the last module reached first.
       collected = lib.reverseList (if disabledKeys == [ ] then closure [ ] else closure disabledKeys);
 

@@ -21,7 +21,8 @@ rec {
       description = "Whether to enable ${name}.";
     };
 
-  # The option for `pkgs.<name>` (or the attribute path `default`), described the way nixpkgs does.
+  # The option for `pkgs.<name>` (or the attribute path `default`), described the way nixpkgs does;
+  # a string `example` is an expression, a list an attribute path in `pkgs`.
   mkPackageOption =
     pkgs: name:
     {
@@ -35,7 +36,7 @@ rec {
       namePath = lib.toList name;
       defaultPath = if default == null then namePath else lib.toList default;
       pathText = path: builtins.concatStringsSep "." ([ pkgsText ] ++ path);
-      shownName = builtins.concatStringsSep "." namePath;
+      shownName = lib.last namePath;
     in
     mkOption (
       {
@@ -45,7 +46,7 @@ rec {
         description = "The ${shownName} package to use." + lib.optionalString (extraDescription != "") " ${extraDescription}";
       }
       // lib.optionalAttrs (example != null) {
-        example = literalExpression (if builtins.isString example then pathText [ example ] else pathText example);
+        example = literalExpression (if builtins.isString example then example else pathText example);
       }
     );
 
