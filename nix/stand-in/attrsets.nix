@@ -16,6 +16,7 @@ rec {
   filterAttrs = pred: set: builtins.removeAttrs set (builtins.filter (name: !pred name set.${name}) (builtins.attrNames set));
   nameValuePair = name: value: { inherit name value; };
   mapAttrsToList = f: set: map (name: f name set.${name}) (builtins.attrNames set);
+  mapAttrs' = f: set: builtins.listToAttrs (mapAttrsToList f set);
   genAttrs = names: f: builtins.listToAttrs (map (name: nameValuePair name (f name)) names);
   optionalAttrs = condition: set: if condition then set else { };
   attrByPath =

@@ -63,8 +63,19 @@ rec {
   toUpper = replaceStrings (stringToCharacters "abcdefghijklmnopqrstuvwxyz") (stringToCharacters "ABCDEFGHIJKLMNOPQRSTUVWXYZ");
   toLower = replaceStrings (stringToCharacters "ABCDEFGHIJKLMNOPQRSTUVWXYZ") (stringToCharacters "abcdefghijklmnopqrstuvwxyz");
   escapeShellArg = arg: "'${replaceStrings [ "'" ] [ "'\\''" ] (toString arg)}'";
+  escapeShellArgs = args: builtins.concatStringsSep " " (map escapeShellArg args);
+  makeSearchPath = subdir: packages: builtins.concatStringsSep ":" (map (p: "${toString p}/${subdir}") packages);
+  makeBinPath = packages: makeSearchPath "bin" (map lib.getBin packages);
+  makeLibraryPath = packages: makeSearchPath "lib" (map lib.getLib packages);
   isStringLike = x: builtins.isString x || builtins.isPath x || x ? outPath || x ? __toString;
 
   versionOlder = a: b: builtins.compareVersions a b < 0;
   versionAtLeast = a: b: !versionOlder a b;
+  versions = {
+    splitVersion = builtins.splitVersion;
+    major = v: builtins.elemAt (builtins.splitVersion v) 0;
+    minor = v: builtins.elemAt (builtins.splitVersion v) 1;
+    patch = v: builtins.elemAt (builtins.splitVersion v) 2;
+    majorMinor = v: "${builtins.elemAt (builtins.splitVersion v) 0}.${builtins.elemAt (builtins.splitVersion v) 1}";
+  };
 }

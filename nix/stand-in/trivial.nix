@@ -34,6 +34,7 @@ rec {
     if builtins.isString x then (builtins.parseDrvName x).version else x.version or (builtins.parseDrvName x.name).version;
   getOutput = output: pkg: pkg.${output} or pkg.out or pkg;
   getBin = getOutput "bin";
+  getLib = getOutput "lib";
   getExe' =
     pkg: program:
     assert lib.assertMsg (lib.isDerivation pkg) "getExe': the first argument is not a derivation";

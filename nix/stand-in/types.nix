@@ -250,6 +250,20 @@ let
       check = builtins.isString;
       merge = mergeEqualOption;
     };
+    nonEmptyStr = mkOptionType {
+      name = "nonEmptyStr";
+      description = "non-empty string";
+      descriptionClass = "noun";
+      check = x: builtins.isString x && builtins.match "[ \t\n]*" x == null;
+      merge = mergeEqualOption;
+    };
+    singleLineStr = mkOptionType {
+      name = "singleLineStr";
+      description = "(optionally newline-terminated) single-line string";
+      descriptionClass = "noun";
+      check = x: builtins.isString x && builtins.match "[^\n]*\n?" x != null;
+      merge = loc: defs: lib.removeSuffix "\n" (mergeEqualOption loc defs);
+    };
     lines = separatedString "\n";
     commas = separatedString ",";
     strMatching =

@@ -269,6 +269,10 @@ plain {
       linesInt = accepts types.lines 1;
       floatInt = accepts types.float 1;
       float = accepts types.float 1.5;
+      nonEmptyStrBlank = accepts types.nonEmptyStr " ";
+      nonEmptyStr = accepts types.nonEmptyStr "a";
+      singleLineTwo = accepts types.singleLineStr "a\nb";
+      singleLineEnd = merged types.singleLineStr [ "a\n" ];
     };
 
   mergedValues = {
@@ -668,6 +672,8 @@ plain {
       (coercedTo int toString str)
       (listOf (coercedTo str (x: { }) (submodule { })))
       (uniq str)
+      nonEmptyStr
+      singleLineStr
       (submodule { })
     ]
   );
@@ -677,6 +683,16 @@ plain {
       split = lib.splitString "." "a.b..c.";
       splitNewline = lib.splitString "\n" "a\nb";
       splitMulti = lib.splitString "::" "a::b:c";
+      suffix = [
+        (lib.hasSuffix ".nix" "a.nix")
+        (lib.hasSuffix "a.nix" ".nix")
+        (lib.toUpper "ab-c")
+        (lib.toLower "AB-C")
+        (lib.concatLines [
+          "a"
+          "b"
+        ])
+      ];
       trim = map lib.trim [
         "  a b \n"
         "\t"
@@ -794,6 +810,21 @@ plain {
       };
       optionalAttrs = lib.optionalAttrs false { a = 1; } // lib.optionalAttrs true { b = 2; };
       mapAttrs = lib.mapAttrs (name: value: name + value) { a = "1"; };
+      mapAttrsRenamed = lib.mapAttrs' (name: value: lib.nameValuePair "x-${name}" value) { a = 1; };
+      recursiveUpdate = lib.recursiveUpdate {
+        a.b = 1;
+        a.c = 2;
+        d = 1;
+      } {
+        a.b = 3;
+        d.e = 4;
+      };
+      attrByPath = [
+        (lib.attrByPath [ "a" "b" ] 0 { a.b = 1; })
+        (lib.attrByPath [ "a" "x" ] 0 { a.b = 1; })
+        (lib.hasAttrByPath [ "a" "b" ] { a.b = null; })
+        (lib.hasAttrByPath [ "a" "b" "c" ] { a.b = 1; })
+      ];
       attrNames = lib.attrNames {
         b = 1;
         a = 2;
@@ -816,6 +847,21 @@ plain {
         (fakePackage "hello-2.12")
         ((fakePackage "x-1") // { pname = "pname-wins"; })
         "plain-3.1"
+      ];
+      binPath = lib.makeBinPath [
+        (fakePackage "a-1")
+        (fakePackage "b-1" // { bin = fakePackage "b-1-bin"; })
+      ];
+      libraryPath = lib.makeLibraryPath [ (fakePackage "c-1" // { lib = fakePackage "c-1-lib"; }) ];
+      shellArgs = lib.escapeShellArgs [
+        "a b"
+        "it's"
+        ""
+      ];
+      versions = map (f: f "12.3.4") [
+        lib.versions.major
+        lib.versions.minor
+        lib.versions.majorMinor
       ];
       license = lib.licenses.agpl3Plus.spdxId;
       linux = builtins.elem "x86_64-linux" lib.platforms.linux && builtins.elem "aarch64-linux" lib.platforms.linux;
