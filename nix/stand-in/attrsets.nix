@@ -5,10 +5,6 @@ rec {
   inherit (builtins)
     attrNames
     attrValues
-    catAttrs
-    getAttr
-    hasAttr
-    intersectAttrs
     listToAttrs
     mapAttrs
     removeAttrs
@@ -54,12 +50,4 @@ rec {
         value
     ) rhs;
   isDerivation = x: builtins.isAttrs x && (x.type or null) == "derivation";
-  collect =
-    pred: set:
-    if pred set then
-      [ set ]
-    else if builtins.isAttrs set then
-      builtins.concatMap (collect pred) (builtins.attrValues set)
-    else
-      [ ];
 }

@@ -22,14 +22,11 @@ rec {
   optionals = condition: list: if condition then list else [ ];
   toList = x: if builtins.isList x then x else [ x ];
   concatLists = builtins.concatLists;
-  flatten = x: if builtins.isList x then builtins.concatMap flatten x else [ x ];
   init = list: builtins.genList (builtins.elemAt list) (builtins.length list - 1);
   last = list: builtins.elemAt list (builtins.length list - 1);
   imap0 = f: list: builtins.genList (i: f i (builtins.elemAt list i)) (builtins.length list);
   imap1 = f: list: builtins.genList (i: f (i + 1) (builtins.elemAt list i)) (builtins.length list);
   unique = builtins.foldl' (acc: x: if builtins.elem x acc then acc else acc ++ [ x ]) [ ];
   count = pred: list: builtins.length (builtins.filter pred list);
-  findFirst = pred: default: list: let found = builtins.filter pred list; in if found == [ ] then default else builtins.head found;
-  partition = builtins.partition;
   range = first: last: if first > last then [ ] else builtins.genList (i: first + i) (last - first + 1);
 }

@@ -433,23 +433,16 @@ let
 in
 {
   inherit
-    defaultOrderPriority
-    defaultOverridePriority
-    dischargeProperties
     evalModules
-    filterOverrides
     mergeDefinitions
     mkIf
     mkMerge
     mkOptionDefault
     mkOrder
     mkOverride
-    pushDownProperties
     ;
   mkDefault = mkOverride 1000;
   mkForce = mkOverride 50;
-  mkVMOverride = mkOverride 10;
   mkBefore = mkOrder 500;
   mkAfter = mkOrder 1500;
-  mkAliasDefinitions = option: mkIf (isOption option && option.isDefined) (mkMerge option.definitions);
 }

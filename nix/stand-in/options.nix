@@ -54,10 +54,6 @@ rec {
     _type = "literalExpression";
     inherit text;
   };
-  literalMD = text: {
-    _type = "literalMD";
-    inherit text;
-  };
 
   getValues = map (def: def.value);
   getFiles = map (def: def.file);

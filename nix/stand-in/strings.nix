@@ -70,7 +70,6 @@ rec {
   isStringLike = x: builtins.isString x || builtins.isPath x || x ? outPath || x ? __toString;
 
   versionOlder = a: b: builtins.compareVersions a b < 0;
-  versionAtLeast = a: b: !versionOlder a b;
   versions = {
     splitVersion = builtins.splitVersion;
     major = v: builtins.elemAt (builtins.splitVersion v) 0;

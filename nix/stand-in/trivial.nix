@@ -15,23 +15,15 @@ rec {
     typeOf
     ;
   id = x: x;
-  const = x: _: x;
-  flip = f: a: b: f b a;
   warn = message: builtins.trace "evaluation warning: ${message}";
-  warnIf = condition: message: if condition then warn message else id;
-  throwIf = condition: message: x: if condition then throw message else x;
   assertMsg = condition: message: condition || throw message;
 
-  importJSON = path: builtins.fromJSON (builtins.readFile path);
   importTOML = path: builtins.fromTOML (builtins.readFile path);
 
   # `pname` when the package has one, else the name without its version.
   getName =
     x:
     if builtins.isString x then (builtins.parseDrvName x).name else x.pname or (builtins.parseDrvName x.name).name;
-  getVersion =
-    x:
-    if builtins.isString x then (builtins.parseDrvName x).version else x.version or (builtins.parseDrvName x.name).version;
   getOutput = output: pkg: pkg.${output} or pkg.out or pkg;
   getBin = getOutput "bin";
   getLib = getOutput "lib";
