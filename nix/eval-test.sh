@@ -64,14 +64,16 @@ results() {
 # sha256 over the names and contents of nix/'s files and flake.nix (tracked or new, not ignored),
 # the record itself left out.
 nix_tree_hash() {
-  local root
+  local root files
   root=$(cd "$here/.." && pwd)
+  files=$(git -C "$root" ls-files --cached --others --exclude-standard -- nix flake.nix) ||
+    fail "the hash of nix/ needs a git checkout (git ls-files)"
   (
     cd "$root"
-    git ls-files --cached --others --exclude-standard -- nix flake.nix |
-      grep -vxF "nix/stand-in/$(basename "$record")" | LC_ALL=C sort -u |
+    echo "$files" |
+      { grep -vxF "nix/stand-in/$(basename "$record")" || true; } | LC_ALL=C sort -u |
       while IFS= read -r file; do
-        [[ -f $file ]] && sha256sum -- "$file"
+        if [[ -f $file ]]; then sha256sum -- "$file"; fi
       done
   ) | sha256sum | cut -d' ' -f1
 }

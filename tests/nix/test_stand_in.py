@@ -1,9 +1,11 @@
-"""Our nixpkgs `lib` stand-in (nix/stand-in) has every `lib` name that nix/ and flake.nix use, so CI,
-which evaluates nix/ with it, never meets a missing function."""
+"""Our nixpkgs `lib` stand-in (nix/stand-in), with which CI evaluates nix/: it has every `lib` name that
+nix/ and flake.nix use, and nix/eval-test.sh refuses a nix/ that changed since it was last compared with
+nixpkgs' lib."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -122,3 +124,43 @@ def test_with_lib_is_reported(source_tree: Path, tmp_path: Path) -> None:
     shutil.copy(source_tree / "flake.nix", tmp_path / "flake.nix")
     (tmp_path / "nix" / "opaque.nix").write_text("{ lib }: with lib; { a = mkIf true 1; }\n")
     assert lib_uses(tmp_path)[1] == ["nix/opaque.nix: with lib;"]
+
+
+def _eval_test(root: Path) -> subprocess.CompletedProcess[str]:
+    if shutil.which("nix-instantiate") is None:
+        pytest.skip("nix-instantiate is missing (apt-get install nix-bin; .ci/run does)")
+    environment = {"PATH": os.environ["PATH"], "HOME": str(root)}
+    return subprocess.run(
+        ["bash", str(root / "nix" / "eval-test.sh")], capture_output=True, text=True, timeout=120, env=environment
+    )
+
+
+def test_eval_test_fails_once_nix_changes_after_the_record(source_tree: Path, tmp_path: Path) -> None:
+    """CI evaluates with the stand-in only, so it insists that nix/ is what was last compared with nixpkgs' lib."""
+    copy = tmp_path / "checkout"
+    copy.mkdir()
+    shutil.copytree(source_tree / "nix", copy / "nix")
+    shutil.copy(source_tree / "flake.nix", copy / "flake.nix")
+    shutil.copy(source_tree / "pyproject.toml", copy / "pyproject.toml")  # package.nix reads it
+    (copy / "service").symlink_to(source_tree / "service")  # eval.nix checks pythonImportsCheck's modules
+    subprocess.run(["git", "init", "-q", str(copy)], check=True)
+    record = copy / "nix" / "stand-in" / "checked-against-real-lib"
+
+    record.write_text("nix-tree-sha256 0000\nnixpkgs-lib example\n")
+    stale = _eval_test(copy)
+    assert stale.returncode == 1
+    assert "nix/ changed since the stand-in was last checked" in stale.stderr
+    assert "nix/eval-test.sh /path/to/nixpkgs.lib" in stale.stderr
+    current = re.search(r"now ([0-9a-f]{64})", stale.stderr)
+    assert current is not None
+
+    record.write_text(f"nix-tree-sha256 {current[1]}\nnixpkgs-lib example\n")
+    agreed = _eval_test(copy)
+    assert agreed.returncode == 0, agreed.stderr
+    assert "evaluation checks passed" in agreed.stdout
+
+    module = copy / "nix" / "module.nix"
+    module.write_text(module.read_text() + "# an edit after the record\n")
+    changed = _eval_test(copy)
+    assert changed.returncode == 1
+    assert f"recorded {current[1]}" in changed.stderr
