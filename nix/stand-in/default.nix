@@ -5,7 +5,10 @@
 #   nix-instantiate --eval --strict nix/tests/eval.nix --arg lib 'import ./nix/stand-in'
 #
 # nix/eval-test.sh checks it against the real library whenever one is given, and
-# tests/nix/test_stand_in.py fails when nix/ uses a `lib` function that is missing here.
+# tests/nix/test_stand_in.py fails when nix/ uses a `lib` function that is missing here. To add one:
+# write it in the file of its concern below from the manual's description (never nixpkgs' code), add
+# a case to nix/tests/stand-in.nix, and run `nix/eval-test.sh /path/to/nixpkgs.lib`, which compares
+# both libraries and refreshes nix/stand-in/checked-against-real-lib.
 let
   part = file: import file { inherit lib; };
   strings = part ./strings.nix;
