@@ -15,6 +15,11 @@ rec {
     typeOf
     ;
   id = x: x;
+  # The formal arguments of a function, or of a functor (an attribute set with __functor), which
+  # may state them in __functionArgs.
+  functionArgs =
+    f:
+    if f ? __functor then f.__functionArgs or (functionArgs (f.__functor f)) else builtins.functionArgs f;
   warn = message: builtins.trace "evaluation warning: ${message}";
   assertMsg = condition: message: condition || throw message;
 

@@ -834,6 +834,17 @@ plain {
         b = 1;
         a = 2;
       };
+      functionArgs = map lib.functionArgs [
+        ({ a, b ? 1 }: a)
+        (x: x)
+        {
+          __functor = self: { c }: c;
+        }
+        {
+          __functor = self: x: x;
+          __functionArgs = { d = false; };
+        }
+      ];
       isBool = [
         (lib.isBool true)
         (lib.isBool "true")
