@@ -62,11 +62,19 @@ def lib_uses(root: Path) -> tuple[Uses, list[str]]:
     return dict(uses), opaque
 
 
+def _tool(name: str, why: str) -> str:
+    """The program's path; skips without it, fails instead where IMMICH_ML_REQUIRE_NIX=1 (CI)."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("IMMICH_ML_REQUIRE_NIX") == "1":
+            pytest.fail(f"{name} is missing and IMMICH_ML_REQUIRE_NIX=1: {why}")
+        pytest.skip(f"{name} is missing: {why}")
+    return path
+
+
 def missing_from_stand_in(uses: Uses) -> list[str]:
     """The used paths the stand-in lacks, each with where it is used."""
-    nix = shutil.which("nix-instantiate")
-    if nix is None:
-        pytest.skip("nix-instantiate is missing (apt-get install nix-bin; .ci/run does)")
+    nix = _tool("nix-instantiate", "apt-get install nix-bin (.ci/run does)")
     paths = sorted(uses)
     result = subprocess.run(
         [nix, "--store", "dummy://", "--eval", "--strict", "--json", "-E", _MISSING]
@@ -127,11 +135,9 @@ def test_with_lib_is_reported(source_tree: Path, tmp_path: Path) -> None:
 
 
 def _eval_test(root: Path) -> subprocess.CompletedProcess[str]:
-    if shutil.which("nix-instantiate") is None:
-        pytest.skip("nix-instantiate is missing (apt-get install nix-bin; .ci/run does)")
-    if shutil.which("git") is None:
-        pytest.skip("git is missing: the record's hash covers the files git lists")
-    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    _tool("nix-instantiate", "apt-get install nix-bin (.ci/run does)")
+    git = _tool("git", "the record's hash covers the files git lists")
+    subprocess.run([git, "init", "-q", str(root)], check=True)
     environment = {"PATH": os.environ["PATH"], "HOME": str(root)}
     return subprocess.run(
         ["bash", str(root / "nix" / "eval-test.sh")], capture_output=True, text=True, timeout=120, env=environment
