@@ -345,7 +345,7 @@ let
         f:
         f (
           baseArgs
-          // builtins.mapAttrs (name: _: baseArgs.${name} or declaredConfig._module.args.${name}) (
+          // builtins.mapAttrs (name: _: declaredConfig._module.args.${name}) (
             builtins.removeAttrs (builtins.functionArgs f) (builtins.attrNames baseArgs)
           )
         );
