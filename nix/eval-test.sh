@@ -8,11 +8,11 @@
 #
 # Without a library (CI) it evaluates with nix/stand-in, our own small implementation of the `lib`
 # functions nix/ uses, and fails when nix/ changed since the stand-in was last compared with the
-# real library (the hash in nix/stand-in/checked-against-real-lib). With a library it evaluates
+# real library (the hashes in nix/stand-in/checked-against-real-lib). With a library it evaluates
 # with both, compares what they decide (`--argstr output summary`: every option, the evaluated
 # configs with their units, the package's arguments, the nginx configs; and nix/tests/stand-in.nix,
 # the module system's behaviour beyond what nix/ uses today) and, when they agree,
-# records the hash of nix/ and the library's revision there: commit that file.
+# records the hashes of nix/'s files and the library's revision there: commit that file.
 #
 # The stand-in is the entry point for any evaluation here, e.g.
 #   nix-instantiate --store dummy:// --eval --strict nix/tests/eval.nix --arg lib 'import ./nix/stand-in'
@@ -61,21 +61,25 @@ results() {
   done
 }
 
-# sha256 over the names and contents of nix/'s files and flake.nix (tracked or new, not ignored),
-# the record itself left out.
-nix_tree_hash() {
-  local root files
-  root=$(cd "$here/.." && pwd)
-  files=$(git -C "$root" ls-files --cached --others --exclude-standard -- nix flake.nix) ||
+# "sha256  path" for nix/'s files and flake.nix (tracked or new, not ignored), the record itself
+# left out, sorted by path.
+nix_tree() (
+  cd "$here/.."
+  files=$(git ls-files --cached --others --exclude-standard -- nix flake.nix) ||
     fail "the hash of nix/ needs a git checkout (git ls-files)"
-  (
-    cd "$root"
-    echo "$files" |
-      { grep -vxF "nix/stand-in/$(basename "$record")" || true; } | LC_ALL=C sort -u |
-      while IFS= read -r file; do
-        if [[ -f $file ]]; then sha256sum -- "$file"; fi
-      done
-  ) | sha256sum | cut -d' ' -f1
+  echo "$files" | { grep -vxF "nix/stand-in/$(basename "$record")" || true; } | LC_ALL=C sort -u |
+    while IFS= read -r file; do
+      if [[ -f $file ]]; then sha256sum -- "$file"; fi
+    done
+)
+# The record's file lines, and what differs from them now: "changed|new|removed: path".
+recorded_tree() { grep -E '^[0-9a-f]{64}  ' "$record" 2>/dev/null || true; }
+tree_changes() {
+  awk 'NR == FNR { was[$2] = $1; next } { now[$2] = $1 }
+    END {
+      for (f in now) if (!(f in was)) print "new: " f; else if (was[f] != now[f]) print "changed: " f
+      for (f in was) if (!(f in now)) print "removed: " f
+    }' <(recorded_tree) <(nix_tree) | LC_ALL=C sort -k2
 }
 
 scratch=$(mktemp -d)
@@ -85,14 +89,13 @@ if [[ -z $lib_path ]]; then
   echo "nix eval: nixpkgs' lib not given, evaluating with our stand-in (nix/stand-in)"
   evaluate "$stand_in"
   results "$stand_in" stand-in
-  recorded=$(sed -n 's/^nix-tree-sha256 //p' "$record" 2>/dev/null || true)
-  current=$(nix_tree_hash)
-  if [[ $recorded != "$current" ]]; then
-    fail "nix/ changed since the stand-in was last checked against nixpkgs' lib
-  (recorded ${recorded:-nothing} in nix/stand-in/$(basename "$record"), now $current). With nixpkgs' lib at hand
-  (git clone https://github.com/nix-community/nixpkgs.lib /path/to/nixpkgs.lib), run
-    nix/eval-test.sh /path/to/nixpkgs.lib
-  and commit nix/stand-in/$(basename "$record")."
+  changes=$(tree_changes)
+  if [[ -n $changes || -z $(recorded_tree) ]]; then
+    fail "nix/ changed since the stand-in was last checked against nixpkgs' lib (nix/stand-in/$(basename "$record")):
+$(sed 's/^/  /' <<<"${changes:-no record}")
+With nixpkgs' lib at hand (git clone https://github.com/nix-community/nixpkgs.lib /path/to/nixpkgs.lib), run
+  nix/eval-test.sh /path/to/nixpkgs.lib
+and commit nix/stand-in/$(basename "$record")."
   fi
   echo "nix eval: nix/ is as it was when the stand-in last agreed with nixpkgs' lib ($(sed -n 's/^nixpkgs-lib //p' "$record"))"
   nginx_lib=$stand_in
@@ -118,9 +121,10 @@ else
   {
     echo "# Written by nix/eval-test.sh when nix/stand-in and nixpkgs' lib gave the same results for"
     echo "# nix/tests/eval.nix (checks and summary) and nix/tests/stand-in.nix. CI fails when the hash"
-    echo "# of nix/ and flake.nix no longer matches."
-    echo "nix-tree-sha256 $(nix_tree_hash)"
+    echo "# of a file of nix/ or flake.nix no longer matches (or one is added or removed)."
     echo "nixpkgs-lib $revision (lib/.version $version)"
+    echo "nix-tree-sha256 $(nix_tree | sha256sum | cut -d' ' -f1)"
+    nix_tree
   } >"$record"
   echo "nix eval: the stand-in agrees with nixpkgs' lib ($(cat "$scratch"/real.*.json | wc -c) bytes of JSON); recorded in nix/stand-in/$(basename "$record")"
   nginx_lib=$lib_path
