@@ -152,7 +152,7 @@ let
           prefix = loc;
           modules = modules ++ [ { _module.args.name = lib.mkOptionDefault (lib.last loc); } ] ++ extraModules;
         };
-      self = mkOptionType {
+      submoduleType = mkOptionType {
         name = "submodule";
         description = if description != null then description else "submodule";
         check = x: builtins.isAttrs x || builtins.isFunction x || builtins.isPath x;
@@ -170,7 +170,7 @@ let
             null;
       };
     in
-    self;
+    submoduleType;
 
   types = rec {
     inherit mkOptionType submoduleWith separatedString;
