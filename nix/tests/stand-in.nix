@@ -232,6 +232,31 @@ plain {
     { port = lib.mkForce 8080; }
   ];
 
+  # Properties around a set of options reach every option in it.
+  setLevelProperties = evalConfig [
+    {
+      options.s = {
+        a = option types.int 0;
+        b = option types.int 0;
+        c = option (types.listOf types.int) [ ];
+      };
+    }
+    {
+      s = lib.mkDefault {
+        a = 1;
+        b = 1;
+      };
+    }
+    { s.b = 2; }
+    {
+      s = lib.mkMerge [
+        (lib.mkIf false { a = 9; })
+        { c = [ 1 ]; }
+        (lib.mkForce { c = [ 2 ]; })
+      ];
+    }
+  ];
+
   typesAccept =
     let
       accepts = type: value: (builtins.tryEval (builtins.deepSeq (merged type [ value ]) true)).success;
