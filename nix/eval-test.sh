@@ -47,8 +47,8 @@ evaluate() {
   nix-instantiate --store dummy:// --eval --strict "$here/tests/eval.nix" --arg lib "import $lib" "$@"
 }
 # What a library decides, as JSON: eval.nix's summary and the module system's behaviour beyond
-# today's module (nix/tests/stand-in.nix). The summary forces the renamed option, whose use
-# nixpkgs traces: stderr is kept for failures only.
+# today's module (nix/tests/stand-in.nix). Both force renamed options, whose use nixpkgs traces:
+# stderr is kept for failures only.
 results() {
   local lib=$1 side=$2
   for what in summary behaviour; do
@@ -72,14 +72,14 @@ nix_tree() (
       if [[ -f $file ]]; then sha256sum -- "$file"; fi
     done
 )
-# The record's file lines, and what differs from them now: "changed|new|removed: path".
+# The record's file lines, and what differs from them in the listing $1: "changed|new|removed: path".
 recorded_tree() { grep -E '^[0-9a-f]{64}  ' "$record" 2>/dev/null || true; }
 tree_changes() {
   awk 'NR == FNR { was[$2] = $1; next } { now[$2] = $1 }
     END {
       for (f in now) if (!(f in was)) print "new: " f; else if (was[f] != now[f]) print "changed: " f
       for (f in was) if (!(f in now)) print "removed: " f
-    }' <(recorded_tree) <(nix_tree) | LC_ALL=C sort -k2
+    }' <(recorded_tree) <(printf '%s\n' "$1") | LC_ALL=C sort -k2
 }
 
 scratch=$(mktemp -d)
@@ -89,7 +89,8 @@ if [[ -z $lib_path ]]; then
   echo "nix eval: nixpkgs' lib not given, evaluating with our stand-in (nix/stand-in)"
   evaluate "$stand_in"
   results "$stand_in" stand-in
-  changes=$(tree_changes)
+  current=$(nix_tree)
+  changes=$(tree_changes "$current")
   if [[ -n $changes || -z $(recorded_tree) ]]; then
     fail "nix/ changed since the stand-in was last checked against nixpkgs' lib (nix/stand-in/$(basename "$record")):
 $(sed 's/^/  /' <<<"${changes:-no record}")
