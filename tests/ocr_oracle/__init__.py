@@ -56,7 +56,12 @@ def oracle_python() -> Path:
     if result.returncode != 0:
         shutil.rmtree(building, ignore_errors=True)
         raise RuntimeError(f"making the OCR oracle environment failed:\n{result.stdout}{result.stderr}")
-    building.rename(venv)
+    try:
+        building.rename(venv)
+    except OSError:  # another test process finished the same environment first
+        shutil.rmtree(building, ignore_errors=True)
+        if not python.is_file():
+            raise
     return python
 
 
