@@ -1,4 +1,4 @@
-"""Text detection maths (PP-OCR DB detector): input resizing, probability map → quadrilaterals, reading order.
+"""Text detection maths (PP-OCR DB detector): input resizing, probability map → quadrilaterals, box order.
 
 The DB post-processing is rapidocr's own `DBPostProcess` (what upstream Immich's released OCR runs), so boxes
 are identical to upstream's. Everything here is pure and blocking; `pipelines/ocr/model.py` runs it in worker
@@ -109,7 +109,7 @@ def boxes_from_probability(
     probability inside it, or inside the contour for `slow`), kept if the score reaches `box_threshold`,
     grown by offsetting the polygon by `area·1.6/perimeter` (pyclipper), re-boxed, scaled to the image,
     rounded, corner-ordered and clipped; boxes with an edge of 3 px or less go. Boxes whose score is not
-    finite (a broken fp16 export) are dropped too. Returned in reading order.
+    finite (a broken fp16 export) are dropped too. Returned in upstream's order (`reading_order`).
     """
     width, height = image_size
     prob = np.asarray(probability, dtype=np.float32)[None, None]  # the detector's [1,1,h,w] output
