@@ -204,7 +204,7 @@ def keep_headless_opencv(site: Path, pip: list[str]) -> None:
     for record_line in (gui[0] / "RECORD").read_text().splitlines():
         (site / record_line.split(",")[0]).unlink(missing_ok=True)
     shutil.rmtree(gui[0], ignore_errors=True)
-    version = headless[0].name.split("-")[1]
+    version = headless[0].name.removesuffix(".dist-info").split("-")[1]
     subprocess.run([*pip, "--no-deps", "--upgrade", f"opencv-python-headless=={version}"], check=True)
 
 

@@ -16,7 +16,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BLAS_CORETYPE", "UPSTREAM_CASES", "blas_kernel_is_pinned", "oracle_python", "run_oracle"]
+__all__ = [
+    "BLAS_CORETYPE",
+    "UPSTREAM_CASES",
+    "OracleEnvironmentUnavailable",
+    "blas_kernel_is_pinned",
+    "oracle_python",
+    "run_oracle",
+]
 
 _HERE = Path(__file__).resolve().parent
 _REQUIREMENTS = _HERE / "requirements.txt"
@@ -40,6 +47,10 @@ def _key() -> str:
     return hashlib.sha256(pins).hexdigest()[:16]
 
 
+class OracleEnvironmentUnavailable(RuntimeError):
+    """The oracle's environment could not be made (it comes from PyPI)."""
+
+
 def oracle_python() -> Path:
     """The oracle environment's interpreter, made first if needed (pip from PyPI, about 15 s)."""
     venv = _ROOT / _key()
@@ -55,7 +66,7 @@ def oracle_python() -> Path:
     )
     if result.returncode != 0:
         shutil.rmtree(building, ignore_errors=True)
-        raise RuntimeError(f"making the OCR oracle environment failed:\n{result.stdout}{result.stderr}")
+        raise OracleEnvironmentUnavailable(f"making it failed:\n{result.stdout}{result.stderr}")
     try:
         building.rename(venv)
     except OSError:  # another test process finished the same environment first

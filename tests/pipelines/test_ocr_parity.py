@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from PIL import Image
 
 from tests import modelgen
 from tests.conftest import ClientFactory, predict_ok
-from tests.ocr_oracle import UPSTREAM_CASES, blas_kernel_is_pinned, run_oracle
+from tests.ocr_oracle import UPSTREAM_CASES, OracleEnvironmentUnavailable, blas_kernel_is_pinned, run_oracle
 from tests.ocrimages import render, skimage_image, with_text
 
 _RECORDED = json.loads((UPSTREAM_CASES / "cases.json").read_text())["cases"]
@@ -138,7 +139,12 @@ def oracle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             requests.append(
                 {"id": f"{name}/{options}", "image": str(path), "entries": _entries(detection, recognition)}
             )
-    result = run_oracle(requests, folder)
+    try:
+        result = run_oracle(requests, folder)
+    except OracleEnvironmentUnavailable as error:
+        if "NIX_BUILD_TOP" not in os.environ:  # only a Nix build (no network) may go without the oracle
+            raise
+        pytest.skip(f"the oracle's environment comes from PyPI, which a Nix build cannot reach: {error}")
     answers = zip(requests, result["answers"], strict=True)
     result["by_id"] = {request["id"]: (request, answer) for request, answer in answers}
     return result
