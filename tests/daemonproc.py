@@ -92,9 +92,11 @@ class Daemon:
         tls_ca: Path | None = None,
         port: int = 0,
         file_limit: int | None = None,
+        launcher: tuple[str, ...] = (),
     ) -> None:
         """`port` 0 takes a free one; a fixed one restarts a daemon where a stopped one listened. `file_limit`
-        sets the daemon's RLIMIT_NOFILE, soft and hard (a systemd `LimitNOFILE=`)."""
+        sets the daemon's RLIMIT_NOFILE, soft and hard (a systemd `LimitNOFILE=`). `launcher` is a command
+        that execs the daemon's (e.g. `taskset -c 0`), so the daemon keeps the pid started."""
         self.listener = socket.create_server(("127.0.0.1", port))
         self.port: int = self.listener.getsockname()[1]
         self.log_path = tmp_path / f"daemon-{self.port}.log"
@@ -110,7 +112,7 @@ class Daemon:
         fd = self.listener.fileno()
         with self.log_path.open("ab") as log:  # a restart on the same port appends
             self.process = subprocess.Popen(
-                [sys.executable, "-c", _ACTIVATE, str(fd)],
+                [*launcher, sys.executable, "-c", _ACTIVATE, str(fd)],
                 env=base | (env or {}),
                 pass_fds=[fd],
                 stdout=log,

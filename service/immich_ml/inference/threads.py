@@ -26,7 +26,7 @@ class ThreadPool(ThreadPoolExecutor):
     `loop.run_in_executor(pool, func, *args)`, called where the work is decided, so no wrapper of ours sits
     between a step and the code that asked for it."""
 
-    def __init__(self, threads: int, *, niceness: int = 0, name: str = "immich-ml") -> None:
+    def __init__(self, threads: int, *, niceness: int = 0, name: str = "immich-ml-query") -> None:
         super().__init__(
             max_workers=max(1, threads),
             thread_name_prefix=name,
