@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CpuBudget", "Quota", "usable_cpus"]
+__all__ = ["CpuBudget", "Quota", "cpu_hierarchies", "usable_cpus"]
 
 _ESCAPED = re.compile(r"\\([0-7]{3})")
 
@@ -88,6 +88,12 @@ def usable_cpus(
         affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     quotas = [quota for folder in _cpu_cgroup_folders(proc_self, root) for quota in _quotas_up_to_mount(*folder)]
     return CpuBudget(affinity=max(1, affinity), quota=min(quotas, key=lambda q: q.cpus, default=None))
+
+
+def cpu_hierarchies(proc_self: Path = Path("/proc/self")) -> list[tuple[Path, int]]:
+    """(mount point, cgroup version) of each mounted cgroup hierarchy that can hold a CPU quota (the
+    benchmark of CPU limits makes its cgroups there)."""
+    return [(Path(mount_point), version) for _, mount_point, version in _cpu_mounts(proc_self / "mountinfo")]
 
 
 def _cpu_cgroup_folders(proc_self: Path, root: Path) -> Iterator[tuple[Path, Path, int]]:
