@@ -3,6 +3,7 @@ lays them out (/proc/self/cgroup, /proc/self/mountinfo, the hierarchies' cpu fil
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -105,7 +106,5 @@ def test_missing_or_garbled_files_count_as_no_limit(tmp_path: Path) -> None:
 
 
 def test_this_process_has_at_least_one_thread_and_no_more_than_its_affinity() -> None:
-    import os
-
     budget = usable_cpus()
     assert 1 <= budget.threads <= len(os.sched_getaffinity(0))

@@ -84,7 +84,7 @@ def assert_sized_for(health: dict[str, Any], threads: Counter[str], usable: int)
     assert model["intraOpThreads"] == usable
     assert model["concurrentBatches"] == [min(2, usable)]
     assert threads[ORT_THREADS] == usable - 1  # ONNX Runtime runs on the caller's thread and usable - 1 of its own
-    assert 1 <= threads["immich-ml-image"] <= usable  # decoding and pre-processing (the name cut to 15 bytes)
+    assert 1 <= threads["immich-ml-image"] <= usable  # decoding and pre-processing
     assert threads["immich-ml-query"] <= usable  # model loading and text queries
 
 

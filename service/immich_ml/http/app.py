@@ -114,7 +114,7 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
         sessions or SessionFactory(settings),
         ThreadPool(request_threads(settings)),
         batch_metrics=metrics.batches,
-        image_pool=ThreadPool(request_threads(settings), niceness=settings.bulk_niceness, name="immich-ml-images"),
+        image_pool=ThreadPool(request_threads(settings), niceness=settings.bulk_niceness, name="immich-ml-image"),
     )
 
     async def models_context(app: web.Application) -> AsyncIterator[None]:
