@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +74,18 @@ def test_cpu_sessions_default_threads_follow_the_usable_cpus(cpus: CpuBudget, in
     options = made._session_options([CPU])
     assert (options.inter_op_num_threads, options.intra_op_num_threads) == (1, intra)
     assert made._session_options([CPU], split_between=2).intra_op_num_threads == split_intra
-    gpu = made._session_options([CUDA, CPU])
-    assert (gpu.inter_op_num_threads, gpu.intra_op_num_threads) == (0, 0)  # ONNX Runtime's own on a GPU
+
+
+def test_gpu_sessions_keep_onnx_runtimes_threads_unless_the_process_may_use_fewer_cpus() -> None:
+    """A GPU session's CPU threads (and those of a session that fell back to the CPU) stay ONNX Runtime's
+    choice on a whole host, and never exceed a container's quota."""
+    host_cpus = os.cpu_count() or 1
+    whole = factory(Provider.CUDA, GPU_BUILD, cpus=CpuBudget(affinity=host_cpus, quota=None))
+    options = whole._session_options([CUDA, CPU])
+    assert (options.inter_op_num_threads, options.intra_op_num_threads) == (0, 0)
+    one_cpu = CpuBudget(affinity=host_cpus, quota=Quota(100000, 100000, Path("/q")))
+    limited = factory(Provider.CUDA, GPU_BUILD, cpus=one_cpu)._session_options([CUDA, CPU])
+    assert limited.intra_op_num_threads == (1 if host_cpus > 1 else 0)
 
 
 def test_explicit_thread_settings_win_over_the_usable_cpus() -> None:

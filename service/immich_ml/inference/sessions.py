@@ -191,12 +191,8 @@ class SessionFactory:
         options = ort.SessionOptions()
         cpu_only = providers == [CPU]
         inter = self.settings.inter_op_threads or (1 if cpu_only else 0)
-        # Set: exactly that many per session, as upstream; unset: sized from the usable CPUs on the CPU.
-        intra = (
-            intra_op_threads(self.settings, split_between=split_between) if cpu_only else self.settings.intra_op_threads
-        )
         options.inter_op_num_threads = inter
-        options.intra_op_num_threads = intra
+        options.intra_op_num_threads = intra_op_threads(self.settings, split_between=split_between, cpu_only=cpu_only)
         options.execution_mode = ort.ExecutionMode.ORT_PARALLEL if inter > 1 else ort.ExecutionMode.ORT_SEQUENTIAL
         options.enable_cpu_mem_arena = self.settings.model_arena
         # Idle ONNX Runtime threads spin by default; on few cores that steals time from decoding and other

@@ -11,6 +11,8 @@ Explicit MACHINE_LEARNING_* settings always win.
 
 from __future__ import annotations
 
+import os
+
 from immich_ml.settings import Settings
 
 __all__ = ["concurrent_batches", "intra_op_threads", "request_threads"]
@@ -30,12 +32,16 @@ def concurrent_batches(settings: Settings) -> int:
     return settings.concurrent_batches or min(2, settings.cpus.threads)
 
 
-def intra_op_threads(settings: Settings, *, split_between: int = 1) -> int:
-    """ONNX Runtime intra-op threads of one CPU session: MACHINE_LEARNING_MODEL_INTRA_OP_THREADS, else half
-    the usable CPUs (at least upstream's 2, at most the usable CPUs) divided between `split_between`
-    batches that each take a part, at least 1."""
+def intra_op_threads(settings: Settings, *, split_between: int = 1, cpu_only: bool = True) -> int:
+    """ONNX Runtime intra-op threads of one session: MACHINE_LEARNING_MODEL_INTRA_OP_THREADS, else on the CPU
+    half the usable CPUs (at least upstream's 2, at most the usable CPUs) divided between `split_between`
+    batches that each take a part, at least 1. With a GPU provider: 0 (ONNX Runtime's own choice, one per
+    physical core of the host, as upstream), or the usable CPUs where the process may use fewer CPUs than
+    the host has, as a session that falls back to the CPU would otherwise run threads for the host's cores."""
     if settings.intra_op_threads:
         return settings.intra_op_threads
     usable = settings.cpus.threads
+    if not cpu_only:
+        return usable if usable < (os.cpu_count() or usable) else 0
     model_share = max(min(UPSTREAM_INTRA_OP_THREADS, usable), usable // 2)
     return max(1, model_share // split_between)
