@@ -126,6 +126,11 @@ def start_and_serve(service: Service) -> float:
     hard = int(machine.succeed("prlimit", "--nofile", "--output=HARD", "--noheadings", "--pid=1"))
     limits = machine.succeed("prlimit", "--nofile", "--output=SOFT,HARD", "--noheadings", f"--pid={pid}").split()
     assert limits == [str(min(65536, hard))] * 2
+    # The hardening is in force on the process, not only written down.
+    status = dict(line.split(":\t", 1) for line in machine.succeed("cat", f"/proc/{pid}/status").splitlines())
+    assert (status["NoNewPrivs"], status["Seccomp"], status["CapBnd"]) == ("1", "2", "0000000000000000")
+    nice = machine.succeed("cat", f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[16]  # field 19, after comm
+    assert nice == machine.properties(UNIT, "Nice")["Nice"]
     times = machine.properties(UNIT, "ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic")
     return (int(times["ActiveEnterTimestampMonotonic"]) - int(times["ExecMainStartTimestampMonotonic"])) / 1e6
 
@@ -146,14 +151,44 @@ def request_in_flight(endpoint: Endpoint) -> Iterator[dict[str, Any]]:
         thread.join(120)
 
 
-def test_start_returns_when_warm_and_the_daemon_serves(service: Service) -> None:
-    seconds = start_and_serve(service)
-    print(f"{service.user}: start to READY=1 {seconds:.2f} s")
+def _documented() -> dict[str, tuple[str, str]]:
+    """docs/nixos.md's table of measured systemd figures: unit → (exposure, directives systemd 252 ignores)."""
+    rows = re.findall(r"^\| (generic|nixos) \| ([0-9.]+) \| (.*?) \|$", (ROOT / "docs" / "nixos.md").read_text(), re.M)
+    return {unit: (exposure, ignored) for unit, exposure, ignored in rows}
 
 
-def test_restart_and_stop_drain_the_request_in_flight_and_exit_0(service: Service) -> None:
+def _verify(machine: Machine) -> list[str]:
+    """`systemd-analyze verify` of the unit (and its drop-ins): the keys this systemd does not know, which it
+    ignores with a warning; any other output, or a failure, fails the test."""
+    verify = machine.container.exec("systemd-analyze", "verify", UNIT_FILE)
+    lines = (verify.stdout + verify.stderr).splitlines()
+    unknown = re.compile(r"Unknown key '([A-Za-z]+)' in section \[[A-Za-z]+\], ignoring\.$")  # systemd 252's words
+    assert verify.returncode == 0 and [line for line in lines if not unknown.search(line)] == [], lines
+    return sorted({match[1] for line in lines if (match := unknown.search(line))})
+
+
+def _exposure(machine: Machine) -> str:
+    """The overall exposure `systemd-analyze security` gives the unit (0 to 10, lower is better)."""
+    security = machine.succeed("systemd-analyze", "security", "--no-pager", UNIT)
+    exposure = re.search(rf"Overall exposure level for {re.escape(UNIT)}: ([0-9.]+)", security)
+    assert exposure is not None, security
+    return exposure[1]
+
+
+def test_systemd_accepts_starts_serves_restarts_and_stops_the_unit(
+    service: Service, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The whole story, as a VM test tells it. `systemd-analyze verify` is silent except for directives this
+    systemd does not know yet, which are listed (here and in docs/nixos.md), never dropped."""
     machine = service.machine
-    start_and_serve(service)
+    variant = request.node.callspec.params["service"]
+    ignored, exposure = _verify(machine), _exposure(machine)
+    seconds = start_and_serve(service)
+    print(
+        f"{variant}: exposure {exposure}; ignored by systemd 252: {ignored or 'none'}; start to READY {seconds:.2f} s"
+    )
+    assert _documented()[variant] == (exposure, ", ".join(ignored) or "none")
+
     # systemd logs a main process's clean exit at debug level only (a failure at notice), and forgets a
     # stopped unit's exit status once it unloads it: the journal is the record.
     machine.succeed("systemd-analyze", "log-level", "debug")
@@ -174,6 +209,12 @@ def test_restart_and_stop_drain_the_request_in_flight_and_exit_0(service: Servic
     assert journal.count(f"{UNIT}: Deactivated successfully.") == 2, journal
     assert not [line for line in journal if "timed out" in line or "Failed with result" in line], journal
 
+    # A directive newer than this systemd (PrivatePIDs=, systemd 257) is listed, not passed over.
+    machine.container.write(
+        f"/etc/systemd/system/{UNIT}.d/newer.conf", "[Service]\nPrivatePIDs=yes\n", scratch=tmp_path
+    )
+    assert _verify(machine) == sorted([*ignored, "PrivatePIDs"])
+
 
 BREAKING = {
     "cache hidden": f"InaccessiblePaths={CACHE}",
@@ -193,43 +234,6 @@ def test_a_hardening_directive_that_breaks_the_daemon_fails_the_story(
         start_and_serve(service)
     why = "\n".join(service.journal()[-8:])
     print(f"{directive} fails the story: {str(failure.value).splitlines()[0]}\n{why}")
-
-
-def _documented() -> dict[str, tuple[str, str]]:
-    """docs/nixos.md's table of measured systemd figures: unit → (exposure, directives systemd 252 ignores)."""
-    rows = re.findall(r"^\| (generic|nixos) \| ([0-9.]+) \| (.*?) \|$", (ROOT / "docs" / "nixos.md").read_text(), re.M)
-    return {unit: (exposure, ignored) for unit, exposure, ignored in rows}
-
-
-def _verify(machine: Machine) -> list[str]:
-    """`systemd-analyze verify` of the unit (and its drop-ins): the keys this systemd does not know, which it
-    ignores with a warning; any other output, or a failure, fails the test."""
-    verify = machine.container.exec("systemd-analyze", "verify", UNIT_FILE)
-    lines = (verify.stdout + verify.stderr).splitlines()
-    unknown = re.compile(r"Unknown key '([A-Za-z]+)' in section \[[A-Za-z]+\], ignoring\.$")  # systemd 252's words
-    assert verify.returncode == 0 and [line for line in lines if not unknown.search(line)] == [], lines
-    return sorted({match[1] for line in lines if (match := unknown.search(line))})
-
-
-def test_systemd_accepts_the_unit_and_rates_its_exposure(
-    service: Service, request: pytest.FixtureRequest, tmp_path: Path
-) -> None:
-    """`systemd-analyze verify` must be silent except for directives this systemd does not know yet, which are
-    listed (here and in docs/nixos.md), never dropped; `systemd-analyze security` is recorded in the docs."""
-    machine = service.machine
-    ignored = _verify(machine)
-    security = machine.succeed("systemd-analyze", "security", "--no-pager", UNIT)
-    exposure = re.search(rf"Overall exposure level for {re.escape(UNIT)}: ([0-9.]+)", security)
-    assert exposure is not None, security
-    variant = request.node.callspec.params["service"]
-    print(f"{variant}: exposure {exposure[1]}; directives systemd 252 ignores: {', '.join(ignored) or 'none'}")
-    assert _documented()[variant] == (exposure[1], ", ".join(ignored) or "none")
-
-    # A directive newer than this systemd (PrivatePIDs=, systemd 257) is listed, not passed over.
-    machine.container.write(
-        f"/etc/systemd/system/{UNIT}.d/newer.conf", "[Service]\nPrivatePIDs=yes\n", scratch=tmp_path
-    )
-    assert _verify(machine) == sorted([*ignored, "PrivatePIDs"])
 
 
 def test_every_evaluated_setting_is_in_the_rendered_unit() -> None:
