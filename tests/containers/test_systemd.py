@@ -127,8 +127,8 @@ def start_and_serve(service: Service) -> float:
     limits = machine.succeed("prlimit", "--nofile", "--output=SOFT,HARD", "--noheadings", f"--pid={pid}").split()
     assert limits == [str(min(65536, hard))] * 2
     # The hardening is in force on the process, not only written down.
-    status = dict(line.split(":\t", 1) for line in machine.succeed("cat", f"/proc/{pid}/status").splitlines())
-    assert (status["NoNewPrivs"], status["Seccomp"], status["CapBnd"]) == ("1", "2", "0000000000000000")
+    process = dict(line.split(":\t", 1) for line in machine.succeed("cat", f"/proc/{pid}/status").splitlines())
+    assert (process["NoNewPrivs"], process["Seccomp"], process["CapBnd"]) == ("1", "2", "0000000000000000")
     nice = machine.succeed("cat", f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[16]  # field 19, after comm
     assert nice == machine.properties(UNIT, "Nice")["Nice"]
     times = machine.properties(UNIT, "ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic")
