@@ -242,7 +242,14 @@ def test_every_evaluated_setting_is_in_the_rendered_unit() -> None:
     keys = {line.split("=", 1)[0] for line in rendered if "=" in line}
     config = service["serviceConfig"]
     empty = sorted(key for key, value in config.items() if value == [])  # NixOS writes no line for them
-    assert empty == ["DeviceAllow", "IPAddressAllow", "IPAddressDeny", "LoadCredential", "SupplementaryGroups"]
+    assert empty == [
+        "DeviceAllow",
+        "EnvironmentFile",
+        "IPAddressAllow",
+        "IPAddressDeny",
+        "LoadCredential",
+        "SupplementaryGroups",
+    ]
     assert set(config) - set(empty) <= keys
     assert {f'Environment="{name}={value}"' for name, value in service["environment"].items()} <= set(rendered)
     assert "ExecStart=/opt/immich-ml/bin/immich-ml serve" in rendered
