@@ -25,6 +25,7 @@ from immich_ml.gpu_check.archs import OFFICIAL_BUILDS, ArchSet, judge, parse_arc
 from immich_ml.inference.sessions import SessionFactory
 from immich_ml.settings import Provider, Settings
 from tests.conftest import ClientFactory
+from tests.daemonproc import Daemon
 from tests.fakes.host import ALL_MODULES, CDI_UNIT, IMMICH_UNIT, FakeHost
 
 FAKES = Path(__file__).parent.parent / "fakes"
@@ -231,6 +232,33 @@ def test_journal_showing_cpu_fallback_fails_with_fix(
     assert status == 1
     assert checks["journal"]["detail"] == f"CPU fallback: {FALLBACK_LINE}"
     assert "MACHINE_LEARNING_PROVIDER_STRICT=true" in checks["journal"]["fix"]
+
+
+def test_strict_daemon_refusing_to_start_fails_service_and_journal(
+    nvml: ModuleType,
+    host: FakeHost,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The journal is what the real daemon logged when strict mode refused PROVIDER=cuda on this CPU-only
+    onnxruntime; the unit is what systemd shows between `Restart=on-failure` attempts."""
+    daemon = Daemon(
+        tmp_path, tmp_path / "cache", {"MACHINE_LEARNING_PROVIDER": "cuda", "MACHINE_LEARNING_PROVIDER_STRICT": "true"}
+    )
+    assert daemon.process.wait(60) == 1
+    host.journal("Starting immich-ml.service - Immich machine learning...", *daemon.log().splitlines())
+    host.unit(IMMICH_UNIT, **(RUNNING | {"ActiveState": "activating", "SubState": "auto-restart", "MainPID": "0"}))
+    host.install(monkeypatch)
+    status, checks = run(capsys, "--root", str(host.root), "--only", "service,journal")
+    assert status == 1
+    assert checks["service"]["status"] == "fail"
+    assert checks["service"]["detail"].startswith("activating (auto-restart): it exited with an error")
+    assert checks["journal"]["status"] == "fail"
+    assert checks["journal"]["detail"].startswith(
+        "strict provider mode refused the start: provider cuda asked for, but this onnxruntime build lacks "
+        "CUDAExecutionProvider"
+    )
 
 
 def test_journal_before_the_last_start_is_ignored(
