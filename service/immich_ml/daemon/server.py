@@ -45,7 +45,11 @@ async def serve(
     app = create_app(settings)
     ssl_context = tls_context(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
     runner = web.AppRunner(
-        app, keepalive_timeout=settings.keepalive_s, access_log=None, shutdown_timeout=settings.shutdown_timeout_s
+        app,
+        keepalive_timeout=settings.keepalive_s,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_timeout_s,
+        auto_decompress=False,  # compressed bodies are inflated by the form reader, in steps (http/inflate.py)
     )
     await runner.setup()
     sockets = sockets or [_bind(settings.host, settings.port)]
