@@ -22,6 +22,7 @@ from onnx import TensorProto, helper
 from immich_ml.gpu_check import graphs
 from immich_ml.gpu_check import main as gpu_check
 from immich_ml.gpu_check.archs import OFFICIAL_BUILDS, ArchSet, judge, parse_archs
+from immich_ml.gpu_check.envfile import parse_environment_file
 from immich_ml.inference.sessions import SessionFactory
 from immich_ml.settings import Provider, Settings
 from tests.conftest import ClientFactory
@@ -259,6 +260,62 @@ def test_strict_daemon_refusing_to_start_fails_service_and_journal(
         "strict provider mode refused the start: provider cuda asked for, but this onnxruntime build lacks "
         "CUDAExecutionProvider"
     )
+
+
+ENV_FILE = "/etc/immich-ml/immich-ml.env"
+
+
+def test_settings_in_the_units_environment_file_are_checked(
+    nvml: ModuleType, host: FakeHost, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Device ids set in the generic unit's `EnvironmentFile=-/etc/immich-ml/immich-ml.env` (systemd's syntax:
+    comments, quotes, a continued line) override `Environment=` and are checked against the GPUs NVML lists."""
+    host.file(
+        ENV_FILE,
+        "# written by the admin\n"
+        "; another comment\n"
+        "MACHINE_LEARNING_PROVIDER = 'cuda'\n"
+        'MACHINE_LEARNING_DEVICE_IDS="0,\\\n3"\n'
+        "MACHINE_LEARNING_GPU_MEM_LIMIT=2GiB   \n",
+    )
+    files = [f"{ENV_FILE} (ignore_errors=yes)", "/etc/immich-ml/absent.env (ignore_errors=yes)"]
+    host.unit(IMMICH_UNIT, **(RUNNING | {"EnvironmentFiles": files}))
+    host.install(monkeypatch)
+    status, checks = run(capsys, "--root", str(host.root), "--only", "driver")
+    assert status == 1
+    assert checks["driver"]["detail"].endswith("configured device ids [3] do not exist")
+
+    host.file(ENV_FILE, "MACHINE_LEARNING_GPU_MEM_LIMIT=lots\n")
+    status, checks = run(capsys, "--root", str(host.root), "--only", "providers")
+    assert checks["providers"]["status"] == "fail"
+    assert "MACHINE_LEARNING_GPU_MEM_LIMIT" in checks["providers"]["detail"]
+
+
+def test_a_missing_required_environment_file_fails_the_settings(
+    nvml: ModuleType, host: FakeHost, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host.unit(IMMICH_UNIT, **(RUNNING | {"EnvironmentFiles": [f"{ENV_FILE} (ignore_errors=no)"]}))
+    host.install(monkeypatch)
+    status, checks = run(capsys, "--root", str(host.root), "--only", "providers")
+    assert checks["providers"]["status"] == "fail"
+    assert (
+        f"EnvironmentFile={ENV_FILE} of immich-ml.service: No such file or directory" in checks["providers"]["detail"]
+    )
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("A=1\nB = two words  \n", {"A": "1", "B": "two words"}),
+        ("# A=1\n;B=2\n\n  C=3", {"C": "3"}),
+        ("A='it''s'\nB='$HOME \\n'\nC='two\nlines' # x", {"A": "its", "B": "$HOME \\n", "C": "two\nlines# x"}),
+        ('A="say \\"hi\\" \\$x \\q"', {"A": 'say "hi" $x \\q'}),
+        ("A=one\\\ntwo\nB=a\\ b", {"A": "onetwo", "B": "a b"}),
+        ("export A=1\n=2\nB\n9X=3\nC=", {"C": ""}),
+    ],
+)
+def test_environment_file_syntax(text: str, expected: dict[str, str]) -> None:
+    assert parse_environment_file(text) == expected
 
 
 def test_journal_before_the_last_start_is_ignored(
