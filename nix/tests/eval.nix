@@ -11,7 +11,10 @@
 # throws a list of the failed checks otherwise. The flake runs the same file as a check.
 # With `--argstr output nginx` it evaluates instead to the nginx configuration the balancer
 # fixtures generate, rendered as nixpkgs' nginx module renders upstreams and locations, which
-# eval-test.sh hands to `nginx -t` where nginx is installed.
+# eval-test.sh hands to `nginx -t` where nginx is installed. With `--argstr output units --json` it
+# evaluates to what NixOS would turn into units and users for a representative host (`unitsHost` below):
+# systemd.services/sockets, users.users/groups and systemd.tmpfiles.rules, as data;
+# tests/containers/nixos_units.py renders them as NixOS does and boots them under systemd.
 {
   lib,
   output ? "checks",
@@ -892,8 +895,29 @@ let
     ${renderNginx nginxAllowlisted}
     }
   '';
+
+  # A host whose Immich server is elsewhere (here: podman's default network, where the container test's
+  # requests come from) and that preloads CLIP, so start waits for the warm-up.
+  unitsHost = eval {
+    services.immich-ml = {
+      host = "0.0.0.0";
+      allowedClients = [ "10.88.0.0/16" ];
+      preload.clip.textual = [ "ViT-B-32__openai" ];
+      preload.clip.visual = [ "ViT-B-32__openai" ];
+    };
+  };
+  units = {
+    services = lib.mapAttrs (_: service: {
+      inherit (service) description wantedBy after wants requires environment serviceConfig;
+    }) unitsHost.systemd.services;
+    sockets = unitsHost.systemd.sockets or { };
+    users = { inherit (unitsHost.users) users groups; };
+    tmpfiles = unitsHost.systemd.tmpfiles.rules;
+  };
 in
-if output == "nginx" then
+if output == "units" then
+  units
+else if output == "nginx" then
   nginxConfig
 else if output == "nginx-allowlisted" then
   nginxAllowlistedConfig
