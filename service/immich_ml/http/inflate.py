@@ -4,8 +4,7 @@ aiohttp's own inflation runs inside the protocol's `data_received`: a small comp
 gigabytes held the event loop for seconds (`/ping` unanswered meanwhile) and went on past the body limit. Here
 the daemon reads the raw body (`auto_decompress=False`) and a task inflates it in steps of at most `STEP_BYTES`
 of output, yielding to the event loop after each, reading more compressed input only when the last is used
-up, pausing while the reader has `STEP_BYTES` or more waiting, and refusing (413) as soon as the output
-passes the limit.
+up, pausing while more than two steps wait unread, and refusing (413) as soon as the output passes the limit.
 """
 
 from __future__ import annotations
