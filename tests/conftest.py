@@ -71,7 +71,8 @@ def make_client(aiohttp_client: Any, cache: Path) -> ClientFactory:
             "hf_offline": True,
         }  # tests never reach the network; store tests use a local fake hub
         settings = Settings(**{**defaults, **overrides})
-        return await aiohttp_client(create_app(settings))  # type: ignore[no-any-return]
+        app = create_app(settings)  # served as the daemon serves it: bodies inflated by http/inflate.py
+        return await aiohttp_client(app, server_kwargs={"auto_decompress": False})  # type: ignore[no-any-return]
 
     return start
 

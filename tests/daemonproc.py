@@ -76,6 +76,17 @@ class NotifySocket:
             if predicate(received[-1]):
                 return received
 
+    def queued(self) -> list[str]:
+        """The messages already waiting, without blocking (all of them, once the sender has exited)."""
+        self.socket.setblocking(False)
+        try:
+            while True:
+                self.messages.append(self.socket.recv(65536).decode())
+        except BlockingIOError:
+            return self.messages
+        finally:
+            self.socket.setblocking(True)
+
     def close(self) -> None:
         self.socket.close()
 
