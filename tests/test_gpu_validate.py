@@ -71,6 +71,38 @@ def visual_runs(**per_s: float) -> dict[str, Any]:
     return {name: {"result": {"per_s": value, "p50_ms": 10.0}} for name, value in per_s.items()}
 
 
+def _system_python_without_onnxruntime() -> str | None:
+    """A python3 on the system PATH that lacks onnxruntime (what the shebang finds outside the venv), or None."""
+    probe = subprocess.run(
+        ["/usr/bin/env", "python3", "-c", "import importlib.util as u; print(u.find_spec('onnxruntime') is None)"],
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return "/usr/bin:/bin" if probe.stdout.strip() == "True" else None
+
+
+@pytest.mark.skipif(_system_python_without_onnxruntime() is None, reason="no system python3 without onnxruntime")
+def test_run_through_its_shebang_it_uses_the_checkouts_venv_or_says_what_to_run(tmp_path: Path) -> None:
+    path = {"PATH": "/usr/bin:/bin"}
+    done = subprocess.run([SCRIPT, "--help"], env=path, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "usage: gpu-validate" in done.stdout
+
+    checkout = tmp_path / "checkout"  # a checkout without .venv
+    (checkout / "scripts").mkdir(parents=True)
+    copy = checkout / "scripts" / "gpu-validate"
+    copy.write_bytes(SCRIPT.read_bytes())
+    copy.chmod(0o755)
+    done = subprocess.run([copy, "--help"], env=path, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "gpu-validate: onnxruntime is missing; run `scripts/setup-venv --test`, "
+        "then `.venv/bin/python scripts/gpu-validate`"
+    ]
+
+
 def test_bench_figures_cover_whatever_variants_bench_ran(monkeypatch: pytest.MonkeyPatch) -> None:
     report = {
         "ceiling": {"1": {"1": 100.0, "16": 400.0}},

@@ -168,8 +168,10 @@ def _systemd_install(executable: Path, root: Path, *, gpu: bool, dry_run: bool) 
         print(f"immich-ml: {error}", file=sys.stderr)
         return 1
     if dry_run:
-        for relative, text in files.items():
+        for relative, text in unit_files.planned(files, root).items():
             print(f"# {root / relative}\n{text}")
+        if (root / unit_files.ENV_FILE).exists():
+            print(f"# {root / unit_files.ENV_FILE} exists: kept as it is")
         return 0
     for path in unit_files.install(files, root):
         print(f"wrote {path}")

@@ -122,6 +122,36 @@ async def test_concurrent_requests_read_the_same_as_one_alone(make_client: Clien
         assert ocr["textScore"] == pytest.approx(alone["textScore"], abs=1e-4)
 
 
+def _detection_at(max_resolution: float) -> str:
+    return json.dumps(
+        {
+            "ocr": {
+                "detection": {"modelName": "PP-OCRv5_mobile", "options": {"maxResolution": max_resolution}},
+                "recognition": {"modelName": "PP-OCRv5_mobile"},
+            }
+        }
+    )
+
+
+async def test_max_resolution_above_the_cap_is_served_scaled_down(make_client: ClientFactory, ocr_cache: Path) -> None:
+    """The Immich server accepts any `maxResolution` ≥ 1 and upstream never upscales: a value above the image's
+    shorter side is full resolution, and one above MACHINE_LEARNING_MAX_OCR_RESOLUTION is served at the cap."""
+    image, _ = render([("Immich", (40, 40)), ("photos", (40, 200))], size=(400, 320))
+    full = (await post(await make_client(), _detection_at(320), image))["ocr"]
+    capped = await make_client(max_ocr_resolution=160)
+    at_cap = (await post(capped, _detection_at(160), image))["ocr"]
+    assert isinstance(full, dict) and isinstance(at_cap, dict)
+    assert full["text"] == ["Immich", "photos"]
+    assert at_cap["box"] != full["box"]  # the cap did scale the image down
+    uncapped = await make_client()
+    for asked in (5000, 1e9):
+        for client, expected in ((uncapped, full), (capped, at_cap)):
+            ocr = (await post(client, _detection_at(asked), image))["ocr"]
+            assert isinstance(ocr, dict)
+            assert (ocr["text"], ocr["box"]) == (expected["text"], expected["box"])
+            assert ocr["textScore"] == pytest.approx(expected["textScore"], abs=1e-4)
+
+
 async def test_reads_text_rotated_to_vertical(make_client: ClientFactory, ocr_cache: Path) -> None:
     strip, _ = render([("VERTICAL", (5, 5))], size=(220, 55))
     image = Image.new("RGB", (300, 400), "white")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
-__all__ = ["ENV_FILE", "HIDDEN_BY_PROTECT_HOME", "UnitError", "install", "render"]
+__all__ = ["ENV_FILE", "HIDDEN_BY_PROTECT_HOME", "UnitError", "install", "planned", "render"]
 
 UNIT = PurePosixPath("etc/systemd/system/immich-ml.service")
 GPU_DROP_IN = PurePosixPath("etc/systemd/system/immich-ml.service.d/gpu.conf")
@@ -33,6 +33,8 @@ NotifyAccess=main
 ExecStart={exec_start} serve
 EnvironmentFile=-/etc/immich-ml/immich-ml.env
 Environment=NO_COLOR=1
+# PrivateDevices hides the GPU from this unit, so `auto` could only fail over to the CPU; `--gpu` adds the
+# drop-in that opens the NVIDIA devices and sets cuda.
 Environment=MACHINE_LEARNING_PROVIDER=cpu
 Environment=MACHINE_LEARNING_CACHE_FOLDER=%C/immich-ml
 Environment=XDG_CACHE_HOME=%C/immich-ml
@@ -158,13 +160,19 @@ def render(executable: Path, *, gpu: bool = False) -> dict[PurePosixPath, str]:
     return files
 
 
+def planned(files: Mapping[PurePosixPath, str], root: Path) -> dict[PurePosixPath, str]:
+    """What `install` writes under `root`: `files`, plus the example settings file unless one exists there
+    (the operator's settings are never overwritten)."""
+    if (root / ENV_FILE).exists():
+        return dict(files)
+    return {**files, ENV_FILE: _ENV_FILE}
+
+
 def install(files: Mapping[PurePosixPath, str], root: Path) -> list[Path]:
-    """Write `files` under `root`, plus an example settings file unless one exists; returns what was written."""
+    """Write the `planned` files under `root`; returns what was written."""
     written = []
-    for relative, text in {**files, ENV_FILE: _ENV_FILE}.items():
+    for relative, text in planned(files, root).items():
         target = root / relative
-        if relative == ENV_FILE and target.exists():
-            continue  # the operator's settings: never overwritten
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
         written.append(target)

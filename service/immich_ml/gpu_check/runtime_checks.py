@@ -100,7 +100,9 @@ def check_providers(ctx: Context) -> Result:
     data: dict[str, object] = {"version": ort.__version__, "device": ort.get_device(), "available": available}
     settings = ctx.settings
     if isinstance(settings, ConfigError):
-        return Result.failed(f"{detail}; {settings}", "fix that variable (the unit's Environment=)", **data)
+        return Result.failed(
+            f"{detail}; {settings}", "fix that variable (the unit's Environment= or EnvironmentFile=)", **data
+        )
     if settings.provider is Provider.CPU:
         return Result.warned(
             f"{detail}; MACHINE_LEARNING_PROVIDER=cpu: the service will not use the GPU",
