@@ -18,6 +18,7 @@
   nginx,
   nodejs,
   openssl,
+  util-linux,
   cudaSupport ? config.cudaSupport,
   # The TensorRT execution provider (with CUDA). nixpkgs' onnxruntime gains it with
   # NixOS/nixpkgs#509976 (a `tensorrtSupport` argument, using the unfree cudaPackages.tensorrt);
@@ -113,6 +114,7 @@ let
     openssl # the TLS test makes a self-signed certificate
     nodejs # plays the Immich server's client (fetch + FormData) in tests/http/test_immich_client.py
     nginx # the load balancer in front of two daemons in tests/daemon/test_balancer.py
+    util-linux # taskset: one CPU's affinity mask in tests/containers/test_cpu_limits.py
   ];
 in
 python3Packages.buildPythonApplication {

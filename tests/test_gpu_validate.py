@@ -84,6 +84,7 @@ def _system_python_without_onnxruntime() -> str | None:
 
 
 @pytest.mark.skipif(_system_python_without_onnxruntime() is None, reason="no system python3 without onnxruntime")
+@pytest.mark.skipif(not (ROOT / ".venv").is_dir(), reason="no .venv in this tree (the Nix build's source has none)")
 def test_run_through_its_shebang_it_uses_the_checkouts_venv_or_says_what_to_run(tmp_path: Path) -> None:
     path = {"PATH": "/usr/bin:/bin"}
     done = subprocess.run([SCRIPT, "--help"], env=path, capture_output=True, text=True, timeout=60, check=False)

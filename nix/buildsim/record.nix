@@ -8,7 +8,7 @@
 # back into a local file or folder ("realises"):
 #   <storeDir>/python3                          the interpreter (python.interpreter = …/bin/python3.X)
 #   <storeDir>/python3Packages/<attr>           a Python package of the set, installed from PyPI
-#   <storeDir>/pkgs/<attr>                      a system package (fonts, nginx, nodejs, openssl)
+#   <storeDir>/pkgs/<attr>                      a system package (fonts, nginx, nodejs, openssl, util-linux)
 #   <storeDir>/pypi/<python>/<hash>/<file>.whl  a fetchPypi wheel; <hash> is the SRI hash's base64
 #                                               with `/` written `_` and `+` written `-`
 #   <storeDir>/source, <storeDir>/<pname>-<version>  the `src` fileset's copy and `$out`

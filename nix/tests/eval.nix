@@ -305,6 +305,9 @@ let
         openssl = {
           pname = "openssl";
         };
+        util-linux = {
+          pname = "util-linux";
+        };
       }
       // args
     );
