@@ -141,7 +141,7 @@ async def test_max_resolution_above_the_cap_is_served_scaled_down(make_client: C
     capped = await make_client(max_ocr_resolution=160)
     at_cap = (await post(capped, _detection_at(160), image))["ocr"]
     assert isinstance(full, dict) and isinstance(at_cap, dict)
-    assert full["text"] == ["Immich", "photos"]
+    assert sorted(full["text"]) == ["Immich", "photos"]  # in upstream's box order, not reading order
     assert at_cap["box"] != full["box"]  # the cap did scale the image down
     uncapped = await make_client()
     for asked in (5000, 1e9):
