@@ -92,10 +92,12 @@ class Daemon:
         tls_ca: Path | None = None,
         port: int = 0,
         file_limit: int | None = None,
+        listener: socket.socket | None = None,
     ) -> None:
         """`port` 0 takes a free one; a fixed one restarts a daemon where a stopped one listened. `file_limit`
-        sets the daemon's RLIMIT_NOFILE, soft and hard (a systemd `LimitNOFILE=`)."""
-        self.listener = socket.create_server(("127.0.0.1", port))
+        sets the daemon's RLIMIT_NOFILE, soft and hard (a systemd `LimitNOFILE=`). A `listener` given is
+        the caller's to keep open across daemons, as a systemd socket unit keeps it."""
+        self.listener = listener or socket.create_server(("127.0.0.1", port))
         self.port: int = self.listener.getsockname()[1]
         self.log_path = tmp_path / f"daemon-{self.port}.log"
         self.tls_ca = tls_ca
@@ -117,7 +119,8 @@ class Daemon:
                 stderr=subprocess.STDOUT,
                 preexec_fn=None if file_limit is None else functools.partial(_limit_files, file_limit),
             )
-        self.listener.close()
+        if listener is None:
+            self.listener.close()
 
     @property
     def pid(self) -> int:

@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,39 +95,6 @@ def test_daemon_reports_ready_status_watchdog_and_stopping_in_order(
     order = [key for message in notify.messages for key in _keys(message)]
     assert order.index("EXTEND_TIMEOUT_USEC") < order.index("READY=1") < order.index("STOPPING=1")
     assert "WATCHDOG=1" in order[order.index("READY=1") : order.index("STOPPING=1")]
-
-
-def test_sigterm_during_slow_inference_returns_its_result_and_exits_0(
-    tmp_path: Path, notify: NotifySocket, daemons: list[Daemon]
-) -> None:
-    write_slow_clip(tmp_path / "cache", SLOW, iterations=2000)  # still running when SIGTERM arrives
-    daemon = Daemon(
-        tmp_path,
-        tmp_path / "cache",
-        {"NOTIFY_SOCKET": str(notify.path), "MACHINE_LEARNING_PING_REQUIRES_READY": "true"},
-    )
-    daemons.append(daemon)
-    daemon.wait_ready()
-    outcome: dict[str, object] = {}
-    image = modelgen.jpeg_bytes(modelgen.make_gradient_image(64, 48))
-    slow = threading.Thread(
-        target=lambda: outcome.update(result=daemon.predict({"clip": {"visual": {"modelName": SLOW}}}, image=image))
-    )
-    slow.start()
-    deadline = time.monotonic() + 60
-    while daemon.health()["inFlight"] != 1:  # the request was accepted and is running
-        assert slow.is_alive() and time.monotonic() < deadline, outcome
-    daemon.process.send_signal(15)
-    notify.receive_until(lambda message: "STOPPING=1" in message, timeout_s=10)
-
-    status, body = daemon.predict({"clip": {"textual": {"modelName": SLOW}}}, text="a dog")
-    assert status == 503 and "Shutting down" in body["detail"]
-    assert daemon.request("GET", "/ping")[0] == 503  # Immich's health check moves on to another URL
-    slow.join(60)
-    status, body = outcome["result"]  # type: ignore[misc]
-    assert status == 200, body
-    assert len(body["clip"].split(",")) == 512
-    assert daemon.process.wait(30) == 0, daemon.log()
 
 
 def test_wedged_inference_withholds_watchdog_pings_until_it_finishes(
