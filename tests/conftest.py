@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import shutil
+import sys
+import sysconfig
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,6 +28,16 @@ VISUAL = '{"clip":{"visual":{"modelName":"ViT-B-32__openai"}}}'
 """`entries` asking for a CLIP image embedding."""
 TEXTUAL = '{"clip":{"textual":{"modelName":"ViT-B-32__openai"}}}'
 """`entries` asking for a CLIP text embedding."""
+
+
+def installed(command: str) -> Path:
+    """The installed `command`: beside the running interpreter (a virtual environment), else on PATH (the Nix
+    build's check phase puts its output's bin/ there, next to an interpreter that has no scripts of ours)."""
+    beside = Path(sysconfig.get_path("scripts")) / command
+    found = beside if beside.is_file() else shutil.which(command)
+    if found is None:
+        pytest.fail(f"{command} is not installed beside {sys.executable} nor on PATH: install the package")
+    return Path(found)
 
 
 @pytest.fixture

@@ -80,6 +80,7 @@ let
       )) { };
       hardware.nvidia.enabled = option types.bool false;
       hardware.nvidia.datacenter.enable = option types.bool false;
+      hardware.nvidia.nvidiaPersistenced = option types.bool false;
       hardware.graphics.enable = option types.bool false;
       hardware.nvidia-container-toolkit.enable = option types.bool false;
       services.xserver.videoDrivers = option (types.listOf types.str) [ ];
@@ -201,21 +202,38 @@ let
   };
 
   # The package, called with fakes: buildPythonApplication hands back its arguments as a derivation.
-  fakeOnnxruntime = {
+  # `takesTensorrt`: a nixpkgs whose onnxruntime expression has a tensorrtSupport argument.
+  fakeOnnxruntime = takesTensorrt: {
     pname = "onnxruntime";
     fromPackageSet = true;
     # package.nix overrides the Python module's inner onnxruntime; record with what.
     override = f: {
       pname = "onnxruntime";
       fromPackageSet = false;
-      inner = (f { onnxruntime.override = args: args; }).onnxruntime;
+      inner =
+        (f {
+          onnxruntime.override =
+            if takesTensorrt then
+              args@{
+                cudaSupport ? false,
+                ncclSupport ? false,
+                tensorrtSupport ? false,
+              }:
+              args
+            else
+              args@{
+                cudaSupport ? false,
+                ncclSupport ? false,
+              }:
+              args;
+        }).onnxruntime;
     };
   };
   callPackage =
     {
       args ? { },
       globalCuda ? false,
-      setuptools ? "80.9.0",
+      takesTensorrt ? false,
     }:
     import ../package.nix (
       {
@@ -237,6 +255,7 @@ let
           "tokenizers"
           "hypothesis"
           "onnx"
+          "pytest"
           "pytest-aiohttp"
           "pytestCheckHook"
         ] (pname: {
@@ -250,12 +269,19 @@ let
               name = "${attrs.pname}-${attrs.version}";
               outPath = "/nix/store/00000000000000000000000000000000-${name}";
             };
-          setuptools = {
-            pname = "setuptools";
-            version = setuptools;
+          setuptools.pname = "setuptools";
+          onnxruntime = fakeOnnxruntime takesTensorrt;
+          rapidocr = {
+            pname = "rapidocr";
+            override = args: { pname = "rapidocr"; } // args;
           };
-          onnxruntime = fakeOnnxruntime;
-          python.interpreter = "/python";
+          python = {
+            interpreter = "/python";
+            withPackages = f: {
+              pname = "python-env";
+              packages = f { };
+            };
+          };
         };
         fetchPypi = attrs: { inherit (attrs) pname; };
         dejavu_fonts = "/fonts";
@@ -278,7 +304,19 @@ let
     globalCuda = true;
     args.cudaSupport = false;
   };
-  oldSetuptoolsPackage = callPackage { setuptools = "75.1.0"; };
+  tensorrtPackage = callPackage {
+    takesTensorrt = true;
+    args = {
+      cudaSupport = true;
+      tensorrtSupport = true;
+    };
+  };
+  tensorrtWithoutSupport = callPackage {
+    args = {
+      cudaSupport = true;
+      tensorrtSupport = true;
+    };
+  };
   # A module name from pythonImportsCheck is real when its file exists in service/.
   moduleExists =
     name:
@@ -378,11 +416,19 @@ let
       && (env gpuCfg).MACHINE_LEARNING_PROVIDER_STRICT == "true"
       && (env gpuCfg).MACHINE_LEARNING_DEVICE_IDS == "0"
       && (env gpuCfg).CUDA_CACHE_PATH == "/var/cache/immich-ml/cuda";
-    gpuNoToolkitOrdering = (unit gpuCfg).after == [ "network.target" ] && (unit gpuCfg).wants == [ ];
-    gpuToolkitOrdering =
-      lib.elem "nvidia-container-toolkit-cdi-generator.service" (unit gpuToolkit).after
-      && lib.elem "nvidia-container-toolkit-cdi-generator.service" (unit gpuToolkit).wants
-      && (unit gpuToolkit).requires == [ ];
+    # After the driver's kernel modules, never after the container toolkit's CDI generator (whose
+    # `udevadm settle` can hold the start for 3 minutes); wanting nothing.
+    gpuOrdering =
+      (unit gpuCfg).after == [
+        "network.target"
+        "systemd-modules-load.service"
+      ]
+      && (unit gpuCfg).wants == [ ];
+    gpuToolkitNotOrdered = (unit gpuToolkit).after == (unit gpuCfg).after && (unit gpuToolkit).wants == [ ];
+    gpuPersistenced = lib.elem "nvidia-persistenced.service" (unit (eval {
+      imports = [ gpuHost ];
+      hardware.nvidia.nvidiaPersistenced = true;
+    })).after;
     gpuNiceConfigurable = (sc (eval { imports = [ gpuHost ]; services.immich-ml.nice = -5; })).Nice == -5;
     gpuDatacenterNoGraphics =
       failedAssertions (eval {
@@ -477,12 +523,29 @@ let
         };
       in
       (env c).MACHINE_LEARNING_MODEL_TTL == "0" && (env c).MACHINE_LEARNING_PING_REQUIRES_READY == "true";
-    settingsRenamed =
+    # Downloads before READY=1 need the network up; without a preload nothing waits for it.
+    preloadWaitsForNetwork =
       let
-        c = eval { services.immich-ml.settings.MACHINE_LEARNING_MODEL_TTL = 7; };
+        c = eval { services.immich-ml.preload.clip.textual = [ "ViT-B-32__openai" ]; };
       in
-      (env c).MACHINE_LEARNING_MODEL_TTL == "7"
-      && lib.any (w: lib.hasInfix "services.immich-ml.settings" w && lib.hasInfix "services.immich-ml.environment" w) c.warnings;
+      lib.elem "network-online.target" (unit c).after
+      && (unit c).wants == [ "network-online.target" ]
+      && !(lib.elem "network-online.target" (unit cpu).after)
+      && (unit cpu).wants == [ ];
+    # nixpkgs' services.immich defines users.users.immich.group too: another group is no conflict.
+    otherGroupBesideNixpkgsImmich =
+      let
+        c = eval {
+          services.immich-ml.group = "ml";
+          users.users.immich.group = "immich";
+        };
+      in
+      !(fails c.users.users) && (sc c).Group == "ml";
+    secretsFile =
+      (sc (eval { services.immich-ml.secretsFile = "/run/secrets/immich-ml.env"; })).EnvironmentFile == [
+        "/run/secrets/immich-ml.env"
+      ]
+      && (sc cpu).EnvironmentFile == [ ];
     preloadEnv =
       let
         c = eval {
@@ -573,15 +636,22 @@ let
 
     # Item 7: conventions.
     moduleMaintainers = cpu.meta.maintainers != [ ] && lib.all (m: m ? name && m ? email) cpu.meta.maintainers;
-    assertionNamesHostPlatform =
+    # The CPU package with gpu.enable: the fix is the host's own nixpkgs, for its GPU only.
+    assertionPointsToTheHostsNixpkgs =
       let
         messages = failedAssertions (eval {
           imports = [ nvidiaHost ];
           services.immich-ml.gpu.enable = true;
         });
       in
-      lib.any (lib.hasInfix "pkgs.stdenv.hostPlatform.system") messages
-      && !lib.any (lib.hasInfix "pkgs.system}") messages;
+      lib.any (
+        m:
+        lib.all (fragment: lib.hasInfix fragment m) [
+          "inputs.immich-ml.overlays.default"
+          "nixpkgs.config.cudaCapabilities"
+          "services.immich-ml.package = pkgs.immich-ml-cuda;"
+        ]
+      ) messages;
 
     # Balancer: nginx with an upstream of this host's daemon and the listed backends.
     balancerNoAssertionFails = failedAssertions balanced == [ ] && balanced.warnings == [ ];
@@ -775,10 +845,33 @@ let
         services.immich-ml.package = globalCudaPackage;
       }) == [ ];
     packageLenientChecks = defaultPackage.PYTEST_ADDOPTS == "-o addopts= -o filterwarnings=";
-    packageNewSetuptoolsUnpatched = defaultPackage.postPatch == "";
-    packageOldSetuptools =
-      lib.hasInfix "--replace-fail '\"setuptools>=77\"' '\"setuptools>=61\"'" oldSetuptoolsPackage.postPatch
-      && lib.hasInfix "'license = { text = \"AGPL-3.0-or-later\" }'" oldSetuptoolsPackage.postPatch;
+    packageTensorrt =
+      tensorrtPackage.passthru.tensorrtSupport
+      && tensorrtPackage.pname == "immich-ml-tensorrt"
+      && tensorrtPackage.passthru.onnxruntime.inner == {
+        cudaSupport = true;
+        ncclSupport = false;
+        tensorrtSupport = true;
+      };
+    # A nixpkgs whose onnxruntime cannot build TensorRT: the evaluation stops (with the reason).
+    packageTensorrtNeedsOnnxruntimeSupport = fails tensorrtWithoutSupport.passthru.onnxruntime.inner;
+    packageCpuHasNoTensorrt = !defaultPackage.passthru.tensorrtSupport;
+    # `nix develop` has the suite's packages and tools, not only the build's.
+    packageDevelopmentPackages =
+      let
+        names = map (p: p.pname or "") defaultPackage.passthru.developmentPackages;
+        python = lib.head defaultPackage.passthru.developmentPackages;
+      in
+      lib.all (tool: lib.elem tool names) [
+        "nginx"
+        "nodejs"
+        "openssl"
+      ]
+      && lib.all (pkg: lib.elem pkg (map (p: p.pname or "") python.packages)) [
+        "aiohttp"
+        "pytest"
+        "hypothesis"
+      ];
     packageImportsRealModules =
       lib.length defaultPackage.pythonImportsCheck > 1 && lib.all moduleExists defaultPackage.pythonImportsCheck;
     packageMeta =
@@ -806,6 +899,12 @@ let
         certFile = "/c.pem";
         keyFile = "${builtins.storeDir}/00000000000000000000000000000000-key.pem";
       };
+    });
+    assertSecretsInStore = hasFailed "secretsFile must be an absolute path outside the Nix store" (eval {
+      services.immich-ml.secretsFile = "${builtins.storeDir}/00000000000000000000000000000000-secrets.env";
+    });
+    assertSecretsRelative = hasFailed "secretsFile must be an absolute path" (eval {
+      services.immich-ml.secretsFile = "secrets.env";
     });
     assertTlsPair = hasFailed "set both certFile and keyFile" (eval {
       services.immich-ml.tls.certFile = "/c";

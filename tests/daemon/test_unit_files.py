@@ -7,13 +7,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from immich_ml.cli import main as cli_main
 from immich_ml.daemon import unit_files
+from tests.conftest import installed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,11 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def executable(tmp_path: Path) -> Path:
     """The installed `immich-ml`, reached through a path outside home directories (ProtectHome)."""
-    installed = Path(sys.executable).parent / "immich-ml"
-    assert installed.is_file(), f"{installed} missing: install the package (scripts/setup-venv)"
     link = tmp_path / "opt" / "bin" / "immich-ml"
     link.parent.mkdir(parents=True)
-    link.symlink_to(installed)
+    link.symlink_to(installed("immich-ml"))
     return link
 
 
@@ -109,11 +107,12 @@ def test_systemd_install_writes_files_whose_exec_start_is_the_program(
 def test_systemd_install_defaults_to_this_installations_program(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["systemd", "install", "--dry-run", "--executable", "/nowhere/immich-ml"]) == 1
     assert "/nowhere/immich-ml does not exist" in capsys.readouterr().err
+    program = installed("immich-ml")
     result = subprocess.run(
-        [Path(sys.executable).parent / "immich-ml", "systemd", "install", "--help"],
+        [program, "systemd", "install", "--help"],
         capture_output=True,
         text=True,
         timeout=60,
         env={**os.environ, "COLUMNS": "1000"},  # argparse would wrap a long path at its hyphens
     )
-    assert str(Path(sys.executable).parent / "immich-ml") in " ".join(result.stdout.split())
+    assert f"(default: {program})" in " ".join(result.stdout.split())

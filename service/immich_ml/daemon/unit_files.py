@@ -1,4 +1,4 @@
-"""systemd files for hosts that are not NixOS: the unit, its GPU drop-in, the system user, module loading.
+"""systemd files for hosts that are not NixOS: the unit, its GPU drop-in and the system user.
 
 The unit mirrors the NixOS module's (`nix/module.nix`): `Type=notify` with the watchdog, a dedicated user,
 the model cache as `CacheDirectory=` (`/var/cache/immich-ml`, created and owned by systemd, so no tmpfiles.d
@@ -15,7 +15,6 @@ __all__ = ["ENV_FILE", "HIDDEN_BY_PROTECT_HOME", "UnitError", "install", "render
 UNIT = PurePosixPath("etc/systemd/system/immich-ml.service")
 GPU_DROP_IN = PurePosixPath("etc/systemd/system/immich-ml.service.d/gpu.conf")
 SYSUSERS = PurePosixPath("etc/sysusers.d/immich-ml.conf")
-MODULES_LOAD = PurePosixPath("etc/modules-load.d/immich-ml-nvidia.conf")
 ENV_FILE = PurePosixPath("etc/immich-ml/immich-ml.env")
 
 HIDDEN_BY_PROTECT_HOME = (PurePosixPath("/home"), PurePosixPath("/root"), PurePosixPath("/run/user"))
@@ -95,12 +94,15 @@ WantedBy=multi-user.target
 _GPU_DROP_IN = """\
 # NVIDIA GPU for immich-ml, written by `immich-ml systemd install --gpu`.
 [Unit]
-# The container toolkit's CDI generator is the nearest thing to "the NVIDIA devices are up". Wanted,
-# never required: hosts without the toolkit start all the same.
-After=nvidia-container-toolkit-cdi-generator.service
-Wants=nvidia-container-toolkit-cdi-generator.service
+# What CUDA needs from the host: the driver's kernel modules (loaded at boot) and, where the driver
+# ships it, its persistence daemon. Ordering only: a host without either starts all the same.
+After=systemd-modules-load.service nvidia-persistenced.service
 
 [Service]
+# CUDA needs /dev/nvidia-uvm. libcuda would load nvidia_uvm on demand through the setuid
+# nvidia-modprobe, which NoNewPrivileges forbids: load it before the start, with privileges (+),
+# and carry on (-) where there is no such module (immich-gpu-check then says what is missing).
+ExecStartPre=+-modprobe -q nvidia_uvm
 Environment=MACHINE_LEARNING_PROVIDER=cuda
 # Fail rather than quietly run on the CPU when CUDA does not come up (check with immich-gpu-check).
 Environment=MACHINE_LEARNING_PROVIDER_STRICT=true
@@ -124,12 +126,6 @@ Nice=-10
 _SYSUSERS = """\
 # The immich-ml service user (systemd-sysusers), written by `immich-ml systemd install`.
 u immich-ml - "Immich machine learning" /var/cache/immich-ml
-"""
-
-_MODULES_LOAD = """\
-# CUDA needs /dev/nvidia-uvm. libcuda would load the module on demand through the setuid
-# nvidia-modprobe, which NoNewPrivileges forbids; load it at boot instead.
-nvidia_uvm
 """
 
 _ENV_FILE = """\
@@ -158,7 +154,7 @@ def render(executable: Path, *, gpu: bool = False) -> dict[PurePosixPath, str]:
         )
     files = {UNIT: _UNIT.format(exec_start=_exec_argument(executable)), SYSUSERS: _SYSUSERS}
     if gpu:
-        files |= {GPU_DROP_IN: _GPU_DROP_IN, MODULES_LOAD: _MODULES_LOAD}
+        files[GPU_DROP_IN] = _GPU_DROP_IN
     return files
 
 

@@ -35,7 +35,8 @@ CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 ORT_GPU_FIX = (
     "install onnxruntime-gpu instead of onnxruntime (pip uninstall onnxruntime onnxruntime-gpu; "
-    "pip install onnxruntime-gpu — never both); NixOS: services.immich-ml.package = the flake's cuda"
+    "pip install onnxruntime-gpu — never both); "
+    "NixOS: services.immich-ml.package = pkgs.immich-ml-cuda (the flake's overlay)"
 )
 ARCH_FIX = (
     "use an onnxruntime build with kernels for this GPU (NixOS: nixpkgs.config.cudaCapabilities "
