@@ -30,16 +30,23 @@ from aiohttp.typedefs import Handler, Middleware
 
 from immich_ml.log import SERVER_LOG as log
 
-__all__ = ["IDLE_GRACE_S", "Connections", "TrackedSite", "default_max_connections", "raise_file_limit"]
+__all__ = [
+    "IDLE_GRACE_S",
+    "LISTEN_BACKLOG",
+    "Connections",
+    "TrackedSite",
+    "default_max_connections",
+    "raise_file_limit",
+]
 
 
 IDLE_GRACE_S = 5.0
 """How long an idle keep-alive connection is kept open while draining: longer than Node's (undici's) default
 4 s keep-alive timeout, so the client has given the connection up before the daemon closes it."""
 
-_BACKLOG = 128
-"""The listen backlog, which is also how many connections asyncio accepts in one go."""
-_RESERVED_FDS = 3 * _BACKLOG + 64
+LISTEN_BACKLOG = 128
+"""The listen backlog, which is also how many connections asyncio accepts in one go (and the socket unit's)."""
+_RESERVED_FDS = 3 * LISTEN_BACKLOG + 64
 """File descriptors kept free beyond the cap. asyncio accepts a whole backlog before the new connections are
 seen (and can evict), and evicted sockets close one loop iteration later, so up to three backlogs of sockets
 can be open beyond the cap for a moment; 64 more for model files, pipes and the journal."""
@@ -306,5 +313,5 @@ class TrackedSite(web.SockSite):
         server = self._runner.server
         assert server is not None
         self._server = await asyncio.get_running_loop().create_server(
-            self._connections.protocol_factory(server), sock=self._sock, ssl=self._ssl_context, backlog=_BACKLOG
+            self._connections.protocol_factory(server), sock=self._sock, ssl=self._ssl_context, backlog=LISTEN_BACKLOG
         )
