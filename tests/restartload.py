@@ -7,7 +7,10 @@ backlog). Times are wall-clock seconds (Node's and Python's clocks agree on one 
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import re
 import shutil
 import subprocess
 import threading
@@ -15,9 +18,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ImmichLoad", "Restart", "summary"]
+from tests import modelgen
+from tests.conftest import CLIP
+from tests.daemonproc import multipart, write_slow_clip
+
+__all__ = [
+    "RESTARTS",
+    "ImmichLoad",
+    "Restart",
+    "expect_alone",
+    "immich_requests",
+    "in_flight_at_stops",
+    "in_flight_now",
+    "loaded_cache",
+    "report",
+    "summary",
+]
 
 CLIENT = Path(__file__).with_name("immichload.mjs")
+SLOW = "ViT-B-16__openai"
+TEXT = {"clip": {"textual": {"modelName": CLIP}}}
 
 
 @dataclass
@@ -121,3 +141,75 @@ def summary(records: list[dict[str, Any]], restarts: list[Restart]) -> dict[str,
         "longest_request_during_a_restart_s": round(max(overlapping, default=0.0), 2),
         "longest_request_s": round(max(((r["end"] - r["start"]) / 1000 for r in records), default=0.0), 2),
     }
+
+
+RESTARTS = 20
+FACES = "buffalo_l"
+
+
+def immich_requests(tmp_path: Path) -> list[dict[str, Any]]:
+    """The requests an Immich server sends while indexing and searching, on a few generated previews."""
+    images = []
+    for seed in range(2):
+        path = tmp_path / f"preview-{seed}.jpg"
+        path.write_bytes(modelgen.jpeg_bytes(modelgen.make_gradient_image(1440, 1080, seed=seed), quality=80))
+        images.append(str(path))
+    faces = {"detection": {"modelName": FACES, "options": {"minScore": 0.7}}, "recognition": {"modelName": FACES}}
+    return [
+        *({"kind": "index", "entries": {"clip": {"visual": {"modelName": CLIP}}}, "image": i} for i in images),
+        *({"kind": "search", "entries": TEXT, "text": text} for text in ("a dog on a beach", "ein Hund")),
+        {"kind": "slow", "entries": {"clip": {"visual": {"modelName": SLOW}}}, "image": images[0]},
+        {"kind": "faces", "entries": {"facial-recognition": faces}, "image": images[1]},
+    ]
+
+
+def loaded_cache(cache: Path) -> dict[str, str]:
+    """Generated models for every request of `immich_requests`, and the settings that preload them all."""
+    modelgen.write_clip(cache, CLIP)
+    write_slow_clip(cache, SLOW, iterations=400)  # a request of about 0.3 s keeps one in flight
+    modelgen.write_scrfd(cache, FACES)
+    modelgen.write_arcface(cache, FACES)
+    return {
+        "MACHINE_LEARNING_PRELOAD__CLIP__VISUAL": f"{CLIP},{SLOW}",
+        "MACHINE_LEARNING_PRELOAD__CLIP__TEXTUAL": CLIP,
+        "MACHINE_LEARNING_PRELOAD__FACIAL_RECOGNITION__DETECTION": FACES,
+        "MACHINE_LEARNING_PRELOAD__FACIAL_RECOGNITION__RECOGNITION": FACES,
+    }
+
+
+def expect_alone(port: int, requests: list[dict[str, Any]]) -> None:
+    """Each request's answer from the daemon on `port` when sent alone, as `expected`."""
+    for request in requests:
+        image = Path(request["image"]).read_bytes() if "image" in request else None
+        body, content_type = multipart(request["entries"], image=image, text=request.get("text"))
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            connection.request("POST", "/predict", body=body, headers={"Content-Type": content_type})
+            response = connection.getresponse()
+            answer = json.loads(response.read())
+        finally:
+            connection.close()
+        assert response.status == 200, answer
+        request["expected"] = answer
+
+
+def in_flight_now(port: int) -> int:
+    """The requests in flight in the daemon on `port` now (its `/health`)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", "/health")
+        return int(json.loads(connection.getresponse().read())["inFlight"])
+    finally:
+        connection.close()
+
+
+def in_flight_at_stops(log: str) -> list[int]:
+    """The requests in flight at each stop signal, as the daemon logged them."""
+    return [int(count) for count in re.findall(r"accepting no more; (\d+) request", log)]
+
+
+def report(setting: str, result: dict[str, Any]) -> None:
+    """Print the restarts' figures; also write them to $IMMICH_ML_RESTARTS_REPORT_DIR when set (for the docs)."""
+    print(f"{setting}: {json.dumps(result)}")
+    if target := os.environ.get("IMMICH_ML_RESTARTS_REPORT_DIR"):
+        (Path(target) / f"restarts-{setting}.json").write_text(json.dumps(result, indent=1) + "\n")

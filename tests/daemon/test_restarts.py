@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import re
 import signal
 import socket
 import threading
@@ -20,7 +18,18 @@ import pytest
 from tests import modelgen
 from tests.conftest import CLIP
 from tests.daemonproc import Daemon, NotifySocket, multipart, write_slow_clip
-from tests.restartload import ImmichLoad, Restart, summary
+from tests.restartload import (
+    RESTARTS,
+    ImmichLoad,
+    Restart,
+    expect_alone,
+    immich_requests,
+    in_flight_at_stops,
+    in_flight_now,
+    loaded_cache,
+    report,
+    summary,
+)
 
 SLOW = "ViT-B-16__openai"
 PRELOAD = {"MACHINE_LEARNING_PRELOAD__CLIP__VISUAL": CLIP, "MACHINE_LEARNING_PRELOAD__CLIP__TEXTUAL": CLIP}
@@ -137,49 +146,6 @@ def test_a_stop_with_a_stalled_upload_ends_within_the_one_deadline(tmp_path: Pat
     assert took_s < 3 + 2, took_s
 
 
-RESTARTS = 20
-FACES = "buffalo_l"
-
-
-def immich_requests(tmp_path: Path) -> list[dict[str, Any]]:
-    """The requests an Immich server sends while indexing and searching, on a few generated previews."""
-    images = []
-    for seed in range(2):
-        path = tmp_path / f"preview-{seed}.jpg"
-        path.write_bytes(modelgen.jpeg_bytes(modelgen.make_gradient_image(1440, 1080, seed=seed), quality=80))
-        images.append(str(path))
-    faces = {"detection": {"modelName": FACES, "options": {"minScore": 0.7}}, "recognition": {"modelName": FACES}}
-    return [
-        *({"kind": "index", "entries": {"clip": {"visual": {"modelName": CLIP}}}, "image": i} for i in images),
-        *({"kind": "search", "entries": TEXT, "text": text} for text in ("a dog on a beach", "ein Hund")),
-        {"kind": "slow", "entries": {"clip": {"visual": {"modelName": SLOW}}}, "image": images[0]},
-        {"kind": "faces", "entries": {"facial-recognition": faces}, "image": images[1]},
-    ]
-
-
-def loaded_cache(cache: Path) -> dict[str, str]:
-    """Generated models for every request of `immich_requests`, and the settings that preload them all."""
-    modelgen.write_clip(cache, CLIP)
-    write_slow_clip(cache, SLOW, iterations=400)  # a request of about 0.3 s keeps one in flight
-    modelgen.write_scrfd(cache, FACES)
-    modelgen.write_arcface(cache, FACES)
-    return {
-        "MACHINE_LEARNING_PRELOAD__CLIP__VISUAL": f"{CLIP},{SLOW}",
-        "MACHINE_LEARNING_PRELOAD__CLIP__TEXTUAL": CLIP,
-        "MACHINE_LEARNING_PRELOAD__FACIAL_RECOGNITION__DETECTION": FACES,
-        "MACHINE_LEARNING_PRELOAD__FACIAL_RECOGNITION__RECOGNITION": FACES,
-    }
-
-
-def expect_alone(daemon: Daemon, requests: list[dict[str, Any]]) -> None:
-    """Each request's answer when sent alone, as `expected`."""
-    for request in requests:
-        image = Path(request["image"]).read_bytes() if "image" in request else None
-        status, body = daemon.predict(request["entries"], image=image, text=request.get("text"))
-        assert status == 200, body
-        request["expected"] = body
-
-
 def test_sighup_restarts_under_an_immich_like_load_fail_no_request(
     tmp_path: Path, notify: NotifySocket, daemons: list[Daemon]
 ) -> None:
@@ -188,7 +154,7 @@ def test_sighup_restarts_under_an_immich_like_load_fail_no_request(
     daemons.append(daemon)
     notify.receive_until(lambda message: "READY=1" in message)
     requests = immich_requests(tmp_path)
-    expect_alone(daemon, requests)
+    expect_alone(daemon.port, requests)
     load = ImmichLoad(f"http://127.0.0.1:{daemon.port}/", requests, tmp_path, concurrency=4)
     restarts: list[Restart] = []
     try:
@@ -196,7 +162,7 @@ def test_sighup_restarts_under_an_immich_like_load_fail_no_request(
             since = restarts[-1].ready * 1000 if restarts else 0.0
             load.wait(lambda load, since=since: sum(r["end"] > since for r in load.done) >= 6)
             load.wait(lambda load: "slow" in load.in_flight.values())
-            if daemon.health()["inFlight"] < 1:  # sent, but not arrived yet, or answered meanwhile
+            if in_flight_now(daemon.port) < 1:  # sent, but not arrived yet, or answered meanwhile
                 continue
             restarts.append(Restart(time.time()))
             daemon.process.send_signal(signal.SIGHUP)
@@ -208,18 +174,6 @@ def test_sighup_restarts_under_an_immich_like_load_fail_no_request(
         records = load.stop()
     assert len(in_flight_at_stops(daemon.log())) == len(restarts)
     result = summary(records, restarts)
-    report(tmp_path, "sighup", result)
+    report("sighup", result)
     assert result["failed"] == 0, result
     assert result["counted"] >= RESTARTS, result
-
-
-def in_flight_at_stops(log: str) -> list[int]:
-    """The requests in flight at each stop signal, as the daemon logged them."""
-    return [int(count) for count in re.findall(r"accepting no more; (\d+) request", log)]
-
-
-def report(tmp_path: Path, setting: str, result: dict[str, Any]) -> None:
-    """Print the restarts' figures; also write them to $IMMICH_ML_RESTARTS_REPORT_DIR when set (for the docs)."""
-    print(f"{setting}: {json.dumps(result)}")
-    if target := os.environ.get("IMMICH_ML_RESTARTS_REPORT_DIR"):
-        (Path(target) / f"restarts-{setting}.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -51,7 +51,6 @@ def test_the_service_is_bound_to_a_socket_unit_that_holds_the_port(tmp_path: Pat
     assert re.search(r"^ListenStream=3003$", socket_unit, re.MULTILINE)
     assert re.search(r"^Backlog=128$", socket_unit, re.MULTILINE)  # what the daemon listens with, too
     assert re.search(r"^Requires=immich-ml.socket$", service, re.MULTILINE)
-    assert re.search(r"^After=immich-ml.socket$", service, re.MULTILINE)
     result = _verify(root, unit_files.SOCKET)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 

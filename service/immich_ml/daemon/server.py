@@ -89,9 +89,9 @@ async def serve(
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if ready.done() and not stop.is_set():
+        log.info("ready")
         if accept_when_ready:
             await _accept(sites)
-        log.info("ready")
     await stopping
 
     backstop = arm_backstop(settings.shutdown_timeout_s, handoff.exec if handoff.requested else _exit_now)

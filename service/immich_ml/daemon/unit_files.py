@@ -31,9 +31,8 @@ Description=Immich machine learning (immich-ml)
 After=network.target
 # immich-ml.socket listens, and keeps listening while this service restarts: connections wait in its
 # backlog. Stop both (`systemctl stop immich-ml.socket immich-ml.service`); the socket alone starts the
-# service again at the next connection.
+# service again at the next connection. (The socket orders itself before the service.)
 Requires=immich-ml.socket
-After=immich-ml.socket
 
 [Service]
 Type=notify
