@@ -47,6 +47,7 @@ def test_systemd_restarts_and_upgrades_under_an_immich_like_load_fail_no_request
     machine.succeed("chown", "-R", "immich-ml:immich-ml", CACHE)
     env_file = "".join(f"{key}={value}\n" for key, value in settings.items())
     machine.container.write("/etc/immich-ml/immich-ml.env", env_file, scratch=tmp_path)
+    machine.succeed("mkdir", "-p", str(Path(UPGRADE).parent))
     machine.systemctl("daemon-reload")
     machine.systemctl("enable", "--now", "immich-ml.socket")
     machine.systemctl("start", "immich-ml.service")  # returns at READY=1, after the preload
