@@ -35,15 +35,6 @@ from tests.restartload import (  # noqa: E402
 )
 
 
-def _round(load: ImmichLoad, daemon: Daemon, since_ms: float) -> None:
-    """Wait for steady load and a request in flight in `daemon`."""
-    while True:
-        load.wait(lambda load: sum(r["end"] > since_ms for r in load.done) >= 6)
-        load.wait(lambda load: "slow" in load.in_flight.values())
-        if in_flight_now(daemon.port) >= 1:
-            return
-
-
 def _measure(scenario: str, rounds: int, scratch: Path) -> dict[str, object]:
     env = loaded_cache(scratch / "cache")
     listener = socket.create_server(("127.0.0.1", 0)) if scenario == "crash" else None
@@ -56,7 +47,7 @@ def _measure(scenario: str, rounds: int, scratch: Path) -> dict[str, object]:
     interruptions: list[Restart] = []
     try:
         for _ in range(rounds):
-            _round(load, daemon, interruptions[-1].ready * 1000 if interruptions else 0.0)
+            load.steady(port, interruptions[-1].ready if interruptions else 0.0)
             interruptions.append(Restart(time.time(), in_flight=in_flight_now(port)))
             if scenario == "crash":
                 daemon.process.send_signal(signal.SIGKILL)

@@ -96,6 +96,15 @@ class ImmichLoad:
             if not self._changed.wait_for(lambda: predicate(self), timeout_s):
                 raise AssertionError(f"load: condition not met in {timeout_s} s; {len(self.done)} answered")
 
+    def steady(self, port: int, since_s: float) -> None:
+        """Until at least 6 requests were answered since `since_s` and the daemon on `port` has a request in
+        flight: the moment to interrupt it."""
+        while True:
+            self.wait(lambda load: sum(r["end"] > since_s * 1000 for r in load.done) >= 6)
+            self.wait(lambda load: "slow" in load.in_flight.values())
+            if in_flight_now(port) >= 1:  # sent, arrived, and not answered yet
+                return
+
     def stop(self, timeout_s: float = 120) -> list[dict[str, Any]]:
         """Stop sending, wait for every answer; returns the records of all requests."""
         assert self.process.stdin is not None and self.process.stdout is not None

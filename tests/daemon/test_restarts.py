@@ -25,7 +25,6 @@ from tests.restartload import (
     expect_alone,
     immich_requests,
     in_flight_at_stops,
-    in_flight_now,
     loaded_cache,
     report,
     summary,
@@ -37,26 +36,11 @@ TEXT = {"clip": {"textual": {"modelName": CLIP}}}
 
 
 @pytest.fixture
-def notify(tmp_path: Path) -> Iterator[NotifySocket]:
-    sock = NotifySocket(tmp_path / "notify")
-    yield sock
-    sock.close()
-
-
-@pytest.fixture
 def listener() -> Iterator[socket.socket]:
     """The listening socket, held by the test as systemd's socket unit holds it."""
     sock = socket.create_server(("127.0.0.1", 0))
     yield sock
     sock.close()
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        daemon.kill()
 
 
 def _wait_for_log(daemon: Daemon, text: str, timeout_s: float = 30) -> None:
@@ -159,11 +143,7 @@ def test_sighup_restarts_under_an_immich_like_load_fail_no_request(
     restarts: list[Restart] = []
     try:
         while summary(load.done, restarts)["counted"] < RESTARTS and len(restarts) < 2 * RESTARTS:
-            since = restarts[-1].ready * 1000 if restarts else 0.0
-            load.wait(lambda load, since=since: sum(r["end"] > since for r in load.done) >= 6)
-            load.wait(lambda load: "slow" in load.in_flight.values())
-            if in_flight_now(daemon.port) < 1:  # sent, but not arrived yet, or answered meanwhile
-                continue
+            load.steady(daemon.port, restarts[-1].ready if restarts else 0.0)
             restarts.append(Restart(time.time()))
             daemon.process.send_signal(signal.SIGHUP)
             notify.receive_until(lambda message: "READY=1" in message)
