@@ -11,7 +11,11 @@
 # throws a list of the failed checks otherwise. The flake runs the same file as a check.
 # With `--argstr output nginx` it evaluates instead to the nginx configuration the balancer
 # fixtures generate, rendered as nixpkgs' nginx module renders upstreams and locations, which
-# eval-test.sh hands to `nginx -t` where nginx is installed.
+# eval-test.sh hands to `nginx -t` where nginx is installed. With `--argstr output summary` (and
+# --json) it evaluates to what the library decides: every services.immich-ml option (type
+# description, default, texts) and the whole evaluated config of a set of configurations (units,
+# sockets, firewall, nginx, assertions, warnings) and of the package's arguments, as plain data;
+# eval-test.sh compares it between nixpkgs' lib and our stand-in (nix/stand-in).
 {
   lib,
   output ? "checks",
@@ -131,9 +135,9 @@ let
   };
 
   # The daemon is on unless a check turns it off (balancer-only hosts).
-  eval =
+  evaluation =
     userConfig:
-    (lib.evalModules {
+    lib.evalModules {
       specialArgs = { inherit pkgs; };
       modules = [
         nixosStubs
@@ -141,7 +145,8 @@ let
         { services.immich-ml.enable = lib.mkDefault true; }
         userConfig
       ];
-    }).config;
+    };
+  eval = userConfig: (evaluation userConfig).config;
   # Whether evaluating `value` fails (a type error, a throw).
   fails = value: !(builtins.tryEval (builtins.deepSeq value value)).success;
 
@@ -295,7 +300,10 @@ let
             };
           };
         };
-        fetchPypi = attrs: { inherit (attrs) pname; };
+        fetchPypi = attrs: {
+          inherit (attrs) pname;
+          outPath = "/nix/store/00000000000000000000000000000000-${attrs.pname}-${attrs.version}.whl";
+        };
         dejavu_fonts = "/fonts";
         nginx = {
           pname = "nginx";
@@ -1016,8 +1024,98 @@ let
     ${renderNginx nginxAllowlisted}
     }
   '';
+
+  # Plain data for comparing libraries: packages become their store path, functions a marker,
+  # and a value that fails to evaluate says so.
+  plain =
+    value:
+    let
+      attempt = builtins.tryEval (builtins.deepSeq value value);
+    in
+    if !attempt.success then
+      "<evaluation error>"
+    else if lib.isDerivation value then
+      "<package ${value.outPath}>"
+    else if builtins.isFunction value then
+      "<function>"
+    else if builtins.isPath value then
+      toString value
+    else if builtins.isList value then
+      map plain value
+    else if builtins.isAttrs value then
+      builtins.mapAttrs (_: plain) value
+    else
+      value;
+  # Every option in a tree of options, those of submodules (backends) included.
+  optionList =
+    options:
+    if (options._type or "") == "option" then
+      lib.optionals (!(options.internal or false)) ([ options ] ++ optionList (options.type.getSubOptions options.loc))
+    else
+      lib.concatMap optionList (lib.attrValues options);
+  describeOption = option: {
+    name = lib.concatStringsSep "." option.loc;
+    type = option.type.description;
+    default = if option ? default then plain option.default else "<none>";
+    defaultText = plain (option.defaultText or null);
+    example = plain (option.example or null);
+    description = option.description or null;
+    visible = option.visible or true;
+    readOnly = option.readOnly or false;
+  };
+  summaryConfigs = {
+    inherit
+      cpu
+      gpuCfg
+      gpuToolkit
+      trt
+      remote
+      exposed
+      balanced
+      balancerOnly
+      nginxAllowlisted
+      ;
+    secrets = eval { services.immich-ml.secretsFile = "/run/secrets/immich-ml.env"; };
+    cacheElsewhere = eval { services.immich-ml.cacheDir = "/srv/models"; };
+    tuned = eval {
+      services.immich-ml.threads.request = 4;
+      services.immich-ml.environment.MACHINE_LEARNING_PING_REQUIRES_READY = true;
+      services.immich-ml.preload.clip.visual = [ "ViT-B-32__openai" ];
+      services.immich-ml.tls = {
+        certFile = "/run/keys/ml.crt";
+        keyFile = "/run/keys/ml.key";
+      };
+      services.immich-ml.restrictIPAddresses = true;
+    };
+    unconfiguredGpu = eval {
+      imports = [ nvidiaHost ];
+      services.immich-ml.gpu.enable = true;
+    };
+  };
+  # The package's arguments, without the source: nixpkgs' fileset.toSource makes a store path,
+  # which needs a store, where the stand-in records the paths.
+  packageSummary = package: plain (removeAttrs package [ "src" ]);
+  summary = {
+    options = map describeOption (optionList (evaluation { }).options.services.immich-ml);
+    configs = builtins.mapAttrs (_: plain) summaryConfigs;
+    packages = builtins.mapAttrs (_: packageSummary) {
+      inherit
+        defaultPackage
+        globalCudaPackage
+        explicitCudaPackage
+        explicitCpuPackage
+        tensorrtPackage
+        tensorrtWithoutSupport
+        ;
+    };
+    nginx = {
+      inherit nginxConfig nginxAllowlistedConfig;
+    };
+  };
 in
-if output == "nginx" then
+if output == "summary" then
+  summary
+else if output == "nginx" then
   nginxConfig
 else if output == "nginx-allowlisted" then
   nginxAllowlistedConfig

@@ -159,7 +159,8 @@ def _doubling_session(tmp_path: Path) -> OnnxSession:
         ],
     )
     path = tmp_path / "doubling.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=modelgen.IR_VERSION)
+    onnx.save(model, path)
     return SessionFactory(Settings(provider=Provider.CPU)).create(path, cache_key="doubling")
 
 

@@ -59,7 +59,7 @@ def detection_params(options: Mapping[str, Any], *, resolution_cap: int) -> Dete
 
 @dataclass(frozen=True)
 class TextDetections:
-    """The text boxes found in one image, in reading order: detection's output and recognition's input.
+    """The text boxes found in one image, in upstream's order: detection's output and recognition's input.
 
     Plain lists, so that a detection-only request serialises to upstream's `{"boxes", "scores"}`.
     """
@@ -73,7 +73,7 @@ class TextDetector(InferenceModel):
     """DB text detector. `maxResolution`, `minScore` and `scoreMode` are per-request parameters, so one
     loaded instance serves requests with any of them (upstream's newest code keys instances by
     `maxResolution`; here that is unnecessary). Returns `{"boxes": [N×4×[x,y]], "scores": [N]}` in
-    image pixels, in reading order, as plain lists (also the detection-only response)."""
+    image pixels, in upstream's order, as plain lists (also the detection-only response)."""
 
     def configure(self) -> None:
         self.input_name = self._require_session().input_names[0]
