@@ -93,7 +93,8 @@ async def _supervise(settings: Settings, handoff: Handoff, notifier: Notifier) -
     sockets = handoff.sockets
 
     def request_stop(reexec: bool) -> None:
-        handoff.requested |= reexec
+        if not stop.is_set():  # the first signal decides: a SIGHUP during a stop re-executes nothing
+            handoff.requested = reexec
         stop.set()
         changed.set()
 

@@ -131,6 +131,9 @@ the drain."""
 
 
 def _request_reexec(handoff: Handoff, stop: asyncio.Event) -> None:
+    if stop.is_set():  # already stopping (SIGTERM): the sockets may be let go already
+        log.info("SIGHUP ignored: already stopping")
+        return
     log.info("SIGHUP: finishing requests in flight, then re-executing on the same socket(s)")
     handoff.requested = True
     stop.set()
