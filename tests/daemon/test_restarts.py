@@ -43,11 +43,11 @@ def listener() -> Iterator[socket.socket]:
     sock.close()
 
 
-def _wait_for_log(daemon: Daemon, text: str, timeout_s: float = 30) -> None:
+def _wait_for_log(daemon: Daemon, text: str, *, times: int = 1, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
-    while text not in daemon.log():
-        assert daemon.process.poll() is None or text in daemon.log(), daemon.log()
-        assert time.monotonic() < deadline, f"no {text!r} in:\n{daemon.log()}"
+    while daemon.log().count(text) < times:
+        assert daemon.process.poll() is None, daemon.log()
+        assert time.monotonic() < deadline, f"not {times} × {text!r} in:\n{daemon.log()}"
         time.sleep(0.02)
 
 
@@ -58,13 +58,15 @@ def _post(connection: http.client.HTTPConnection, entries: object, **inputs: Any
     return response.status, json.loads(response.read()), response.getheader("Connection")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_finishes_what_was_sent_and_leaves_new_connections_to_the_next_instance(
-    tmp_path: Path, notify: NotifySocket, listener: socket.socket, daemons: list[Daemon]
+    tmp_path: Path, notify: NotifySocket, listener: socket.socket, daemons: list[Daemon], workers: int
 ) -> None:
     cache = tmp_path / "cache"
     modelgen.write_clip(cache, CLIP)
     write_slow_clip(cache, SLOW, iterations=2000)  # still running when SIGTERM arrives
-    env = PRELOAD | {"NOTIFY_SOCKET": str(notify.path)}
+    settings = PRELOAD | {"MACHINE_LEARNING_WORKERS": str(workers)}
+    env = settings | {"NOTIFY_SOCKET": str(notify.path)}
     old = Daemon(tmp_path, cache, env, listener=listener)
     daemons.append(old)
     notify.receive_until(lambda message: "READY=1" in message)
@@ -79,10 +81,11 @@ def test_sigterm_finishes_what_was_sent_and_leaves_new_connections_to_the_next_i
     )
     slow.start()
     deadline = time.monotonic() + 60
-    while old.health()["inFlight"] != 1:  # the request was accepted and is running
+    while old.health()["inFlight"] != 1:  # the request was accepted and is running (by the worker asked)
         assert slow.is_alive() and time.monotonic() < deadline, outcome
-    old.process.send_signal(signal.SIGTERM)
-    _wait_for_log(old, "stopping: accepting no more; 1 request(s) in flight")
+    old.process.send_signal(signal.SIGTERM)  # to the parent, with workers: it stops them
+    _wait_for_log(old, "stopping: accepting no more;", times=workers)  # every worker
+    assert "accepting no more; 1 request(s) in flight" in old.log()
     assert "STOPPING=1" in "".join(notify.receive_until(lambda message: "STOPPING=1" in message, timeout_s=10))
 
     status, on_idle, connection_header = _post(idle, TEXT, text="a dog")  # sent after SIGTERM: answered, not refused
@@ -94,7 +97,7 @@ def test_sigterm_finishes_what_was_sent_and_leaves_new_connections_to_the_next_i
     assert old.process.wait(30) == 0, old.log()
     assert waiting.is_alive() and "waiting" not in outcome  # the old daemon is gone: it never answered it
 
-    new = Daemon(tmp_path, cache, PRELOAD, listener=listener)
+    new = Daemon(tmp_path, cache, settings, listener=listener)
     daemons.append(new)
     waiting.join(60)
     assert outcome["waiting"] == (200, on_idle), outcome
@@ -157,3 +160,20 @@ def test_sighup_restarts_under_an_immich_like_load_fail_no_request(
     report("sighup", result)
     assert result["failed"] == 0, result
     assert result["counted"] >= RESTARTS, result
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_its_grace_not_held_to_the_deadline(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    cache = tmp_path / "cache"
+    modelgen.write_clip(cache, CLIP)
+    daemon = Daemon(tmp_path, cache, PRELOAD | {"MACHINE_LEARNING_SHUTDOWN_TIMEOUT_S": "120"})
+    daemons.append(daemon)
+    daemon.wait_ready()
+    idle = daemon.connection()
+    idle.request("GET", "/ping")
+    assert idle.getresponse().read() == b"pong"
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(60) == 0, daemon.log()  # the idle grace (5 s), far from the 120 s deadline
+    assert idle.sock is not None and idle.sock.recv(1) == b""  # closed by the daemon, never answered half-way
+    assert "still running" not in daemon.log()
