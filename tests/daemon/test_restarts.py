@@ -175,5 +175,8 @@ def test_an_idle_keep_alive_connection_is_closed_after_its_grace_not_held_to_the
     assert idle.getresponse().read() == b"pong"
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.process.wait(60) == 0, daemon.log()  # the idle grace (5 s), far from the 120 s deadline
-    assert idle.sock is not None and idle.sock.recv(1) == b""  # closed by the daemon, never answered half-way
+    try:
+        assert idle.sock is not None and idle.sock.recv(1) == b""  # closed by the daemon, never answered half-way
+    finally:
+        idle.close()
     assert "still running" not in daemon.log()
