@@ -325,7 +325,7 @@ in
       request = mkOption {
         type = types.nullOr types.ints.positive;
         default = null;
-        description = "`MACHINE_LEARNING_REQUEST_THREADS` (pre- and post-processing); null: number of CPUs.";
+        description = "`MACHINE_LEARNING_REQUEST_THREADS` (pre- and post-processing); null: the usable CPUs (affinity and cgroup CPU quota, e.g. systemd's CPUQuota=).";
       };
       interOp = mkOption {
         type = types.nullOr types.ints.unsigned;
@@ -335,7 +335,7 @@ in
       intraOp = mkOption {
         type = types.nullOr types.ints.unsigned;
         default = null;
-        description = "`MACHINE_LEARNING_MODEL_INTRA_OP_THREADS`; null: ONNX Runtime's choice.";
+        description = "`MACHINE_LEARNING_MODEL_INTRA_OP_THREADS`; null: sized from the usable CPUs (docs/configuration.md, Threads and cores).";
       };
     };
 

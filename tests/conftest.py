@@ -16,6 +16,7 @@ import pytest
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient
 
+from immich_ml.cpus import CpuBudget
 from immich_ml.http.app import create_app
 from immich_ml.settings import Settings
 from tests import modelgen
@@ -23,6 +24,8 @@ from tests import modelgen
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 CLIP = "ViT-B-32__openai"
+TWO_CPUS = CpuBudget(affinity=2, quota=None)
+"""The usable CPUs of `make_client`'s app: CI's 2 cores, whatever machine runs the tests."""
 """The CLIP model name the generated caches use."""
 VISUAL = '{"clip":{"visual":{"modelName":"ViT-B-32__openai"}}}'
 """`entries` asking for a CLIP image embedding."""
@@ -63,6 +66,7 @@ def make_client(aiohttp_client: Any, cache: Path) -> ClientFactory:
         defaults = {
             "cache_folder": cache,
             "request_threads": 2,
+            "cpus": TWO_CPUS,
             "model_ttl_poll_s": 0,
             "hf_offline": True,
         }  # tests never reach the network; store tests use a local fake hub

@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests import modelgen
 
-__all__ = ["Daemon", "NotifySocket", "multipart", "write_slow_clip"]
+__all__ = ["Daemon", "Endpoint", "NotifySocket", "multipart", "write_slow_clip"]
 
 _SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 _START_TIMEOUT_S = 60
@@ -80,62 +80,20 @@ class NotifySocket:
         self.socket.close()
 
 
-class Daemon:
-    """One daemon process; `env` adds to a clean environment pointing at `cache`."""
+class Endpoint:
+    """An immich-ml HTTP endpoint at `host`:`port` (HTTPS when `tls_ca` verifies its certificate)."""
 
-    def __init__(
-        self,
-        tmp_path: Path,
-        cache: Path,
-        env: dict[str, str] | None = None,
-        *,
-        tls_ca: Path | None = None,
-        port: int = 0,
-        file_limit: int | None = None,
-        listener: socket.socket | None = None,
-    ) -> None:
-        """`port` 0 takes a free one; a fixed one restarts a daemon where a stopped one listened. `file_limit`
-        sets the daemon's RLIMIT_NOFILE, soft and hard (a systemd `LimitNOFILE=`). A `listener` given is
-        the caller's to keep open across daemons, as a systemd socket unit keeps it."""
-        self.listener = listener or socket.create_server(("127.0.0.1", port))
-        self.port: int = self.listener.getsockname()[1]
-        self.log_path = tmp_path / f"daemon-{self.port}.log"
+    def __init__(self, host: str, port: int, *, tls_ca: Path | None = None) -> None:
+        self.host = host
+        self.port = port
         self.tls_ca = tls_ca
-        base = {key: value for key, value in os.environ.items() if key not in _SYSTEMD_VARS}
-        base |= {
-            "MACHINE_LEARNING_CACHE_FOLDER": str(cache),
-            "MACHINE_LEARNING_PROVIDER": "cpu",
-            "MACHINE_LEARNING_REQUEST_THREADS": "2",
-            "IMMICH_LOG_LEVEL": "info",
-            "NO_COLOR": "1",
-        }
-        fd = self.listener.fileno()
-        with self.log_path.open("ab") as log:  # a restart on the same port appends
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", _ACTIVATE, str(fd)],
-                env=base | (env or {}),
-                pass_fds=[fd],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=None if file_limit is None else functools.partial(_limit_files, file_limit),
-            )
-        if listener is None:
-            self.listener.close()
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log(self) -> str:
-        """What the daemon wrote to stdout and stderr so far."""
-        return self.log_path.read_text(errors="replace")
 
     def connection(self, timeout_s: float = 30) -> http.client.HTTPConnection:
         """A new keep-alive connection to the daemon."""
         if self.tls_ca is not None:
             context = ssl.create_default_context(cafile=str(self.tls_ca))
-            return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout_s, context=context)
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout_s, context=context)
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout_s)
 
     def request(
         self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
@@ -157,6 +115,58 @@ class Daemon:
         body, content_type = multipart(entries, image=image, text=text)
         status, data = self.request("POST", "/predict", body, {"Content-Type": content_type})
         return status, json.loads(data)
+
+
+class Daemon(Endpoint):
+    """One daemon process; `env` adds to a clean environment pointing at `cache`."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        cache: Path,
+        env: dict[str, str] | None = None,
+        *,
+        tls_ca: Path | None = None,
+        port: int = 0,
+        file_limit: int | None = None,
+        launcher: tuple[str, ...] = (),
+        listener: socket.socket | None = None,
+    ) -> None:
+        """`port` 0 takes a free one; a fixed one restarts a daemon where a stopped one listened. `file_limit`
+        sets the daemon's RLIMIT_NOFILE, soft and hard (a systemd `LimitNOFILE=`). `launcher` is a command
+        that execs the daemon's (e.g. `taskset -c 0`), so the daemon keeps the pid started. A `listener`
+        given is the caller's to keep open across daemons, as a systemd socket unit keeps it."""
+        self.listener = listener or socket.create_server(("127.0.0.1", port))
+        super().__init__("127.0.0.1", self.listener.getsockname()[1], tls_ca=tls_ca)
+        self.log_path = tmp_path / f"daemon-{self.port}.log"
+        base = {key: value for key, value in os.environ.items() if key not in _SYSTEMD_VARS}
+        base |= {
+            "MACHINE_LEARNING_CACHE_FOLDER": str(cache),
+            "MACHINE_LEARNING_PROVIDER": "cpu",
+            "MACHINE_LEARNING_REQUEST_THREADS": "2",
+            "IMMICH_LOG_LEVEL": "info",
+            "NO_COLOR": "1",
+        }
+        fd = self.listener.fileno()
+        with self.log_path.open("ab") as log:  # a restart on the same port appends
+            self.process = subprocess.Popen(
+                [*launcher, sys.executable, "-c", _ACTIVATE, str(fd)],
+                env=base | (env or {}),
+                pass_fds=[fd],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=None if file_limit is None else functools.partial(_limit_files, file_limit),
+            )
+        if listener is None:
+            self.listener.close()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        """What the daemon wrote to stdout and stderr so far."""
+        return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout_s: float = _START_TIMEOUT_S) -> None:
         """Poll `/health` until it answers 200; fail with the daemon's log if it exits or times out."""

@@ -15,7 +15,10 @@
 # --json) it evaluates to what the library decides: every services.immich-ml option (type
 # description, default, texts) and the whole evaluated config of a set of configurations (units,
 # sockets, firewall, nginx, assertions, warnings) and of the package's arguments, as plain data;
-# eval-test.sh compares it between nixpkgs' lib and our stand-in (nix/stand-in).
+# eval-test.sh compares it between nixpkgs' lib and our stand-in (nix/stand-in). With
+# `--argstr output units --json` it evaluates to what NixOS would turn into units and users for a representative host (`unitsHost` below):
+# systemd.services/sockets, users.users/groups and systemd.tmpfiles.rules, as data;
+# tests/containers/nixos_units.py renders them as NixOS does and boots them under systemd.
 {
   lib,
   output ? "checks",
@@ -1112,9 +1115,29 @@ let
       inherit nginxConfig nginxAllowlistedConfig;
     };
   };
+  # A host whose Immich server is elsewhere (here: podman's default network, where the container test's
+  # requests come from) and that preloads CLIP, so start waits for the warm-up.
+  unitsHost = eval {
+    services.immich-ml = {
+      host = "0.0.0.0";
+      allowedClients = [ "10.88.0.0/16" ];
+      preload.clip.textual = [ "ViT-B-32__openai" ];
+      preload.clip.visual = [ "ViT-B-32__openai" ];
+    };
+  };
+  units = {
+    services = lib.mapAttrs (_: service: {
+      inherit (service) description wantedBy after wants requires environment serviceConfig;
+    }) unitsHost.systemd.services;
+    sockets = unitsHost.systemd.sockets or { };
+    users = { inherit (unitsHost.users) users groups; };
+    tmpfiles = unitsHost.systemd.tmpfiles.rules;
+  };
 in
 if output == "summary" then
   summary
+else if output == "units" then
+  units
 else if output == "nginx" then
   nginxConfig
 else if output == "nginx-allowlisted" then

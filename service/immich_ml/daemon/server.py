@@ -21,6 +21,7 @@ from immich_ml.http.app import create_app
 from immich_ml.http.appkeys import CONNECTIONS, STATE
 from immich_ml.http.connections import TrackedSite, raise_file_limit
 from immich_ml.http.security import tls_context
+from immich_ml.inference.sizing import request_threads
 from immich_ml.log import SERVER_LOG as log
 from immich_ml.settings import Settings
 
@@ -74,6 +75,7 @@ async def serve(
         app[CONNECTIONS].max_connections,
         file_limit,
     )
+    log.info("usable CPUs: %s; %d request threads", settings.cpus.describe(), request_threads(settings))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

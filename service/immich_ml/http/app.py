@@ -17,6 +17,7 @@ from immich_ml.http.metrics import METRICS, GaugeCollector, GpuMemory, Metrics, 
 from immich_ml.http.routes import json_response, routes
 from immich_ml.http.security import allowlist_middleware
 from immich_ml.inference.sessions import SessionFactory
+from immich_ml.inference.sizing import request_threads
 from immich_ml.inference.threads import ThreadPool
 from immich_ml.log import SERVER_LOG as log
 from immich_ml.log import Throttle
@@ -111,9 +112,9 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
     runtime = Runtime(
         settings,
         sessions or SessionFactory(settings),
-        ThreadPool(settings.request_threads),
+        ThreadPool(request_threads(settings)),
         batch_metrics=metrics.batches,
-        image_pool=ThreadPool(settings.request_threads, niceness=settings.bulk_niceness, name="immich-ml-images"),
+        image_pool=ThreadPool(request_threads(settings), niceness=settings.bulk_niceness, name="immich-ml-image"),
     )
 
     async def models_context(app: web.Application) -> AsyncIterator[None]:
