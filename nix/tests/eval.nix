@@ -1127,7 +1127,16 @@ let
   };
   units = {
     services = lib.mapAttrs (_: service: {
-      inherit (service) description wantedBy after wants requires environment serviceConfig;
+      inherit (service)
+        description
+        wantedBy
+        after
+        wants
+        requires
+        environment
+        serviceConfig
+        stopIfChanged
+        ;
     }) unitsHost.systemd.services;
     sockets = unitsHost.systemd.sockets or { };
     users = { inherit (unitsHost.users) users groups; };
