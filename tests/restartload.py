@@ -7,7 +7,6 @@ backlog). Times are wall-clock seconds (Node's and Python's clocks agree on one 
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -20,7 +19,7 @@ from typing import Any
 
 from tests import modelgen
 from tests.conftest import CLIP
-from tests.daemonproc import multipart, write_slow_clip
+from tests.daemonproc import Endpoint, write_slow_clip
 
 __all__ = [
     "RESTARTS",
@@ -188,28 +187,17 @@ def loaded_cache(cache: Path) -> dict[str, str]:
 
 def expect_alone(port: int, requests: list[dict[str, Any]]) -> None:
     """Each request's answer from the daemon on `port` when sent alone, as `expected`."""
+    endpoint = Endpoint("127.0.0.1", port)
     for request in requests:
         image = Path(request["image"]).read_bytes() if "image" in request else None
-        body, content_type = multipart(request["entries"], image=image, text=request.get("text"))
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        try:
-            connection.request("POST", "/predict", body=body, headers={"Content-Type": content_type})
-            response = connection.getresponse()
-            answer = json.loads(response.read())
-        finally:
-            connection.close()
-        assert response.status == 200, answer
+        status, answer = endpoint.predict(request["entries"], image=image, text=request.get("text"))
+        assert status == 200, answer
         request["expected"] = answer
 
 
 def in_flight_now(port: int) -> int:
     """The requests in flight in the daemon on `port` now (its `/health`)."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        connection.request("GET", "/health")
-        return int(json.loads(connection.getresponse().read())["inFlight"])
-    finally:
-        connection.close()
+    return int(Endpoint("127.0.0.1", port).health()["inFlight"])
 
 
 def in_flight_at_stops(log: str) -> list[int]:
