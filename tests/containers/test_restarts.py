@@ -59,12 +59,12 @@ def test_systemd_restarts_and_upgrades_under_an_immich_like_load_fail_no_request
     started_as: set[str] = set()
     try:
         while summary(load.done, restarts)["counted"] < RESTARTS and len(restarts) < 2 * RESTARTS:
-            load.steady(port, restarts[-1].ready if restarts else 0.0)
             if len(restarts) % 2:
                 machine.container.write(UPGRADE, UPGRADED, scratch=tmp_path)
             else:
                 machine.succeed("rm", "-f", UPGRADE)
             machine.systemctl("daemon-reload")
+            load.steady(port, restarts[-1].ready if restarts else 0.0)  # then signal at once
             restarts.append(Restart(time.time()))
             machine.systemctl("restart", "immich-ml.service")  # returns once the new instance sent READY=1
             journal = machine.journal("immich-ml.service")
