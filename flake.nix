@@ -58,6 +58,8 @@
         system: pkgs:
         {
           default = pkgs.callPackage ./nix/package.nix { };
+          # The CPU container image (docs/docker.md): nix build .#image && docker load < result
+          image = pkgs.callPackage ./nix/image.nix { immich-ml = self.packages.${system}.default; };
         }
         // lib.optionalAttrs (lib.elem system cudaSystems) {
           cuda = (pkgsWithCudaLibraries system).callPackage ./nix/package.nix { cudaSupport = true; };
