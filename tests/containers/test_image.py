@@ -23,22 +23,35 @@ from tests.daemonproc import multipart
 from tests.deploy.containerfile import image_facts
 
 
-@pytest.fixture
-def root_cache(tmp_path: Path) -> Path:
+def _root_cache(folder: Path) -> Path:
     """A model cache written by root, as upstream's image (which runs as root) leaves its volume."""
-    cache = tmp_path / "cache"
+    cache = folder / "cache"
     modelgen.write_clip(cache, MODEL)
     assert os.geteuid() == 0 and cache.stat().st_uid == 0
     return cache
 
 
-@pytest.fixture
-def serving(podman: Podman, ml_image: str, root_cache: Path) -> Iterator[Endpoint]:
-    """The image serving `root_cache` at /cache, warm; stopped by the test or at teardown."""
-    container = podman.run(ml_image, publish=["127.0.0.1::3003"], volumes=[f"{root_cache}:/cache"], env=PRELOAD)
+def _serve(podman: Podman, image: str, cache: Path) -> Endpoint:
+    """The image serving `cache` at /cache, warm."""
+    container = podman.run(image, publish=["127.0.0.1::3003"], volumes=[f"{cache}:/cache"], env=PRELOAD)
     endpoint = Endpoint.of(container)
     endpoint.wait_ready()
-    yield endpoint
+    return endpoint
+
+
+@pytest.fixture(scope="module")
+def root_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _root_cache(tmp_path_factory.mktemp("image"))
+
+
+@pytest.fixture(scope="module")
+def serving(
+    podman_usable: None, ml_image: str, root_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Endpoint]:
+    """One container for the tests that leave it running (a start costs several seconds on two cores)."""
+    runner = Podman(tmp_path_factory.mktemp("podman"))
+    yield _serve(runner, ml_image, root_cache)
+    runner.cleanup(dump_logs=True)  # pytest shows it only with a failure
 
 
 def test_answers_equal_the_daemon_outside_a_container(serving: Endpoint, clip_answers: dict[str, Any]) -> None:
@@ -76,8 +89,11 @@ def test_a_healthcheck_fails_when_the_daemon_does_not_answer(serving: Endpoint) 
     assert "127.0.0.1:3004/ping" in output
 
 
-def test_stop_drains_a_request_in_flight_and_exits_0(serving: Endpoint, clip_answers: dict[str, Any]) -> None:
+def test_stop_drains_a_request_in_flight_and_exits_0(
+    podman: Podman, ml_image: str, tmp_path: Path, clip_answers: dict[str, Any]
+) -> None:
     """An upload stalled half-way at `podman stop` (SIGTERM to PID 1, SIGKILL after 10 s) is still answered."""
+    serving = _serve(podman, ml_image, _root_cache(tmp_path))
     body, content_type = multipart(TEXTUAL, text=TEXT)
     upload = socket.create_connection(("127.0.0.1", serving.port), timeout=30)
     head = f"POST /predict HTTP/1.1\r\nHost: ml\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
