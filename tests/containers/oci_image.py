@@ -16,12 +16,13 @@ import subprocess
 import sys
 import tempfile
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.containers.base import REPOSITORY, input_tag, lock
 from tests.containers.podman import Podman
 
-__all__ = ["CONTEXT_FILES", "containerfile_image"]
+__all__ = ["CONTEXT_FILES", "build", "containerfile_image"]
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTEXT_FILES = ("deploy/Containerfile", ".containerignore", "pyproject.toml", "README.md", "scripts/opencv-headless")
@@ -39,16 +40,27 @@ def _context_digest() -> str:
 
 
 def containerfile_image(podman: Podman, base: str) -> str:
-    """deploy/Containerfile built on `base`; built if this store lacks it."""
+    """deploy/Containerfile built on `base` from the host's wheelhouse; built if this store lacks it."""
     ref = f"{REPOSITORY}/containerfile:{input_tag([base, _context_digest()])}"
     with lock():
-        if podman.image_exists(ref):
-            return ref
-        ca_bundle = ssl.get_default_verify_paths().cafile or os.environ.get("SSL_CERT_FILE", "")
-        with tempfile.TemporaryDirectory(prefix="immich-ml-wheelhouse-") as wheelhouse:
-            _fill_wheelhouse(Path(wheelhouse))
-            _build(podman, ref, base, Path(wheelhouse), ca_bundle)
+        if not podman.image_exists(ref):
+            build(podman, ref, base, wheelhouse=True)
     return ref
+
+
+def build(podman: Podman, ref: str, base: str, *, wheelhouse: bool, extra: Sequence[str] = ()) -> None:
+    """`podman build` deploy/Containerfile as `ref` on `base`: pip installs from a wheelhouse the host fills,
+    or (`wheelhouse=False`) from the package index inside the build, as `docker build` does. `extra`: more
+    `podman build` options."""
+    ca_bundle = ssl.get_default_verify_paths().cafile or os.environ.get("SSL_CERT_FILE", "")
+    options = ["--format", "docker", "--file", str(ROOT / "deploy" / "Containerfile"), "--build-arg", f"BASE={base}"]
+    options += ["--secret", f"id=pip-ca,src={ca_bundle}", "--tag", ref, *extra]
+    with tempfile.TemporaryDirectory(prefix="immich-ml-wheelhouse-") as folder:
+        if wheelhouse:
+            _fill_wheelhouse(Path(folder))
+            options += ["--volume", f"{folder}:{_WHEELS_IN_BUILD}:ro"]
+            options += ["--build-arg", f"PIP_FIND_LINKS={_WHEELS_IN_BUILD}", "--build-arg", "PIP_NO_INDEX=1"]
+        podman("build", *options, str(ROOT), timeout_s=_BUILD_TIMEOUT_S)
 
 
 def _fill_wheelhouse(wheelhouse: Path) -> None:
@@ -59,28 +71,4 @@ def _fill_wheelhouse(wheelhouse: Path) -> None:
         check=True,
         capture_output=True,
         timeout=_BUILD_TIMEOUT_S,
-    )
-
-
-def _build(podman: Podman, ref: str, base: str, wheelhouse: Path, ca_bundle: str) -> None:
-    podman(
-        "build",
-        "--format",
-        "docker",
-        "--file",
-        str(ROOT / "deploy" / "Containerfile"),
-        "--build-arg",
-        f"BASE={base}",
-        "--build-arg",
-        f"PIP_FIND_LINKS={_WHEELS_IN_BUILD}",
-        "--build-arg",
-        "PIP_NO_INDEX=1",
-        "--volume",
-        f"{wheelhouse}:{_WHEELS_IN_BUILD}:ro",
-        "--secret",
-        f"id=pip-ca,src={ca_bundle}",
-        "--tag",
-        ref,
-        str(ROOT),
-        timeout_s=_BUILD_TIMEOUT_S,
     )

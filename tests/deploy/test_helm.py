@@ -58,7 +58,10 @@ def test_readiness_follows_warm_up_and_drain() -> None:
     assert _env(container)["MACHINE_LEARNING_PING_REQUIRES_READY"] == "true"
     assert container["readinessProbe"]["httpGet"]["path"] == "/ping"
     assert container["startupProbe"]["httpGet"]["path"] == "/ping"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/"  # not /ping: 503 while draining is on purpose
+    liveness = container["livenessProbe"]
+    assert liveness["httpGet"]["path"] == "/health"  # 503 with a stuck inference, and while draining:
+    drain = float(_env(container)["MACHINE_LEARNING_SHUTDOWN_TIMEOUT_S"])
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] > drain  # never during a drain
 
 
 def test_grace_period_covers_pre_stop_and_drain() -> None:
