@@ -1,10 +1,9 @@
 """The image deploy/Containerfile builds, on the harness' Debian base (`BASE`), built once per set of inputs.
 
-`podman build --format docker` (the OCI format has no HEALTHCHECK). The wheels come from the host: `pip wheel`
-there fills a folder from the host's own index configuration and cache (25 s here, against minutes of downloads
-inside the build, where pip's HTTP cache stores nothing behind this network's proxy), and the build installs from
-it without an index (`PIP_FIND_LINKS`, `PIP_NO_INDEX`). pip also gets the host's CA bundle as a build secret.
-Neither goes into a layer.
+`podman build --format docker` (the OCI format has no HEALTHCHECK); pip gets the host's CA bundle as a build
+secret (in no layer). The host's pip cache cannot be lent to the build: pip's HTTP cache stores nothing behind
+this network's proxy (the host's cache stays empty). `build` can instead install from a wheelhouse `pip wheel`
+fills on the host (`PIP_FIND_LINKS`, `PIP_NO_INDEX`); scripts/measure-image found it no faster than the index.
 """
 
 from __future__ import annotations
@@ -40,11 +39,12 @@ def _context_digest() -> str:
 
 
 def containerfile_image(podman: Podman, base: str) -> str:
-    """deploy/Containerfile built on `base` from the host's wheelhouse; built if this store lacks it."""
+    """deploy/Containerfile built on `base` as `docker build` would (pip reaching the index); built if this
+    store lacks it. A host wheelhouse was measured no faster here (scripts/measure-image, docs/docker.md)."""
     ref = f"{REPOSITORY}/containerfile:{input_tag([base, _context_digest()])}"
     with lock():
         if not podman.image_exists(ref):
-            build(podman, ref, base, wheelhouse=True)
+            build(podman, ref, base, wheelhouse=False)
     return ref
 
 
