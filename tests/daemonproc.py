@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests import modelgen
 
-__all__ = ["Daemon", "NotifySocket", "multipart", "write_slow_clip"]
+__all__ = ["Daemon", "NotifySocket", "exchange", "multipart", "write_slow_clip"]
 
 _SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 _START_TIMEOUT_S = 60
@@ -49,6 +49,22 @@ def multipart(entries: object, *, image: bytes | None = None, text: str | None =
         + b"--%s--\r\n" % boundary.encode()
     )
     return body, f"multipart/form-data; boundary={boundary}"
+
+
+def exchange(
+    connection: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
+    """One request on `connection`, which is closed afterwards: (status, body)."""
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
 class NotifySocket:
@@ -138,13 +154,7 @@ class Daemon:
         self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
     ) -> tuple[int, bytes]:
         """One request on a fresh connection: (status, body)."""
-        connection = self.connection()
-        try:
-            connection.request(method, path, body=body, headers=headers or {})
-            response = connection.getresponse()
-            return response.status, response.read()
-        finally:
-            connection.close()
+        return exchange(self.connection(), method, path, body, headers)
 
     def health(self) -> dict[str, Any]:
         """The `/health` document (answered with 503 before ready, 200 after)."""

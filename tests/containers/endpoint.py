@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tests.containers.podman import Container
-from tests.daemonproc import multipart
+from tests.daemonproc import exchange, multipart
 
 __all__ = ["Endpoint", "until"]
 
@@ -40,13 +40,7 @@ class Endpoint:
         self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
     ) -> tuple[int, bytes]:
         """One request on a fresh connection: (status, body)."""
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            connection.request(method, path, body=body, headers=headers or {})
-            response = connection.getresponse()
-            return response.status, response.read()
-        finally:
-            connection.close()
+        return exchange(http.client.HTTPConnection("127.0.0.1", self.port, timeout=30), method, path, body, headers)
 
     def predict(self, entries: object, *, image: bytes | None = None, text: str | None = None) -> tuple[int, Any]:
         body, content_type = multipart(entries, image=image, text=text)
