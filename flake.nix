@@ -18,8 +18,11 @@
 
       forAllSystems = f: lib.genAttrs systems (system: f system nixpkgs.legacyPackages.${system});
 
-      # A second nixpkgs instance for the CUDA package only, allowing the CUDA toolkit's own
-      # unfree licences and nothing else. cudaSupport stays off for the rest of the package set.
+      # `packages.cuda` comes from a second nixpkgs instance that allows the CUDA toolkit's own unfree
+      # licences and nothing else, for every GPU architecture nixpkgs builds by default: hours of
+      # compiling (no binary cache for unfree packages) and a second glibc and Python beside the
+      # system's. A NixOS host should build from its own nixpkgs instead, for its GPU only: the
+      # overlay's immich-ml-cuda with nixpkgs.config.cudaCapabilities (docs/nixos.md).
       cudaPrefixes = [
         "cuda_"
         "cuda-"
@@ -39,9 +42,17 @@
         };
     in
     {
+      # For nixpkgs.config.allowUnfreePredicate: the CUDA libraries' licences, nothing else.
+      lib = { inherit isCudaLibrary; };
+
       overlays.default = final: _prev: {
         immich-ml = final.callPackage ./nix/package.nix { };
         immich-ml-cuda = final.callPackage ./nix/package.nix { cudaSupport = true; };
+        # Needs a nixpkgs whose onnxruntime builds TensorRT (see nix/package.nix).
+        immich-ml-tensorrt = final.callPackage ./nix/package.nix {
+          cudaSupport = true;
+          tensorrtSupport = true;
+        };
       };
 
       # The package defaults to a build against the host's own nixpkgs (no second nixpkgs in
@@ -57,7 +68,12 @@
       packages = forAllSystems (
         system: pkgs:
         {
-          default = pkgs.callPackage ./nix/package.nix { };
+          # `nix build .#default.tests.vm-cpu` runs the NixOS VM test against this package.
+          default = (pkgs.callPackage ./nix/package.nix { }).overrideAttrs (previous: {
+            passthru = previous.passthru // {
+              tests.vm-cpu = self.checks.${system}.vm-cpu;
+            };
+          });
           # The CPU container image (docs/docker.md): nix build .#image && docker load < result
           image = pkgs.callPackage ./nix/image.nix { immich-ml = self.packages.${system}.default; };
         }
@@ -95,8 +111,7 @@
       devShells = forAllSystems (
         system: pkgs: {
           default = pkgs.mkShell {
-            inputsFrom = [ self.packages.${system}.default ];
-            packages = [
+            packages = self.packages.${system}.default.passthru.developmentPackages ++ [
               pkgs.mypy
               pkgs.nixfmt
               pkgs.ruff

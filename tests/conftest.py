@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import shutil
+import sys
+import sysconfig
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,6 +16,7 @@ import pytest
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient
 
+from immich_ml.cpus import CpuBudget
 from immich_ml.http.app import create_app
 from immich_ml.settings import Settings
 from tests import modelgen
@@ -20,11 +24,23 @@ from tests import modelgen
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 CLIP = "ViT-B-32__openai"
+TWO_CPUS = CpuBudget(affinity=2, quota=None)
+"""The usable CPUs of `make_client`'s app: CI's 2 cores, whatever machine runs the tests."""
 """The CLIP model name the generated caches use."""
 VISUAL = '{"clip":{"visual":{"modelName":"ViT-B-32__openai"}}}'
 """`entries` asking for a CLIP image embedding."""
 TEXTUAL = '{"clip":{"textual":{"modelName":"ViT-B-32__openai"}}}'
 """`entries` asking for a CLIP text embedding."""
+
+
+def installed(command: str) -> Path:
+    """The installed `command`: beside the running interpreter (a virtual environment), else on PATH (the Nix
+    build's check phase puts its output's bin/ there, next to an interpreter that has no scripts of ours)."""
+    beside = Path(sysconfig.get_path("scripts")) / command
+    found = beside if beside.is_file() else shutil.which(command)
+    if found is None:
+        pytest.fail(f"{command} is not installed beside {sys.executable} nor on PATH: install the package")
+    return Path(found)
 
 
 @pytest.fixture
@@ -50,11 +66,13 @@ def make_client(aiohttp_client: Any, cache: Path) -> ClientFactory:
         defaults = {
             "cache_folder": cache,
             "request_threads": 2,
+            "cpus": TWO_CPUS,
             "model_ttl_poll_s": 0,
             "hf_offline": True,
         }  # tests never reach the network; store tests use a local fake hub
         settings = Settings(**{**defaults, **overrides})
-        return await aiohttp_client(create_app(settings))  # type: ignore[no-any-return]
+        app = create_app(settings)  # served as the daemon serves it: bodies inflated by http/inflate.py
+        return await aiohttp_client(app, server_kwargs={"auto_decompress": False})  # type: ignore[no-any-return]
 
     return start
 

@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests import modelgen
 
-__all__ = ["Daemon", "NotifySocket", "exchange", "multipart", "write_slow_clip"]
+__all__ = ["Daemon", "Endpoint", "NotifySocket", "multipart", "write_slow_clip"]
 
 _SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
 _START_TIMEOUT_S = 60
@@ -49,22 +49,6 @@ def multipart(entries: object, *, image: bytes | None = None, text: str | None =
         + b"--%s--\r\n" % boundary.encode()
     )
     return body, f"multipart/form-data; boundary={boundary}"
-
-
-def exchange(
-    connection: http.client.HTTPConnection,
-    method: str,
-    path: str,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, bytes]:
-    """One request on `connection`, which is closed afterwards: (status, body)."""
-    try:
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
 
 
 class NotifySocket:
@@ -92,11 +76,59 @@ class NotifySocket:
             if predicate(received[-1]):
                 return received
 
+    def queued(self) -> list[str]:
+        """The messages already waiting, without blocking (all of them, once the sender has exited)."""
+        self.socket.setblocking(False)
+        try:
+            while True:
+                self.messages.append(self.socket.recv(65536).decode())
+        except BlockingIOError:
+            return self.messages
+        finally:
+            self.socket.setblocking(True)
+
     def close(self) -> None:
         self.socket.close()
 
 
-class Daemon:
+class Endpoint:
+    """An immich-ml HTTP endpoint at `host`:`port` (HTTPS when `tls_ca` verifies its certificate)."""
+
+    def __init__(self, host: str, port: int, *, tls_ca: Path | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.tls_ca = tls_ca
+
+    def connection(self, timeout_s: float = 30) -> http.client.HTTPConnection:
+        """A new keep-alive connection to the daemon."""
+        if self.tls_ca is not None:
+            context = ssl.create_default_context(cafile=str(self.tls_ca))
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout_s, context=context)
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout_s)
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
+        """One request on a fresh connection: (status, body)."""
+        connection = self.connection()
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def health(self) -> dict[str, Any]:
+        """The `/health` document (answered with 503 before ready, 200 after)."""
+        return json.loads(self.request("GET", "/health")[1])  # type: ignore[no-any-return]
+
+    def predict(self, entries: object, *, image: bytes | None = None, text: str | None = None) -> tuple[int, Any]:
+        body, content_type = multipart(entries, image=image, text=text)
+        status, data = self.request("POST", "/predict", body, {"Content-Type": content_type})
+        return status, json.loads(data)
+
+
+class Daemon(Endpoint):
     """One daemon process; `env` adds to a clean environment pointing at `cache`."""
 
     def __init__(
@@ -108,13 +140,14 @@ class Daemon:
         tls_ca: Path | None = None,
         port: int = 0,
         file_limit: int | None = None,
+        launcher: tuple[str, ...] = (),
     ) -> None:
         """`port` 0 takes a free one; a fixed one restarts a daemon where a stopped one listened. `file_limit`
-        sets the daemon's RLIMIT_NOFILE, soft and hard (a systemd `LimitNOFILE=`)."""
+        sets the daemon's RLIMIT_NOFILE, soft and hard (a systemd `LimitNOFILE=`). `launcher` is a command
+        that execs the daemon's (e.g. `taskset -c 0`), so the daemon keeps the pid started."""
         self.listener = socket.create_server(("127.0.0.1", port))
-        self.port: int = self.listener.getsockname()[1]
+        super().__init__("127.0.0.1", self.listener.getsockname()[1], tls_ca=tls_ca)
         self.log_path = tmp_path / f"daemon-{self.port}.log"
-        self.tls_ca = tls_ca
         base = {key: value for key, value in os.environ.items() if key not in _SYSTEMD_VARS}
         base |= {
             "MACHINE_LEARNING_CACHE_FOLDER": str(cache),
@@ -126,7 +159,7 @@ class Daemon:
         fd = self.listener.fileno()
         with self.log_path.open("ab") as log:  # a restart on the same port appends
             self.process = subprocess.Popen(
-                [sys.executable, "-c", _ACTIVATE, str(fd)],
+                [*launcher, sys.executable, "-c", _ACTIVATE, str(fd)],
                 env=base | (env or {}),
                 pass_fds=[fd],
                 stdout=log,
@@ -142,28 +175,6 @@ class Daemon:
     def log(self) -> str:
         """What the daemon wrote to stdout and stderr so far."""
         return self.log_path.read_text(errors="replace")
-
-    def connection(self, timeout_s: float = 30) -> http.client.HTTPConnection:
-        """A new keep-alive connection to the daemon."""
-        if self.tls_ca is not None:
-            context = ssl.create_default_context(cafile=str(self.tls_ca))
-            return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout_s, context=context)
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
-
-    def request(
-        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
-    ) -> tuple[int, bytes]:
-        """One request on a fresh connection: (status, body)."""
-        return exchange(self.connection(), method, path, body, headers)
-
-    def health(self) -> dict[str, Any]:
-        """The `/health` document (answered with 503 before ready, 200 after)."""
-        return json.loads(self.request("GET", "/health")[1])  # type: ignore[no-any-return]
-
-    def predict(self, entries: object, *, image: bytes | None = None, text: str | None = None) -> tuple[int, Any]:
-        body, content_type = multipart(entries, image=image, text=text)
-        status, data = self.request("POST", "/predict", body, {"Content-Type": content_type})
-        return status, json.loads(data)
 
     def wait_ready(self, timeout_s: float = _START_TIMEOUT_S) -> None:
         """Poll `/health` until it answers 200; fail with the daemon's log if it exits or times out."""

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from immich_ml.settings import variable_names
+from tests.conftest import installed
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
@@ -117,7 +117,7 @@ def _prefix_words(words: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("program", ["immich-ml", "immich-gpu-check"])
 def test_every_documented_command_and_flag_exists(program: str) -> None:
-    executable = Path(sys.executable).parent / program
+    executable = installed(program)
     commands = _commands(program)
     assert commands, f"no {program} command found in the docs"
     missing = []
@@ -132,7 +132,7 @@ def test_every_documented_command_and_flag_exists(program: str) -> None:
 
 def test_the_command_check_can_fail() -> None:
     result = subprocess.run(
-        [Path(sys.executable).parent / "immich-ml", "models", "frobnicate", "--help"],
+        [installed("immich-ml"), "models", "frobnicate", "--help"],
         capture_output=True,
         text=True,
         timeout=60,

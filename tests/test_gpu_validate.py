@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 from importlib.machinery import SourceFileLoader
@@ -70,6 +71,38 @@ def visual_runs(**per_s: float) -> dict[str, Any]:
     return {name: {"result": {"per_s": value, "p50_ms": 10.0}} for name, value in per_s.items()}
 
 
+def _system_python_without_onnxruntime() -> str | None:
+    """A python3 on the system PATH that lacks onnxruntime (what the shebang finds outside the venv), or None."""
+    probe = subprocess.run(
+        ["/usr/bin/env", "python3", "-c", "import importlib.util as u; print(u.find_spec('onnxruntime') is None)"],
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return "/usr/bin:/bin" if probe.stdout.strip() == "True" else None
+
+
+@pytest.mark.skipif(_system_python_without_onnxruntime() is None, reason="no system python3 without onnxruntime")
+def test_run_through_its_shebang_it_uses_the_checkouts_venv_or_says_what_to_run(tmp_path: Path) -> None:
+    path = {"PATH": "/usr/bin:/bin"}
+    done = subprocess.run([SCRIPT, "--help"], env=path, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "usage: gpu-validate" in done.stdout
+
+    checkout = tmp_path / "checkout"  # a checkout without .venv
+    (checkout / "scripts").mkdir(parents=True)
+    copy = checkout / "scripts" / "gpu-validate"
+    copy.write_bytes(SCRIPT.read_bytes())
+    copy.chmod(0o755)
+    done = subprocess.run([copy, "--help"], env=path, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "gpu-validate: onnxruntime is missing; run `scripts/setup-venv --test`, "
+        "then `.venv/bin/python scripts/gpu-validate`"
+    ]
+
+
 def test_bench_figures_cover_whatever_variants_bench_ran(monkeypatch: pytest.MonkeyPatch) -> None:
     report = {
         "ceiling": {"1": {"1": 100.0, "16": 400.0}},
@@ -106,6 +139,8 @@ def test_the_carried_folders_are_git_ignored_and_are_the_ones_the_docs_carry() -
     assert {".gpu-carry/wheels", ".gpu-carry/data", ".gpu-carry/part-1", ".gpu-carry/part-5"} <= carried
     assert "CARRY=.gpu-carry\n" in (ROOT / "scripts" / "gpu-carry").read_text()
     paths = sorted(carried | {".gpu-carry/part-2", ".gpu-carry/part-3", ".gpu-carry/part-4"})
+    if shutil.which("git") is None or not (ROOT / ".gitignore").is_file():
+        pytest.skip("needs git and the checkout's .gitignore (the Nix build has neither)")
     ignored = subprocess.run(
         ["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True, check=False
     ).stdout.split()

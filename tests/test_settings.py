@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,7 +114,13 @@ def test_bad_configuration_stops_startup_with_a_message(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MACHINE_LEARNING_MODEL_TTL": "soon"},
+        # PYTHONPATH is how the Nix build hands the interpreter the package and its dependencies.
+        env={
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "MACHINE_LEARNING_MODEL_TTL": "soon",
+            **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"},
+        },
     )
     assert result.returncode == 2
     assert "MACHINE_LEARNING_MODEL_TTL='soon'" in result.stderr

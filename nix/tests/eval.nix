@@ -11,7 +11,14 @@
 # throws a list of the failed checks otherwise. The flake runs the same file as a check.
 # With `--argstr output nginx` it evaluates instead to the nginx configuration the balancer
 # fixtures generate, rendered as nixpkgs' nginx module renders upstreams and locations, which
-# eval-test.sh hands to `nginx -t` where nginx is installed.
+# eval-test.sh hands to `nginx -t` where nginx is installed. With `--argstr output summary` (and
+# --json) it evaluates to what the library decides: every services.immich-ml option (type
+# description, default, texts) and the whole evaluated config of a set of configurations (units,
+# sockets, firewall, nginx, assertions, warnings) and of the package's arguments, as plain data;
+# eval-test.sh compares it between nixpkgs' lib and our stand-in (nix/stand-in). With
+# `--argstr output units --json` it evaluates to what NixOS would turn into units and users for a representative host (`unitsHost` below):
+# systemd.services/sockets, users.users/groups and systemd.tmpfiles.rules, as data;
+# tests/containers/nixos_units.py renders them as NixOS does and boots them under systemd.
 {
   lib,
   output ? "checks",
@@ -80,6 +87,7 @@ let
       )) { };
       hardware.nvidia.enabled = option types.bool false;
       hardware.nvidia.datacenter.enable = option types.bool false;
+      hardware.nvidia.nvidiaPersistenced = option types.bool false;
       hardware.graphics.enable = option types.bool false;
       hardware.nvidia-container-toolkit.enable = option types.bool false;
       services.xserver.videoDrivers = option (types.listOf types.str) [ ];
@@ -118,9 +126,9 @@ let
   };
 
   # The daemon is on unless a check turns it off (balancer-only hosts).
-  eval =
+  evaluation =
     userConfig:
-    (lib.evalModules {
+    lib.evalModules {
       specialArgs = { inherit pkgs; };
       modules = [
         nixosStubs
@@ -128,7 +136,8 @@ let
         { services.immich-ml.enable = lib.mkDefault true; }
         userConfig
       ];
-    }).config;
+    };
+  eval = userConfig: (evaluation userConfig).config;
   # Whether evaluating `value` fails (a type error, a throw).
   fails = value: !(builtins.tryEval (builtins.deepSeq value value)).success;
 
@@ -201,21 +210,38 @@ let
   };
 
   # The package, called with fakes: buildPythonApplication hands back its arguments as a derivation.
-  fakeOnnxruntime = {
+  # `takesTensorrt`: a nixpkgs whose onnxruntime expression has a tensorrtSupport argument.
+  fakeOnnxruntime = takesTensorrt: {
     pname = "onnxruntime";
     fromPackageSet = true;
     # package.nix overrides the Python module's inner onnxruntime; record with what.
     override = f: {
       pname = "onnxruntime";
       fromPackageSet = false;
-      inner = (f { onnxruntime.override = args: args; }).onnxruntime;
+      inner =
+        (f {
+          onnxruntime.override =
+            if takesTensorrt then
+              args@{
+                cudaSupport ? false,
+                ncclSupport ? false,
+                tensorrtSupport ? false,
+              }:
+              args
+            else
+              args@{
+                cudaSupport ? false,
+                ncclSupport ? false,
+              }:
+              args;
+        }).onnxruntime;
     };
   };
   callPackage =
     {
       args ? { },
       globalCuda ? false,
-      setuptools ? "80.9.0",
+      takesTensorrt ? false,
     }:
     import ../package.nix (
       {
@@ -237,6 +263,7 @@ let
           "tokenizers"
           "hypothesis"
           "onnx"
+          "pytest"
           "pytest-aiohttp"
           "pytestCheckHook"
         ] (pname: {
@@ -250,14 +277,24 @@ let
               name = "${attrs.pname}-${attrs.version}";
               outPath = "/nix/store/00000000000000000000000000000000-${name}";
             };
-          setuptools = {
-            pname = "setuptools";
-            version = setuptools;
+          setuptools.pname = "setuptools";
+          onnxruntime = fakeOnnxruntime takesTensorrt;
+          rapidocr = {
+            pname = "rapidocr";
+            override = args: { pname = "rapidocr"; } // args;
           };
-          onnxruntime = fakeOnnxruntime;
-          python.interpreter = "/python";
+          python = {
+            interpreter = "/python";
+            withPackages = f: {
+              pname = "python-env";
+              packages = f { };
+            };
+          };
         };
-        fetchPypi = attrs: { inherit (attrs) pname; };
+        fetchPypi = attrs: {
+          inherit (attrs) pname;
+          outPath = "/nix/store/00000000000000000000000000000000-${attrs.pname}-${attrs.version}.whl";
+        };
         dejavu_fonts = "/fonts";
         nginx = {
           pname = "nginx";
@@ -278,7 +315,19 @@ let
     globalCuda = true;
     args.cudaSupport = false;
   };
-  oldSetuptoolsPackage = callPackage { setuptools = "75.1.0"; };
+  tensorrtPackage = callPackage {
+    takesTensorrt = true;
+    args = {
+      cudaSupport = true;
+      tensorrtSupport = true;
+    };
+  };
+  tensorrtWithoutSupport = callPackage {
+    args = {
+      cudaSupport = true;
+      tensorrtSupport = true;
+    };
+  };
   # A module name from pythonImportsCheck is real when its file exists in service/.
   moduleExists =
     name:
@@ -378,11 +427,19 @@ let
       && (env gpuCfg).MACHINE_LEARNING_PROVIDER_STRICT == "true"
       && (env gpuCfg).MACHINE_LEARNING_DEVICE_IDS == "0"
       && (env gpuCfg).CUDA_CACHE_PATH == "/var/cache/immich-ml/cuda";
-    gpuNoToolkitOrdering = (unit gpuCfg).after == [ "network.target" ] && (unit gpuCfg).wants == [ ];
-    gpuToolkitOrdering =
-      lib.elem "nvidia-container-toolkit-cdi-generator.service" (unit gpuToolkit).after
-      && lib.elem "nvidia-container-toolkit-cdi-generator.service" (unit gpuToolkit).wants
-      && (unit gpuToolkit).requires == [ ];
+    # After the driver's kernel modules, never after the container toolkit's CDI generator (whose
+    # `udevadm settle` can hold the start for 3 minutes); wanting nothing.
+    gpuOrdering =
+      (unit gpuCfg).after == [
+        "network.target"
+        "systemd-modules-load.service"
+      ]
+      && (unit gpuCfg).wants == [ ];
+    gpuToolkitNotOrdered = (unit gpuToolkit).after == (unit gpuCfg).after && (unit gpuToolkit).wants == [ ];
+    gpuPersistenced = lib.elem "nvidia-persistenced.service" (unit (eval {
+      imports = [ gpuHost ];
+      hardware.nvidia.nvidiaPersistenced = true;
+    })).after;
     gpuNiceConfigurable = (sc (eval { imports = [ gpuHost ]; services.immich-ml.nice = -5; })).Nice == -5;
     gpuDatacenterNoGraphics =
       failedAssertions (eval {
@@ -477,12 +534,29 @@ let
         };
       in
       (env c).MACHINE_LEARNING_MODEL_TTL == "0" && (env c).MACHINE_LEARNING_PING_REQUIRES_READY == "true";
-    settingsRenamed =
+    # Downloads before READY=1 need the network up; without a preload nothing waits for it.
+    preloadWaitsForNetwork =
       let
-        c = eval { services.immich-ml.settings.MACHINE_LEARNING_MODEL_TTL = 7; };
+        c = eval { services.immich-ml.preload.clip.textual = [ "ViT-B-32__openai" ]; };
       in
-      (env c).MACHINE_LEARNING_MODEL_TTL == "7"
-      && lib.any (w: lib.hasInfix "services.immich-ml.settings" w && lib.hasInfix "services.immich-ml.environment" w) c.warnings;
+      lib.elem "network-online.target" (unit c).after
+      && (unit c).wants == [ "network-online.target" ]
+      && !(lib.elem "network-online.target" (unit cpu).after)
+      && (unit cpu).wants == [ ];
+    # nixpkgs' services.immich defines users.users.immich.group too: another group is no conflict.
+    otherGroupBesideNixpkgsImmich =
+      let
+        c = eval {
+          services.immich-ml.group = "ml";
+          users.users.immich.group = "immich";
+        };
+      in
+      !(fails c.users.users) && (sc c).Group == "ml";
+    secretsFile =
+      (sc (eval { services.immich-ml.secretsFile = "/run/secrets/immich-ml.env"; })).EnvironmentFile == [
+        "/run/secrets/immich-ml.env"
+      ]
+      && (sc cpu).EnvironmentFile == [ ];
     preloadEnv =
       let
         c = eval {
@@ -573,15 +647,22 @@ let
 
     # Item 7: conventions.
     moduleMaintainers = cpu.meta.maintainers != [ ] && lib.all (m: m ? name && m ? email) cpu.meta.maintainers;
-    assertionNamesHostPlatform =
+    # The CPU package with gpu.enable: the fix is the host's own nixpkgs, for its GPU only.
+    assertionPointsToTheHostsNixpkgs =
       let
         messages = failedAssertions (eval {
           imports = [ nvidiaHost ];
           services.immich-ml.gpu.enable = true;
         });
       in
-      lib.any (lib.hasInfix "pkgs.stdenv.hostPlatform.system") messages
-      && !lib.any (lib.hasInfix "pkgs.system}") messages;
+      lib.any (
+        m:
+        lib.all (fragment: lib.hasInfix fragment m) [
+          "inputs.immich-ml.overlays.default"
+          "nixpkgs.config.cudaCapabilities"
+          "services.immich-ml.package = pkgs.immich-ml-cuda;"
+        ]
+      ) messages;
 
     # Balancer: nginx with an upstream of this host's daemon and the listed backends.
     balancerNoAssertionFails = failedAssertions balanced == [ ] && balanced.warnings == [ ];
@@ -775,10 +856,33 @@ let
         services.immich-ml.package = globalCudaPackage;
       }) == [ ];
     packageLenientChecks = defaultPackage.PYTEST_ADDOPTS == "-o addopts= -o filterwarnings=";
-    packageNewSetuptoolsUnpatched = defaultPackage.postPatch == "";
-    packageOldSetuptools =
-      lib.hasInfix "--replace-fail '\"setuptools>=77\"' '\"setuptools>=61\"'" oldSetuptoolsPackage.postPatch
-      && lib.hasInfix "'license = { text = \"AGPL-3.0-or-later\" }'" oldSetuptoolsPackage.postPatch;
+    packageTensorrt =
+      tensorrtPackage.passthru.tensorrtSupport
+      && tensorrtPackage.pname == "immich-ml-tensorrt"
+      && tensorrtPackage.passthru.onnxruntime.inner == {
+        cudaSupport = true;
+        ncclSupport = false;
+        tensorrtSupport = true;
+      };
+    # A nixpkgs whose onnxruntime cannot build TensorRT: the evaluation stops (with the reason).
+    packageTensorrtNeedsOnnxruntimeSupport = fails tensorrtWithoutSupport.passthru.onnxruntime.inner;
+    packageCpuHasNoTensorrt = !defaultPackage.passthru.tensorrtSupport;
+    # `nix develop` has the suite's packages and tools, not only the build's.
+    packageDevelopmentPackages =
+      let
+        names = map (p: p.pname or "") defaultPackage.passthru.developmentPackages;
+        python = lib.head defaultPackage.passthru.developmentPackages;
+      in
+      lib.all (tool: lib.elem tool names) [
+        "nginx"
+        "nodejs"
+        "openssl"
+      ]
+      && lib.all (pkg: lib.elem pkg (map (p: p.pname or "") python.packages)) [
+        "aiohttp"
+        "pytest"
+        "hypothesis"
+      ];
     packageImportsRealModules =
       lib.length defaultPackage.pythonImportsCheck > 1 && lib.all moduleExists defaultPackage.pythonImportsCheck;
     packageMeta =
@@ -806,6 +910,12 @@ let
         certFile = "/c.pem";
         keyFile = "${builtins.storeDir}/00000000000000000000000000000000-key.pem";
       };
+    });
+    assertSecretsInStore = hasFailed "secretsFile must be an absolute path outside the Nix store" (eval {
+      services.immich-ml.secretsFile = "${builtins.storeDir}/00000000000000000000000000000000-secrets.env";
+    });
+    assertSecretsRelative = hasFailed "secretsFile must be an absolute path" (eval {
+      services.immich-ml.secretsFile = "secrets.env";
     });
     assertTlsPair = hasFailed "set both certFile and keyFile" (eval {
       services.immich-ml.tls.certFile = "/c";
@@ -892,8 +1002,118 @@ let
     ${renderNginx nginxAllowlisted}
     }
   '';
+
+  # Plain data for comparing libraries: packages become their store path, functions a marker,
+  # and a value that fails to evaluate says so.
+  plain =
+    value:
+    let
+      attempt = builtins.tryEval (builtins.deepSeq value value);
+    in
+    if !attempt.success then
+      "<evaluation error>"
+    else if lib.isDerivation value then
+      "<package ${value.outPath}>"
+    else if builtins.isFunction value then
+      "<function>"
+    else if builtins.isPath value then
+      toString value
+    else if builtins.isList value then
+      map plain value
+    else if builtins.isAttrs value then
+      builtins.mapAttrs (_: plain) value
+    else
+      value;
+  # Every option in a tree of options, those of submodules (backends) included.
+  optionList =
+    options:
+    if (options._type or "") == "option" then
+      lib.optionals (!(options.internal or false)) ([ options ] ++ optionList (options.type.getSubOptions options.loc))
+    else
+      lib.concatMap optionList (lib.attrValues options);
+  describeOption = option: {
+    name = lib.concatStringsSep "." option.loc;
+    type = option.type.description;
+    default = if option ? default then plain option.default else "<none>";
+    defaultText = plain (option.defaultText or null);
+    example = plain (option.example or null);
+    description = option.description or null;
+    visible = option.visible or true;
+    readOnly = option.readOnly or false;
+  };
+  summaryConfigs = {
+    inherit
+      cpu
+      gpuCfg
+      gpuToolkit
+      trt
+      remote
+      exposed
+      balanced
+      balancerOnly
+      nginxAllowlisted
+      ;
+    secrets = eval { services.immich-ml.secretsFile = "/run/secrets/immich-ml.env"; };
+    cacheElsewhere = eval { services.immich-ml.cacheDir = "/srv/models"; };
+    tuned = eval {
+      services.immich-ml.threads.request = 4;
+      services.immich-ml.environment.MACHINE_LEARNING_PING_REQUIRES_READY = true;
+      services.immich-ml.preload.clip.visual = [ "ViT-B-32__openai" ];
+      services.immich-ml.tls = {
+        certFile = "/run/keys/ml.crt";
+        keyFile = "/run/keys/ml.key";
+      };
+      services.immich-ml.restrictIPAddresses = true;
+    };
+    unconfiguredGpu = eval {
+      imports = [ nvidiaHost ];
+      services.immich-ml.gpu.enable = true;
+    };
+  };
+  # The package's arguments, without the source: nixpkgs' fileset.toSource makes a store path,
+  # which needs a store, where the stand-in records the paths.
+  packageSummary = package: plain (removeAttrs package [ "src" ]);
+  summary = {
+    options = map describeOption (optionList (evaluation { }).options.services.immich-ml);
+    configs = builtins.mapAttrs (_: plain) summaryConfigs;
+    packages = builtins.mapAttrs (_: packageSummary) {
+      inherit
+        defaultPackage
+        globalCudaPackage
+        explicitCudaPackage
+        explicitCpuPackage
+        tensorrtPackage
+        tensorrtWithoutSupport
+        ;
+    };
+    nginx = {
+      inherit nginxConfig nginxAllowlistedConfig;
+    };
+  };
+  # A host whose Immich server is elsewhere (here: podman's default network, where the container test's
+  # requests come from) and that preloads CLIP, so start waits for the warm-up.
+  unitsHost = eval {
+    services.immich-ml = {
+      host = "0.0.0.0";
+      allowedClients = [ "10.88.0.0/16" ];
+      preload.clip.textual = [ "ViT-B-32__openai" ];
+      preload.clip.visual = [ "ViT-B-32__openai" ];
+    };
+  };
+  units = {
+    services = lib.mapAttrs (_: service: {
+      inherit (service) description wantedBy after wants requires environment serviceConfig;
+    }) unitsHost.systemd.services;
+    sockets = unitsHost.systemd.sockets or { };
+    users = { inherit (unitsHost.users) users groups; };
+    tmpfiles = unitsHost.systemd.tmpfiles.rules;
+  };
 in
-if output == "nginx" then
+if output == "summary" then
+  summary
+else if output == "units" then
+  units
+else if output == "nginx" then
   nginxConfig
 else if output == "nginx-allowlisted" then
   nginxAllowlistedConfig

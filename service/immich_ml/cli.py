@@ -54,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     systemd = commands.add_parser("systemd", help="run immich-ml as a systemd service on any distribution")
     units = systemd.add_subparsers(dest="action", required=True)
     install = units.add_parser("install", help="write the unit, the system user's sysusers.d file and settings")
-    install.add_argument("--gpu", action="store_true", help="add the NVIDIA drop-in and load nvidia_uvm at boot")
+    install.add_argument(
+        "--gpu", action="store_true", help="add the NVIDIA drop-in (devices, CUDA, nvidia_uvm loaded at start)"
+    )
     install.add_argument("--root", type=Path, default=Path("/"), help="write under this folder (default: /)")
     install.add_argument(
         "--executable",
@@ -166,8 +168,10 @@ def _systemd_install(executable: Path, root: Path, *, gpu: bool, dry_run: bool) 
         print(f"immich-ml: {error}", file=sys.stderr)
         return 1
     if dry_run:
-        for relative, text in files.items():
+        for relative, text in unit_files.planned(files, root).items():
             print(f"# {root / relative}\n{text}")
+        if (root / unit_files.ENV_FILE).exists():
+            print(f"# {root / unit_files.ENV_FILE} exists: kept as it is")
         return 0
     for path in unit_files.install(files, root):
         print(f"wrote {path}")

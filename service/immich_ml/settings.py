@@ -11,6 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
+from immich_ml.cpus import CpuBudget, usable_cpus
 from immich_ml.errors import ConfigError
 from immich_ml.models.tasks import TASK_TYPES, ModelType, Task
 
@@ -124,7 +125,8 @@ class Settings:
     cache_folder: Path = field(default_factory=_default_cache_folder)
     model_ttl_s: float = 300
     model_ttl_poll_s: float = 10
-    request_threads: int = field(default_factory=lambda: os.cpu_count() or 4)
+    request_threads: int = 0
+    """0: the usable CPUs (`inference.sizing.request_threads`)."""
     inter_op_threads: int = 0
     intra_op_threads: int = 0
     model_arena: bool = True
@@ -146,6 +148,8 @@ class Settings:
     bulk_niceness: int = 10
     thread_spinning: bool = False
     concurrent_batches: int = 0
+    cpus: CpuBudget = field(default_factory=usable_cpus)
+    """The CPUs this process may use (affinity and cgroup quota): every default thread count follows it."""
     trim_memory: bool = True
     provider: Provider = Provider.AUTO
     provider_strict: bool = False
@@ -227,7 +231,7 @@ class Settings:
         put("cache_folder", _PREFIX + "CACHE_FOLDER", Path)
         put("model_ttl_s", _PREFIX + "MODEL_TTL", float)
         put("model_ttl_poll_s", _PREFIX + "MODEL_TTL_POLL_S", float)
-        put("request_threads", _PREFIX + "REQUEST_THREADS", int)
+        put("request_threads", _PREFIX + "REQUEST_THREADS", _non_negative)
         put("inter_op_threads", _PREFIX + "MODEL_INTER_OP_THREADS", _non_negative)
         put("intra_op_threads", _PREFIX + "MODEL_INTRA_OP_THREADS", _non_negative)
         put("model_arena", _PREFIX + "MODEL_ARENA", _parse_bool)

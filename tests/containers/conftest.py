@@ -6,7 +6,6 @@ with IMMICH_ML_REQUIRE_CONTAINERS=1 (`.ci/run` sets it) that is a failure instea
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from tests.containers import base
 from tests.containers.clip_requests import answers_outside
 from tests.containers.daemon_image import daemon_image
 from tests.containers.oci_image import containerfile_image
-from tests.containers.podman import REQUIRE_ENV, Podman, unusable_reason
+from tests.containers.podman import Podman, skip_or_fail, unusable_reason
 
 SYSTEMD_PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "curl")
 """The systemd layer: an init, its bus, an interpreter for /opt/immich-ml's venv, curl for in-machine checks."""
@@ -34,11 +33,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 @pytest.fixture(scope="session")
 def podman_usable() -> None:
     reason = unusable_reason()
-    if reason is None:
-        return
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"container tests required ({REQUIRE_ENV}=1) but cannot run: {reason}")
-    pytest.skip(reason)
+    if reason is not None:
+        skip_or_fail(reason)
 
 
 @pytest.fixture(scope="session")

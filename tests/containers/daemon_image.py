@@ -47,6 +47,14 @@ def _sources_digest() -> str:
     return digest.hexdigest()
 
 
+def _host_ca_bundle() -> str:
+    """The CA bundle pip uses on this host: $PIP_CERT, else OpenSSL's default file ($SSL_CERT_FILE honoured)."""
+    bundle = os.environ.get("PIP_CERT") or ssl.get_default_verify_paths().cafile
+    if not bundle:
+        raise FileNotFoundError("no CA bundle for pip in the container: set PIP_CERT or SSL_CERT_FILE")
+    return bundle
+
+
 def _host_pip_cache() -> Path:
     result = subprocess.run(
         [sys.executable, "-m", "pip", "cache", "dir"], capture_output=True, text=True, check=False, timeout=60
@@ -86,12 +94,11 @@ def daemon_image(podman: Podman, below: str) -> str:
     with lock():
         if podman.image_exists(ref):
             return ref
-        ca_bundle = ssl.get_default_verify_paths().cafile or os.environ.get("SSL_CERT_FILE", "")
         with tempfile.TemporaryDirectory(prefix="immich-ml-wheel-") as scratch:
             wheel = _build_wheel(Path(scratch))
             volumes = [
                 f"{scratch}:{_WHEELS_IN_CONTAINER}:ro",
-                f"{ca_bundle}:{_CA_IN_CONTAINER}:ro",
+                f"{_host_ca_bundle()}:{_CA_IN_CONTAINER}:ro",
                 f"{_host_pip_cache()}:{_PIP_CACHE_IN_CONTAINER}",
             ]
             with podman.building(below, ref, volumes=volumes) as builder:

@@ -1,18 +1,15 @@
-"""The daemon in a container as a client sees it: a published port on the host, /ping, /health and /predict."""
+"""The daemon in a container as a client sees it: its port 3003 published on the host's loopback."""
 
 from __future__ import annotations
 
 import http.client
-import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 from tests.containers.podman import Container
-from tests.daemonproc import exchange, multipart
+from tests.daemonproc import Endpoint
 
-__all__ = ["Endpoint", "until"]
+__all__ = ["ContainerEndpoint", "until"]
 
 _START_TIMEOUT_S = 120.0
 
@@ -25,30 +22,12 @@ def until(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> 
             raise AssertionError(f"gave up after {timeout_s} s waiting for {what}")
 
 
-@dataclass
-class Endpoint:
-    """`container`'s port 3003, published on the host's loopback."""
+class ContainerEndpoint(Endpoint):
+    """`container`'s port 3003, published on 127.0.0.1."""
 
-    container: Container
-    port: int
-
-    @classmethod
-    def of(cls, container: Container) -> Endpoint:
-        return cls(container, container.host_port(3003))
-
-    def request(
-        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
-    ) -> tuple[int, bytes]:
-        """One request on a fresh connection: (status, body)."""
-        return exchange(http.client.HTTPConnection("127.0.0.1", self.port, timeout=30), method, path, body, headers)
-
-    def predict(self, entries: object, *, image: bytes | None = None, text: str | None = None) -> tuple[int, Any]:
-        body, content_type = multipart(entries, image=image, text=text)
-        status, data = self.request("POST", "/predict", body, {"Content-Type": content_type})
-        return status, json.loads(data)
-
-    def health(self) -> dict[str, Any]:
-        return json.loads(self.request("GET", "/health")[1])  # type: ignore[no-any-return]
+    def __init__(self, container: Container) -> None:
+        super().__init__("127.0.0.1", container.host_port(3003))
+        self.container = container
 
     def wait_ready(self, timeout_s: float = _START_TIMEOUT_S) -> None:
         """Poll `/health` until it answers 200 (preloaded models warm); fail with the logs if the container

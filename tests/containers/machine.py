@@ -1,6 +1,6 @@
 """systemd as PID 1 in a container, driven like a nixpkgs VM test: `boot`, `wait_for_unit`, `succeed`, `fail`.
 
-Every wait polls a condition (the manager's bus, a unit's state, a command's success) until a deadline; no
+Every wait polls a condition (the manager's bus, a unit's state) until a deadline; no
 wait sleeps for a guessed time. Each poll is a `podman exec`, which paces the loop by itself.
 """
 
@@ -75,18 +75,6 @@ class Machine:
             return state == "active"
 
         _poll(active, f"{unit} to be active", timeout_s)
-
-    def wait_until_succeeds(self, *argv: str, timeout_s: float = 60) -> str:
-        """Run `argv` until it exits 0; its stdout."""
-        outputs: list[str] = []
-
-        def succeeded() -> bool:
-            result = self.container.exec(*argv)
-            outputs.append(result.stdout)
-            return result.returncode == 0
-
-        _poll(succeeded, " ".join(argv), timeout_s)
-        return outputs[-1]
 
     def journal(self, unit: str | None = None) -> str:
         """The journal (of `unit` only, if given), message text only."""

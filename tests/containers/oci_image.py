@@ -24,7 +24,14 @@ from tests.containers.podman import Podman
 __all__ = ["CONTEXT_FILES", "build", "containerfile_image"]
 
 ROOT = Path(__file__).resolve().parents[2]
-CONTEXT_FILES = ("deploy/Containerfile", ".containerignore", "pyproject.toml", "README.md", "scripts/opencv-headless")
+CONTEXT_FILES = (
+    "deploy/Containerfile",
+    ".containerignore",
+    "pyproject.toml",
+    "README.md",
+    "scripts/opencv-headless",
+    "constraints/ocr.txt",
+)
 """With service/, everything the image is made from (the build context .containerignore lets through)."""
 _WHEELS_IN_BUILD = "/run/wheels"
 _BUILD_TIMEOUT_S = 900

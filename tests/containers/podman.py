@@ -19,10 +19,12 @@ import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, NoReturn
 
-__all__ = ["CONTAINERS_CONF", "REQUIRE_ENV", "Container", "CommandError", "Podman", "unusable_reason"]
+import pytest
+
+__all__ = ["CONTAINERS_CONF", "REQUIRE_ENV", "Container", "CommandError", "Podman", "skip_or_fail", "unusable_reason"]
 
 CONTAINERS_CONF = """\
 # Written by tests/containers/podman.py for the container tests.
@@ -50,6 +52,13 @@ def unusable_reason() -> str | None:
     if missing:
         return f"{', '.join(missing)} not installed (apt-get install podman runc mmdebstrap uidmap; .ci/run does)"
     return None
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip a container test that cannot run here, or fail it where it must run (REQUIRE_ENV=1, CI)."""
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"required ({REQUIRE_ENV}=1) but cannot run: {reason}")
+    pytest.skip(reason)
 
 
 class CommandError(AssertionError):
@@ -123,7 +132,7 @@ class Podman:
         for key, value in (env or {}).items():
             args += ["--env", f"{key}={value}"]
         container_id = self(*args, *options, image, *command).stdout.strip()
-        container = Container(self, container_id)
+        container = Container(self, container_id, systemd=systemd)
         self.started.append(container)
         return container
 
@@ -144,6 +153,8 @@ class Podman:
         for container in reversed(self.started):
             if dump_logs:
                 print(f"===== logs of container {container.name}\n{container.logs()}")
+                if container.systemd:
+                    print(f"===== its journal\n{container.exec('journalctl', '--no-pager', '--lines=300').stdout}")
             self("rm", "--force", "--time", "0", container.id, check=False)
         self.started.clear()
 
@@ -154,6 +165,7 @@ class Container:
 
     podman: Podman
     id: str
+    systemd: bool = False
 
     @property
     def name(self) -> str:
@@ -182,13 +194,14 @@ class Container:
         return result.stdout + result.stderr
 
     def copy_in(self, source: Path, destination: str) -> None:
-        """Copy a host file or folder into the container (`podman cp`)."""
-        self.podman("cp", str(source), f"{self.id}:{destination}")
+        """Copy a host file, or a folder's contents, to `destination` in the container (`podman cp`)."""
+        self.podman("cp", f"{source}/." if source.is_dir() else str(source), f"{self.id}:{destination}")
 
     def write(self, path: str, text: str, *, scratch: Path) -> None:
-        """Put `text` at `path` in the container, going through a file under the host folder `scratch`."""
+        """Put `text` at `path` in the container (its folder created), staged in the host folder `scratch`."""
         staged = scratch / path.lstrip("/").replace("/", "__")
         staged.write_text(text)
+        self.succeed("mkdir", "-p", str(PurePosixPath(path).parent))
         self.copy_in(staged, path)
 
     def inspect(self) -> dict[str, Any]:

@@ -3,13 +3,14 @@ should, and the runner leaves nothing behind (after printing what a failed test 
 
 from __future__ import annotations
 
+import os
 import resource
 
 import pytest
 
 from tests.containers import base
 from tests.containers.machine import Machine
-from tests.containers.podman import CommandError, Podman
+from tests.containers.podman import REQUIRE_ENV, CommandError, Podman, skip_or_fail, unusable_reason
 
 
 def test_systemd_boots_as_pid_1_with_the_hosts_file_limit(podman: Podman, systemd_image: str) -> None:
@@ -45,3 +46,15 @@ def test_cleanup_prints_the_logs_then_removes_every_container(
 def test_an_image_is_tagged_by_its_inputs() -> None:
     assert base.input_tag(["a", ["x", "y"]]) == base.input_tag(["a", ["x", "y"]])
     assert base.input_tag(["a", ["x", "y"]]) != base.input_tag(["a", ["x", "z"]])
+
+
+def test_without_root_the_tests_skip_locally_and_fail_where_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    reason = unusable_reason()
+    assert reason is not None and "as root" in reason
+    monkeypatch.delenv(REQUIRE_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="as root"):
+        skip_or_fail(reason)
+    monkeypatch.setenv(REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match=f"required \\({REQUIRE_ENV}=1\\) but cannot run"):
+        skip_or_fail(reason)

@@ -17,7 +17,7 @@ import pytest
 
 from tests import modelgen
 from tests.containers.clip_requests import IMAGE, MODEL, PRELOAD, TEXT, TEXTUAL, VISUAL
-from tests.containers.endpoint import Endpoint, until
+from tests.containers.endpoint import ContainerEndpoint, until
 from tests.containers.podman import Podman
 from tests.daemonproc import multipart
 from tests.deploy.containerfile import image_facts
@@ -31,10 +31,10 @@ def _root_cache(folder: Path) -> Path:
     return cache
 
 
-def _serve(podman: Podman, image: str, cache: Path) -> Endpoint:
+def _serve(podman: Podman, image: str, cache: Path) -> ContainerEndpoint:
     """The image serving `cache` at /cache, warm."""
     container = podman.run(image, publish=["127.0.0.1::3003"], volumes=[f"{cache}:/cache"], env=PRELOAD)
-    endpoint = Endpoint.of(container)
+    endpoint = ContainerEndpoint(container)
     endpoint.wait_ready()
     return endpoint
 
@@ -47,20 +47,20 @@ def root_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def serving(
     podman_usable: None, ml_image: str, root_cache: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Endpoint]:
+) -> Iterator[ContainerEndpoint]:
     """One container for the tests that leave it running (a start costs several seconds on two cores)."""
     runner = Podman(tmp_path_factory.mktemp("podman"))
     yield _serve(runner, ml_image, root_cache)
     runner.cleanup(dump_logs=True)  # pytest shows it only with a failure
 
 
-def test_answers_equal_the_daemon_outside_a_container(serving: Endpoint, clip_answers: dict[str, Any]) -> None:
+def test_answers_equal_the_daemon_outside_a_container(serving: ContainerEndpoint, clip_answers: dict[str, Any]) -> None:
     assert serving.request("GET", "/ping") == (200, b"pong")
     assert serving.predict(TEXTUAL, text=TEXT) == (200, clip_answers["text"])
     assert serving.predict(VISUAL, image=IMAGE) == (200, clip_answers["image"])
 
 
-def test_runs_unprivileged_and_owns_a_cache_filled_as_root(serving: Endpoint, root_cache: Path) -> None:
+def test_runs_unprivileged_and_owns_a_cache_filled_as_root(serving: ContainerEndpoint, root_cache: Path) -> None:
     uid = image_facts().uid
     processes = serving.container.podman("top", serving.container.id, "pid", "user", "args").stdout.splitlines()[1:]
     assert len(processes) == 2, processes  # immich-ml-init (PID 1) and the daemon
@@ -72,7 +72,9 @@ def test_runs_unprivileged_and_owns_a_cache_filled_as_root(serving: Endpoint, ro
     assert "entries now owned by immich-ml" in serving.container.logs()
 
 
-def test_healthcheck_is_in_the_image_and_goes_healthy(podman: Podman, ml_image: str, serving: Endpoint) -> None:
+def test_healthcheck_is_in_the_image_and_goes_healthy(
+    podman: Podman, ml_image: str, serving: ContainerEndpoint
+) -> None:
     [config] = json.loads(podman("image", "inspect", ml_image).stdout)
     healthcheck, facts = dict(config["Healthcheck"]), image_facts()
     assert healthcheck.pop("Test") == ["CMD", *facts.healthcheck]
@@ -83,7 +85,7 @@ def test_healthcheck_is_in_the_image_and_goes_healthy(podman: Podman, ml_image: 
     assert serving.container.inspect()["State"]["Health"]["Status"] == "healthy"
 
 
-def test_a_healthcheck_fails_when_the_daemon_does_not_answer(serving: Endpoint) -> None:
+def test_a_healthcheck_fails_when_the_daemon_does_not_answer(serving: ContainerEndpoint) -> None:
     """The same command against a port nothing listens on: what Docker sees when the daemon is gone."""
     output = serving.container.fail("immich-ml-healthcheck", env={"IMMICH_PORT": "3004"})
     assert "127.0.0.1:3004/ping" in output

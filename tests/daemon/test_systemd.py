@@ -98,6 +98,41 @@ def test_daemon_reports_ready_status_watchdog_and_stopping_in_order(
     assert "WATCHDOG=1" in order[order.index("READY=1") : order.index("STOPPING=1")]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("preload", [False, True], ids=["nothing-preloaded", "preloaded"])
+def test_strict_mode_without_the_provider_fails_the_start(
+    tmp_path: Path, notify: NotifySocket, daemons: list[Daemon], workers: int, preload: bool
+) -> None:
+    """PROVIDER=cuda on this CPU-only onnxruntime, strict: no READY=1, /health never ready, a non-zero exit,
+    and a log line naming the provider and what to install (docs/operations.md promises a failed start)."""
+    modelgen.write_clip(tmp_path / "cache", CLIP)
+    env = {
+        "MACHINE_LEARNING_PROVIDER": "cuda",
+        "MACHINE_LEARNING_PROVIDER_STRICT": "true",
+        "MACHINE_LEARNING_WORKERS": str(workers),
+        "NOTIFY_SOCKET": str(notify.path),
+    }
+    daemon = Daemon(tmp_path, tmp_path / "cache", (PRELOAD if preload else {}) | env)
+    daemons.append(daemon)
+
+    health = []
+    while daemon.process.poll() is None and 200 not in health:  # until it exits by itself (or is ready)
+        try:
+            health.append(daemon.request("GET", "/health")[0])
+        except ConnectionError:
+            health.append(0)  # not listening (yet, or any more)
+
+    assert 200 not in health, daemon.log()
+    assert daemon.process.wait() == 1
+    messages = notify.queued()
+    assert not [message for message in messages if "READY=1" in message]
+    lacks = "provider cuda asked for, but this onnxruntime build lacks CUDAExecutionProvider"
+    assert f"refusing to start (MACHINE_LEARNING_PROVIDER_STRICT=true): {lacks}" in daemon.log()
+    assert "install onnxruntime-gpu or use the CUDA package" in daemon.log()
+    if workers == 1:
+        assert any(line.startswith(f"STATUS=failed: {lacks}") for m in messages for line in m.splitlines())
+
+
 def test_sigterm_during_slow_inference_returns_its_result_and_exits_0(
     tmp_path: Path, notify: NotifySocket, daemons: list[Daemon]
 ) -> None:

@@ -7,13 +7,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from immich_ml.cli import main as cli_main
 from immich_ml.daemon import unit_files
+from tests.conftest import installed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,11 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def executable(tmp_path: Path) -> Path:
     """The installed `immich-ml`, reached through a path outside home directories (ProtectHome)."""
-    installed = Path(sys.executable).parent / "immich-ml"
-    assert installed.is_file(), f"{installed} missing: install the package (scripts/setup-venv)"
     link = tmp_path / "opt" / "bin" / "immich-ml"
     link.parent.mkdir(parents=True)
-    link.symlink_to(installed)
+    link.symlink_to(installed("immich-ml"))
     return link
 
 
@@ -106,14 +104,52 @@ def test_systemd_install_writes_files_whose_exec_start_is_the_program(
     assert _verify(root).stderr == ""
 
 
+def _dry_run_files(output: str, root: Path) -> dict[Path, str]:
+    """The files a dry run prints: each after its `# <root>/<path>` heading."""
+    files: dict[Path, str] = {}
+    current: Path | None = None
+    for line in output.splitlines(keepends=True):
+        if line.startswith(f"# {root}/") and not line.rstrip().endswith("kept as it is"):
+            current = Path(line[2:].rstrip("\n"))
+            files[current] = ""
+        elif current is not None:
+            files[current] += line
+    return {path: text.removesuffix("\n") for path, text in files.items()}  # print's own newline
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_dry_run_prints_exactly_the_files_an_install_writes(
+    tmp_path: Path, executable: Path, capsys: pytest.CaptureFixture[str], gpu: bool
+) -> None:
+    """The settings file included (written only while there is none), and the unit's provider: cpu without
+    --gpu (PrivateDevices hides the GPU), cuda with it (docs/operations.md)."""
+    root = tmp_path / "root"
+    args = ["systemd", "install", "--root", str(root), "--executable", str(executable)] + (["--gpu"] if gpu else [])
+    assert cli_main([*args, "--dry-run"]) == 0
+    printed = _dry_run_files(capsys.readouterr().out, root)
+    assert cli_main(args) == 0
+    written = {path: path.read_text() for path in root.rglob("*") if path.is_file()}
+    assert printed == written
+    assert "Environment=MACHINE_LEARNING_PROVIDER=cpu\n" in written[root / unit_files.UNIT]
+    assert ("Environment=MACHINE_LEARNING_PROVIDER=cuda\n" in written.get(root / unit_files.GPU_DROP_IN, "")) == gpu
+
+    (root / unit_files.ENV_FILE).write_text("IMMICH_HOST=172.17.0.1\n")
+    capsys.readouterr()
+    assert cli_main([*args, "--dry-run"]) == 0
+    output = capsys.readouterr().out
+    assert root / unit_files.ENV_FILE not in _dry_run_files(output, root)
+    assert f"# {root / unit_files.ENV_FILE} exists: kept as it is" in output.splitlines()
+
+
 def test_systemd_install_defaults_to_this_installations_program(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["systemd", "install", "--dry-run", "--executable", "/nowhere/immich-ml"]) == 1
     assert "/nowhere/immich-ml does not exist" in capsys.readouterr().err
+    program = installed("immich-ml")
     result = subprocess.run(
-        [Path(sys.executable).parent / "immich-ml", "systemd", "install", "--help"],
+        [program, "systemd", "install", "--help"],
         capture_output=True,
         text=True,
         timeout=60,
         env={**os.environ, "COLUMNS": "1000"},  # argparse would wrap a long path at its hyphens
     )
-    assert str(Path(sys.executable).parent / "immich-ml") in " ".join(result.stdout.split())
+    assert f"(default: {program})" in " ".join(result.stdout.split())

@@ -20,9 +20,9 @@ NANOSECONDS = 1_000_000_000
 
 @pytest.fixture(scope="module")
 def image() -> dict[str, Any]:
-    if shutil.which("nix-instantiate") is None:
-        if os.environ.get("CI"):
-            pytest.fail("nix-instantiate is missing in CI (.ci/run installs nix-bin)")
+    if shutil.which("nix-instantiate") is None:  # as tests/nix/: a skip here, a failure in CI
+        if os.environ.get("IMMICH_ML_REQUIRE_NIX") == "1":
+            pytest.fail("nix-instantiate is missing and IMMICH_ML_REQUIRE_NIX=1 (.ci/run installs nix-bin)")
         pytest.skip("nix-instantiate not installed (apt-get install nix-bin)")
     result = subprocess.run(
         ["nix-instantiate", "--store", "dummy://", "--eval", "--strict", "--json", "nix/tests/image-config.nix"],

@@ -22,7 +22,7 @@ class FakeHost:
         self.bin = tmp_path / "bin"
         self.bin.mkdir(parents=True)
         self.root.mkdir()
-        self.units: dict[str, dict[str, str]] = {}
+        self.units: dict[str, dict[str, str | list[str]]] = {}
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """PATH holds only the fake tools; --root points the checks at the fake tree."""
@@ -49,8 +49,9 @@ class FakeHost:
         spec = {"cdiVersion": "0.5.0", "kind": "nvidia.com/gpu", "devices": [{"name": d} for d in devices]}
         self._write("run/cdi/nvidia-container-toolkit.json", json.dumps(spec))
 
-    def unit(self, name: str, **properties: str) -> None:
-        """What `systemctl show <name>` prints; units not set here print LoadState=not-found."""
+    def unit(self, name: str, **properties: str | list[str]) -> None:
+        """What `systemctl show <name>` prints (a list: one line per item, as for `EnvironmentFiles`); units
+        not set here print LoadState=not-found."""
         self.units[name] = properties
 
     def journal(self, *lines: str) -> None:
@@ -67,11 +68,18 @@ class FakeHost:
         path.write_text(f"#!/bin/sh\n{body}\n")
         path.chmod(0o755)
 
+    def file(self, path: str, text: str) -> None:
+        """A file in the fake root, e.g. `/etc/immich-ml/immich-ml.env`."""
+        self._write(path.lstrip("/"), text)
+
     def _write(self, relative: str, text: str) -> None:
         path = self.root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
 
 
-def _printf(properties: dict[str, str]) -> str:
-    return "printf '%s\\n' " + " ".join(shlex.quote(f"{key}={value}") for key, value in properties.items())
+def _printf(properties: dict[str, str] | dict[str, str | list[str]]) -> str:
+    lines = [
+        f"{key}={item}" for key, value in properties.items() for item in (value if isinstance(value, list) else [value])
+    ]
+    return "printf '%s\\n' " + " ".join(shlex.quote(line) for line in lines)

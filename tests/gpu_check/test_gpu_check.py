@@ -22,9 +22,11 @@ from onnx import TensorProto, helper
 from immich_ml.gpu_check import graphs
 from immich_ml.gpu_check import main as gpu_check
 from immich_ml.gpu_check.archs import OFFICIAL_BUILDS, ArchSet, judge, parse_archs
+from immich_ml.gpu_check.envfile import parse_environment_file
 from immich_ml.inference.sessions import SessionFactory
 from immich_ml.settings import Provider, Settings
 from tests.conftest import ClientFactory
+from tests.daemonproc import Daemon
 from tests.fakes.host import ALL_MODULES, CDI_UNIT, IMMICH_UNIT, FakeHost
 
 FAKES = Path(__file__).parent.parent / "fakes"
@@ -231,6 +233,89 @@ def test_journal_showing_cpu_fallback_fails_with_fix(
     assert status == 1
     assert checks["journal"]["detail"] == f"CPU fallback: {FALLBACK_LINE}"
     assert "MACHINE_LEARNING_PROVIDER_STRICT=true" in checks["journal"]["fix"]
+
+
+def test_strict_daemon_refusing_to_start_fails_service_and_journal(
+    nvml: ModuleType,
+    host: FakeHost,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The journal is what the real daemon logged when strict mode refused PROVIDER=cuda on this CPU-only
+    onnxruntime; the unit is what systemd shows between `Restart=on-failure` attempts."""
+    daemon = Daemon(
+        tmp_path, tmp_path / "cache", {"MACHINE_LEARNING_PROVIDER": "cuda", "MACHINE_LEARNING_PROVIDER_STRICT": "true"}
+    )
+    assert daemon.process.wait(60) == 1
+    host.journal("Starting immich-ml.service - Immich machine learning...", *daemon.log().splitlines())
+    host.unit(IMMICH_UNIT, **(RUNNING | {"ActiveState": "activating", "SubState": "auto-restart", "MainPID": "0"}))
+    host.install(monkeypatch)
+    status, checks = run(capsys, "--root", str(host.root), "--only", "service,journal")
+    assert status == 1
+    assert checks["service"]["status"] == "fail"
+    assert checks["service"]["detail"].startswith("activating (auto-restart): it exited with an error")
+    assert checks["journal"]["status"] == "fail"
+    assert checks["journal"]["detail"].startswith(
+        "strict provider mode refused the start: provider cuda asked for, but this onnxruntime build lacks "
+        "CUDAExecutionProvider"
+    )
+
+
+ENV_FILE = "/etc/immich-ml/immich-ml.env"
+
+
+def test_settings_in_the_units_environment_file_are_checked(
+    nvml: ModuleType, host: FakeHost, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Device ids set in the generic unit's `EnvironmentFile=-/etc/immich-ml/immich-ml.env` (systemd's syntax:
+    comments, quotes, a continued line) override `Environment=` and are checked against the GPUs NVML lists."""
+    host.file(
+        ENV_FILE,
+        "# written by the admin\n"
+        "; another comment\n"
+        "MACHINE_LEARNING_PROVIDER = 'cuda'\n"
+        'MACHINE_LEARNING_DEVICE_IDS="0,\\\n3"\n'
+        "MACHINE_LEARNING_GPU_MEM_LIMIT=2GiB   \n",
+    )
+    files = [f"{ENV_FILE} (ignore_errors=yes)", "/etc/immich-ml/absent.env (ignore_errors=yes)"]
+    host.unit(IMMICH_UNIT, **(RUNNING | {"EnvironmentFiles": files}))
+    host.install(monkeypatch)
+    status, checks = run(capsys, "--root", str(host.root), "--only", "driver")
+    assert status == 1
+    assert checks["driver"]["detail"].endswith("configured device ids [3] do not exist")
+
+    host.file(ENV_FILE, "MACHINE_LEARNING_GPU_MEM_LIMIT=lots\n")
+    status, checks = run(capsys, "--root", str(host.root), "--only", "providers")
+    assert checks["providers"]["status"] == "fail"
+    assert "MACHINE_LEARNING_GPU_MEM_LIMIT" in checks["providers"]["detail"]
+
+
+def test_a_missing_required_environment_file_fails_the_settings(
+    nvml: ModuleType, host: FakeHost, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host.unit(IMMICH_UNIT, **(RUNNING | {"EnvironmentFiles": [f"{ENV_FILE} (ignore_errors=no)"]}))
+    host.install(monkeypatch)
+    status, checks = run(capsys, "--root", str(host.root), "--only", "providers")
+    assert checks["providers"]["status"] == "fail"
+    assert (
+        f"EnvironmentFile={ENV_FILE} of immich-ml.service: No such file or directory" in checks["providers"]["detail"]
+    )
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("A=1\nB = two words  \n", {"A": "1", "B": "two words"}),
+        ("# A=1\n;B=2\n\n  C=3", {"C": "3"}),
+        ("A='it''s'\nB='$HOME \\n'\nC='two\nlines' # x", {"A": "its", "B": "$HOME \\n", "C": "two\nlines# x"}),
+        ('A="say \\"hi\\" \\$x \\q"', {"A": 'say "hi" $x \\q'}),
+        ("A=one\\\ntwo\nB=a\\ b", {"A": "onetwo", "B": "a b"}),
+        ("export A=1\n=2\nB\n9X=3\nC=", {"C": ""}),
+    ],
+)
+def test_environment_file_syntax(text: str, expected: dict[str, str]) -> None:
+    assert parse_environment_file(text) == expected
 
 
 def test_journal_before_the_last_start_is_ignored(

@@ -318,13 +318,6 @@ async def test_urlencoded_text_over_the_text_limit_is_413(make_client: ClientFac
                 "recognition": {"modelName": "buffalo_l"},
             }
         },
-        {
-            "ocr": {
-                "detection": {"modelName": "PP-OCRv5_mobile", "options": {"maxResolution": 1e9}},
-                "recognition": {"modelName": "PP-OCRv5_mobile"},
-            }
-        },
-        {"ocr": {"detection": {"modelName": "PP-OCRv5_mobile", "options": {"maxResolution": 100_000}}}},
     ],
 )
 async def test_options_beyond_the_documented_caps_are_422(

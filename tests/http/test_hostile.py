@@ -8,7 +8,9 @@ import functools
 import gzip
 import json
 import os
+import select
 import socket
+import threading
 import time
 import urllib.parse
 import zlib
@@ -249,9 +251,8 @@ def test_fuzzed_requests_are_never_a_server_fault(daemon: Daemon) -> None:
     assert daemon.predict(VISUAL, image=_image())[0] == 200
 
 
-def test_an_inflated_part_over_the_limit_is_refused_quickly_and_ping_stays_responsive(daemon: Daemon) -> None:
-    """A gzip body whose skipped part inflates to 64 MiB (16 × MAX_BODY_SIZE) stops at the limit."""
-    boundary = "bomb"
+def _gzip_bomb(junk_mib: int) -> tuple[bytes, str]:
+    """A multipart body, gzip-encoded: `entries`, a skipped part of `junk_mib` MiB of zeros, then a real image."""
     compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
     parts = [
         b'--bomb\r\nContent-Disposition: form-data; name="entries"\r\n\r\n' + json.dumps(VISUAL).encode(),
@@ -259,27 +260,61 @@ def test_an_inflated_part_over_the_limit_is_refused_quickly_and_ping_stays_respo
     ]
     body = b"".join(compressor.compress(part) for part in parts)
     zeros = bytes(1 << 20)
-    body += b"".join(compressor.compress(zeros) for _ in range(64))
+    body += b"".join(compressor.compress(zeros) for _ in range(junk_mib))
     body += (
         compressor.compress(
             b'\r\n--bomb\r\nContent-Disposition: form-data; name="image"\r\n\r\n' + _image() + b"\r\n--bomb--\r\n"
         )
         + compressor.flush()
     )
-    content_type = f"multipart/form-data; boundary={boundary}"
-    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
-        started = time.monotonic()
-        sock.sendall(request_bytes(body, content_type, extra="Content-Encoding: gzip\r\n"))
-        ping_started = time.monotonic()
-        assert daemon.request("GET", "/ping") == (200, b"pong")
-        ping_s = time.monotonic() - ping_started
-        reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
-        elapsed = time.monotonic() - started
-    print(f"\ngzip bomb part: {status_of(reply)} after {elapsed:.2f} s, /ping during it {ping_s * 1000:.0f} ms")
+    return body, "multipart/form-data; boundary=bomb"
+
+
+def test_an_inflated_part_over_the_limit_is_refused(daemon: Daemon) -> None:
+    """A gzip body whose skipped part inflates to 64 MiB (16 × MAX_BODY_SIZE) stops at the limit."""
+    body, content_type = _gzip_bomb(64)
+    reply = exchange(daemon.port, request_bytes(body, content_type, extra="Content-Encoding: gzip\r\n"), wait_s=30)
     assert status_of(reply) == 413, reply[:300]
-    assert ping_s < 1
+    assert b"after decoding (MACHINE_LEARNING_MAX_BODY_SIZE)" in reply
+    assert daemon.request("GET", "/ping") == (200, b"pong")
+
+
+def _inflated_bytes(daemon: Daemon) -> int:
+    """`immich_ml_inflated_bytes_total` from /metrics (0 while absent)."""
+    status, text = daemon.request("GET", "/metrics")
+    assert status == 200
+    for line in text.decode().splitlines():
+        if line.startswith("immich_ml_inflated_bytes_total "):
+            return int(float(line.split()[1]))
+    return 0
+
+
+def test_ping_is_answered_while_a_body_is_still_inflating(tmp_path: Path) -> None:
+    """A body inflating to 256 MiB, under the limit: /metrics counts its inflated bytes as they come, and
+    /ping is answered between two readings that both show the inflation unfinished; then the request itself
+    is answered. Before, aiohttp inflated on the event loop: nothing was answered until it had finished."""
+    modelgen.write_clip(tmp_path / "cache", CLIP)
+    daemon = Daemon(tmp_path, tmp_path / "cache", PRELOAD | {"MACHINE_LEARNING_MAX_BODY_SIZE": "1GiB"})
+    try:
+        daemon.wait_ready()
+        body, content_type = _gzip_bomb(256)
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=120) as sock:
+            request = request_bytes(body, content_type, extra="Content-Encoding: gzip\r\n")
+            sender = threading.Thread(target=sock.sendall, args=(request,))
+            sender.start()
+            while (before := _inflated_bytes(daemon)) == 0 and not select.select([sock], [], [], 0)[0]:
+                continue  # until the inflation has started (or, before the fix, the request was answered)
+            assert daemon.request("GET", "/ping") == (200, b"pong")
+            after = _inflated_bytes(daemon)
+            assert 0 < before <= after < 256 << 20, (before, after)
+            sender.join()
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        assert status_of(reply) == 200, reply[:300]
+        assert _inflated_bytes(daemon) > 256 << 20
+    finally:
+        assert daemon.stop() == 0, daemon.log()
 
 
 # -- deadlines and connection limits ---------------------------------------------------------------

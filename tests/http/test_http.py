@@ -219,6 +219,8 @@ async def test_health_reports_ready_and_loaded_models(make_client: ClientFactory
     await wait_for(ready, "/health to say ready", interval_s=0.01)
     assert [m["model"] for m in body["models"]] == ["clip/ViT-B-32__openai/visual"]
     assert body["models"][0]["providers"] == ["CPUExecutionProvider"]
+    assert (body["models"][0]["intraOpThreads"], body["models"][0]["concurrentBatches"]) == (2, [2])
+    assert body["cpus"] == {"usable": 2.0, "threads": 2, "affinity": 2, "quota": None, "requestThreads": 2}
 
 
 async def test_ping_answers_quickly_while_inference_runs(make_client: ClientFactory, cache: Path, jpeg: bytes) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -56,6 +57,29 @@ async def test_requests_batches_and_models_are_counted(make_client: ClientFactor
     assert samples[("immich_ml_model_load_seconds", (("model", f"clip/{textual}"),))] > 0
     assert samples[("immich_ml_model_info", (("model", f"clip/{visual}"), ("providers", "CPUExecutionProvider")))] == 1
     assert samples[("immich_ml_requests_in_flight", ())] == 0
+
+
+def _documented_metrics() -> set[str]:
+    """The metric names in the table of docs/operations.md's metrics section."""
+    text = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `immich_ml_")]
+    return {name for row in rows for name in re.findall(r"`(immich_ml_\w+)`", row.split("|")[1])}
+
+
+async def test_every_exported_metric_is_in_the_operations_table(make_client: ClientFactory, clip_cache: Path) -> None:
+    client = await make_client()
+    image = modelgen.jpeg_bytes(modelgen.make_gradient_image(64, 48))
+    async with client.post("/predict", data=predict_form(VISUAL, image=image)) as response:
+        assert response.status == 200  # a loaded model and a batch: every family is exported now
+    async with client.get("/metrics") as response:
+        families = list(text_string_to_metric_families(await response.text()))
+    exported = {
+        f.name + "_total" if f.type == "counter" else f.name
+        for f in families
+        if f.name.startswith("immich_ml_") and not f.name.endswith("_created")  # the client's creation times
+    }
+    assert "immich_ml_model_memory_bytes" in exported
+    assert exported - _documented_metrics() == set()
 
 
 async def test_ready_gauge_follows_preload(make_client: ClientFactory, clip_cache: Path) -> None:

@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 from aiohttp.test_utils import TestClient
 
+from immich_ml.cpus import CpuBudget
 from immich_ml.errors import ConfigError, Overloaded
 from immich_ml.http.appkeys import REGISTRY
 from immich_ml.inference.batcher import Batcher
@@ -336,10 +337,14 @@ async def test_with_concurrency_two_batches_run_at_once() -> None:
     await batcher.close()
 
 
+@pytest.mark.parametrize(
+    ("cpus", "threads", "batches"),
+    [(1, 1, 1), (2, 2, 2), (16, 8, 2)],  # half the usable CPUs per model, at least upstream's 2 where there are 2
+)
 async def test_concurrent_bulk_batches_share_the_intra_op_threads(
-    make_client: ClientFactory, clip_cache: Path, images: list[bytes]
+    make_client: ClientFactory, clip_cache: Path, images: list[bytes], cpus: int, threads: int, batches: int
 ) -> None:
-    client = await make_client(provider="cpu")  # the default: 2 batches of a bulk model at once on the CPU
+    client = await make_client(provider="cpu", cpus=CpuBudget(affinity=cpus, quota=None))
     assert (await embed(client, images[0]))[0] == 200
     async with client.post(
         "/predict", data=predict_form('{"clip":{"textual":{"modelName":"ViT-B-32__openai"}}}', text="a cat")
@@ -348,23 +353,34 @@ async def test_concurrent_bulk_batches_share_the_intra_op_threads(
     assert client.app is not None
     models = client.app[REGISTRY].loaded()
     visual, textual = models[VISUAL_KEY], models[ModelKey(Task.CLIP, ModelType.TEXTUAL, "ViT-B-32__openai")]
-    assert [b.concurrency for b in visual.batchers] == [2]
+    assert [b.concurrency for b in visual.batchers] == [batches]
     assert [b.concurrency for b in textual.batchers] == [1]  # interactive: one run with all threads
-    threads = {
-        name: model.session._session.get_session_options().intra_op_num_threads  # type: ignore[union-attr]
-        for name, model in (("visual", visual), ("textual", textual))
+    sessions = {name: model.session for name, model in (("visual", visual), ("textual", textual))}
+    # Shared by the concurrent batches: one alone gets them all.
+    assert {name: session.intra_op_threads for name, session in sessions.items() if session} == {
+        "visual": threads,
+        "textual": threads,
     }
-    assert threads == {"visual": 2, "textual": 2}  # shared by the concurrent batches: one alone gets both
 
 
-@pytest.mark.parametrize(("configured", "expected"), [({}, 1), ({"intra_op_threads": 2}, 2)])
+@pytest.mark.parametrize(
+    ("cpus", "configured", "expected", "batches"),
+    [
+        (2, {}, 1, 2),
+        (2, {"intra_op_threads": 2}, 2, 2),
+        (8, {}, 2, 2),
+        (1, {}, 1, 1),
+        (1, {"concurrent_batches": 3}, 1, 3),
+    ],
+)
 async def test_face_batches_that_run_at_once_each_get_a_part_of_the_threads(
-    make_client: ClientFactory, cache: Path, configured: dict[str, int], expected: int
+    make_client: ClientFactory, cache: Path, cpus: int, configured: dict[str, int], expected: int, batches: int
 ) -> None:
-    """By default two face batches at once get one thread each; an explicit thread count is kept per session."""
+    """By default face batches at once each get a part of the model's half of the usable CPUs; an explicit
+    thread count is kept per session, an explicit batch count whatever the CPUs."""
     modelgen.write_scrfd(cache, "buffalo_l", faces=[modelgen.Face()])
     modelgen.write_arcface(cache, "buffalo_l")
-    client = await make_client(provider="cpu", **configured)
+    client = await make_client(provider="cpu", cpus=CpuBudget(affinity=cpus, quota=None), **configured)
     entries = json.dumps(
         {"facial-recognition": {"detection": {"modelName": "buffalo_l"}, "recognition": {"modelName": "buffalo_l"}}}
     )
@@ -376,8 +392,8 @@ async def test_face_batches_that_run_at_once_each_get_a_part_of_the_threads(
     models = client.app[REGISTRY].loaded()
     assert len(models) == 2
     for model in models.values():
-        assert [b.concurrency for b in model.batchers] == [2]
-        assert model.session._session.get_session_options().intra_op_num_threads == expected  # type: ignore[union-attr]
+        assert [b.concurrency for b in model.batchers] == [batches]
+        assert model.session is not None and model.session.intra_op_threads == expected
 
 
 async def test_image_work_runs_in_its_own_lower_priority_pool(

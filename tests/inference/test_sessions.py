@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from immich_ml.cpus import CpuBudget, Quota
 from immich_ml.errors import ProviderError
 from immich_ml.http.app import create_app
 from immich_ml.inference.sessions import CPU, CUDA, TENSORRT, OnnxSession, SessionFactory
@@ -56,12 +58,41 @@ def test_cuda_on_a_cpu_build_is_an_error_naming_the_fix(caplog: pytest.LogCaptur
         factory(Provider.CUDA, [CPU], provider_strict=True).wanted_providers()
 
 
-def test_cpu_sessions_use_upstream_thread_defaults(tmp_path: Path) -> None:
-    modelgen.write_clip(tmp_path, "ViT-B-32__openai")
-    options = factory(Provider.CPU, [CPU])._session_options([CPU])
-    assert (options.inter_op_num_threads, options.intra_op_num_threads) == (1, 2)
-    configured = factory(Provider.CPU, [CPU], intra_op_threads=3, inter_op_threads=2)._session_options([CPU])
-    assert (configured.inter_op_num_threads, configured.intra_op_num_threads) == (2, 3)
+@pytest.mark.parametrize(
+    ("cpus", "intra", "split_intra"),
+    [
+        (CpuBudget(affinity=1, quota=None), 1, 1),
+        (CpuBudget(affinity=2, quota=None), 2, 1),  # upstream's 2 on 2 and 3 CPUs
+        (CpuBudget(affinity=3, quota=None), 2, 1),
+        (CpuBudget(affinity=8, quota=None), 4, 2),  # half the CPUs per model, split between 2 batches
+        (CpuBudget(affinity=16, quota=None), 8, 4),
+        (CpuBudget(affinity=16, quota=Quota(150000, 100000, Path("/q"))), 1, 1),  # never above the quota
+    ],
+)
+def test_cpu_sessions_default_threads_follow_the_usable_cpus(cpus: CpuBudget, intra: int, split_intra: int) -> None:
+    made = factory(Provider.CPU, [CPU], cpus=cpus)
+    options = made._session_options([CPU])
+    assert (options.inter_op_num_threads, options.intra_op_num_threads) == (1, intra)
+    assert made._session_options([CPU], split_between=2).intra_op_num_threads == split_intra
+
+
+def test_gpu_sessions_keep_onnx_runtimes_threads_unless_the_process_may_use_fewer_cpus() -> None:
+    """A GPU session's CPU threads (and those of a session that fell back to the CPU) stay ONNX Runtime's
+    choice on a whole host, and never exceed a container's quota."""
+    host_cpus = os.cpu_count() or 1
+    whole = factory(Provider.CUDA, GPU_BUILD, cpus=CpuBudget(affinity=host_cpus, quota=None))
+    options = whole._session_options([CUDA, CPU])
+    assert (options.inter_op_num_threads, options.intra_op_num_threads) == (0, 0)
+    one_cpu = CpuBudget(affinity=host_cpus, quota=Quota(100000, 100000, Path("/q")))
+    limited = factory(Provider.CUDA, GPU_BUILD, cpus=one_cpu)._session_options([CUDA, CPU])
+    assert limited.intra_op_num_threads == (1 if host_cpus > 1 else 0)
+
+
+def test_explicit_thread_settings_win_over_the_usable_cpus() -> None:
+    one_cpu = CpuBudget(affinity=1, quota=None)
+    configured = factory(Provider.CPU, [CPU], intra_op_threads=3, inter_op_threads=2, cpus=one_cpu)
+    options = configured._session_options([CPU], split_between=2)
+    assert (options.inter_op_num_threads, options.intra_op_num_threads) == (2, 3)
 
 
 def test_gpu_provider_options_come_from_settings(tmp_path: Path) -> None:
@@ -102,7 +133,7 @@ async def test_silent_cpu_fallback_is_logged_and_visible(
     assert "loaded clip/ViT-B-32__openai/visual using CPUExecutionProvider" in caplog.text
     async with client.get("/health") as resp:
         models = (await resp.json())["models"]
-    assert models == [{"model": "clip/ViT-B-32__openai/visual", "providers": [CPU]}]
+    assert [(model["model"], model["providers"]) for model in models] == [("clip/ViT-B-32__openai/visual", [CPU])]
 
 
 @pytest.mark.filterwarnings(ORT_FALLBACK_WARNING)
@@ -159,7 +190,8 @@ def _doubling_session(tmp_path: Path) -> OnnxSession:
         ],
     )
     path = tmp_path / "doubling.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=modelgen.IR_VERSION)
+    onnx.save(model, path)
     return SessionFactory(Settings(provider=Provider.CPU)).create(path, cache_key="doubling")
 
 

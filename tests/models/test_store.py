@@ -10,7 +10,6 @@ import pty
 import re
 import resource
 import shutil
-import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from immich_ml.models.store import ModelStore
 from immich_ml.models.tasks import TASK_TYPES, ModelKey, ModelType, Task
 from immich_ml.settings import Settings
 from tests import modelgen
-from tests.conftest import VISUAL, ClientFactory, predict_form, wait_for
+from tests.conftest import VISUAL, ClientFactory, installed, predict_form, wait_for
 from tests.fakehub import FakeHub
 
 TEXTUAL_WITH_ORGANIZATION = '{"clip":{"textual":{"modelName":"immich-app/ViT-B-32__openai"}}}'
@@ -309,7 +308,7 @@ async def test_models_pull_draws_a_bar_on_a_terminal(held_hub: Any, tmp_path: Pa
     release.set()  # not held: the finished bar is the point here
     controller, terminal = pty.openpty()
     env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "NO_COLOR": "1"}
-    program = Path(sys.executable).parent / "immich-ml"
+    program = installed("immich-ml")
     pull = [program, "models", "--cache", str(tmp_path / "c"), "pull", "ViT-B-32__openai", "--type", "visual"]
     process = await asyncio.create_subprocess_exec(*pull, env=env, stdout=asyncio.subprocess.PIPE, stderr=terminal)
     os.close(terminal)

@@ -80,7 +80,7 @@ async def post(client: TestClient[Any, Any], entries: str, image: Image.Image) -
 
 
 @pytest.mark.parametrize("preprocessing", list(Preprocessing))
-async def test_reads_rendered_lines_in_reading_order(
+async def test_reads_rendered_lines_in_upstreams_order(
     make_client: ClientFactory, ocr_cache: Path, preprocessing: Preprocessing
 ) -> None:
     image, lines = render(
@@ -97,7 +97,7 @@ async def test_reads_rendered_lines_in_reading_order(
     assert (body["imageWidth"], body["imageHeight"]) == (800, 420)
     ocr = body["ocr"]
     assert isinstance(ocr, dict) and set(ocr) == {"box", "boxScore", "text", "textScore"}
-    assert ocr["text"] == ["Brewery", "Immich", "Hello World 2024", "photos"]  # same line: left to right
+    assert ocr["text"] == ["photos", "Hello World 2024", "Brewery", "Immich"]  # upstream's order: bottom to top
     assert len(ocr["box"]) == 8 * len(ocr["text"]) == 2 * len(ocr["boxScore"]) * 4
     assert all(0 <= v <= 1 for v in ocr["box"])
     assert all(0.5 <= s <= 1 for s in ocr["boxScore"]) and all(0.8 < s <= 1 for s in ocr["textScore"])
@@ -117,9 +117,39 @@ async def test_concurrent_requests_read_the_same_as_one_alone(make_client: Clien
     for body in together:
         ocr = body["ocr"]
         assert isinstance(ocr, dict)
-        assert ocr["text"] == alone["text"] == ["Immich", "photos"]
+        assert ocr["text"] == alone["text"] == ["photos", "Immich"]
         assert ocr["box"] == alone["box"]
         assert ocr["textScore"] == pytest.approx(alone["textScore"], abs=1e-4)
+
+
+def _detection_at(max_resolution: float) -> str:
+    return json.dumps(
+        {
+            "ocr": {
+                "detection": {"modelName": "PP-OCRv5_mobile", "options": {"maxResolution": max_resolution}},
+                "recognition": {"modelName": "PP-OCRv5_mobile"},
+            }
+        }
+    )
+
+
+async def test_max_resolution_above_the_cap_is_served_scaled_down(make_client: ClientFactory, ocr_cache: Path) -> None:
+    """The Immich server accepts any `maxResolution` ≥ 1 and upstream never upscales: a value above the image's
+    shorter side is full resolution, and one above MACHINE_LEARNING_MAX_OCR_RESOLUTION is served at the cap."""
+    image, _ = render([("Immich", (40, 40)), ("photos", (40, 200))], size=(400, 320))
+    full = (await post(await make_client(), _detection_at(320), image))["ocr"]
+    capped = await make_client(max_ocr_resolution=160)
+    at_cap = (await post(capped, _detection_at(160), image))["ocr"]
+    assert isinstance(full, dict) and isinstance(at_cap, dict)
+    assert full["text"] == ["Immich", "photos"]
+    assert at_cap["box"] != full["box"]  # the cap did scale the image down
+    uncapped = await make_client()
+    for asked in (5000, 1e9):
+        for client, expected in ((uncapped, full), (capped, at_cap)):
+            ocr = (await post(client, _detection_at(asked), image))["ocr"]
+            assert isinstance(ocr, dict)
+            assert (ocr["text"], ocr["box"]) == (expected["text"], expected["box"])
+            assert ocr["textScore"] == pytest.approx(expected["textScore"], abs=1e-4)
 
 
 async def test_reads_text_rotated_to_vertical(make_client: ClientFactory, ocr_cache: Path) -> None:
@@ -160,7 +190,7 @@ async def test_min_scores_apply_to_their_request_only(make_client: ClientFactory
     assert isinstance(strict_recognition, dict) and isinstance(strict_detection, dict) and isinstance(default, dict)
     assert strict_recognition["text"] == [] and strict_recognition["box"] == []  # scores are ≤ 1: none is > 1
     assert strict_detection["text"] == []
-    assert default["text"] == ["Immich", "photos"]
+    assert default["text"] == ["photos", "Immich"]
 
 
 async def test_malformed_option_is_422(make_client: ClientFactory, ocr_cache: Path) -> None:
@@ -208,15 +238,28 @@ def test_boxes_below_min_score_or_non_finite_are_dropped() -> None:
     assert len(found) == 1 and np.isfinite(found.scores).all()
 
 
-def test_reading_order_groups_lines_by_10_px() -> None:
-    def box(x: float, y: float) -> list[list[float]]:
-        return [[x, y], [x + 20, y], [x + 20, y + 8], [x, y + 8]]
+def _found(*top_left: tuple[float, float]) -> TextBoxes:
+    """Boxes 20×8 px at `top_left`, in contour order, scored 0.1, 0.2, … in that order."""
+    boxes = [[[x, y], [x + 20, y], [x + 20, y + 8], [x, y + 8]] for x, y in top_left]
+    return TextBoxes(np.asarray(boxes, np.float32), np.arange(1, len(boxes) + 1, dtype=np.float32) / 10)
 
-    found = TextBoxes(
-        np.asarray([box(100, 52), box(10, 45), box(10, 10), box(50, 12)], np.float32),
-        np.asarray([0.1, 0.2, 0.3, 0.4], np.float32),
-    )
-    assert reading_order(found).scores.tolist() == pytest.approx([0.3, 0.4, 0.2, 0.1])
+
+def test_reading_order_keeps_bottom_to_top_contours_and_their_scores() -> None:
+    """One box per line, bottom to top (how DB post-processing returns them): upstream's sort leaves them so."""
+    found = _found((10, 90), (60, 50), (10, 10))
+    ordered = reading_order(found)
+    assert ordered.boxes[:, 0].tolist() == [[10, 90], [60, 50], [10, 10]]
+    assert ordered.scores.tolist() == found.scores.tolist()
+
+
+def test_reading_order_reads_line_numbers_through_the_y_ranking_twice() -> None:
+    """By hand, upstream's rule: y ranking C, D, B, A; line numbers by rank 0, 0, 1, 1 (new line at ≥ 10 px);
+    rank j takes the line number of rank `ranking[j]`: C→1, D→1, B→0, A→0; sorted by (line, x): B, A, C, D.
+    The scores stay in contour order."""
+    found = _found((100, 52), (10, 45), (10, 10), (50, 12))  # A, B, C, D
+    ordered = reading_order(found)
+    assert ordered.boxes[:, 0].tolist() == [[10, 45], [100, 52], [10, 10], [50, 12]]
+    assert ordered.scores.tolist() == found.scores.tolist()
 
 
 # -- CTC decoding -------------------------------------------------------------------------------------------

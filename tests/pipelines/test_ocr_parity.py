@@ -1,40 +1,44 @@
-"""OCR parity with `rapidocr`, the library upstream Immich's released OCR is built on.
+"""OCR parity with upstream Immich: our /predict answers equal upstream's, checked two ways.
 
-Every expected value here comes from rapidocr's own classes (`DBPostProcess`, `TextDetector.sorted_boxes`,
-`TextRecognizer` with its own ONNX Runtime session on the same model file), driven with the parameters
-upstream Immich uses, on the same detector output or the same image as ours. Only the two steps upstream
-Immich does itself are re-stated here, from its description (docs/models.md): the detector input (Lanczos
-resize, BGR, released normalisation) and the line crop (Pillow perspective warp, bicubic).
+1. Against upstream's own answers, recorded from its released service (`tests/data/ocr-upstream/`: five
+   requests, three images, three option sets; upstream v2.7.5 with its pinned packages).
+2. Against an oracle (`tests/ocr_oracle/oracle.py`) that does what upstream's OCR does with rapidocr, in its own
+   environment with upstream's pinned versions, whatever versions this environment has. It first reproduces the
+   recorded answers, then answers more images and options (rendered lines, an invoice, a receipt, a printed
+   page, text on a photo, a rotated and a vertical line; default, slow-score and low-threshold options).
+
+Equal means: the same texts in the same order, the same text scores (5 decimals), and boxes and box scores
+equal as float32 (upstream computes them in float32; we send the same values). Both sides run NumPy with
+OPENBLAS_CORETYPE=Haswell: upstream's line crop goes through NumPy's SVD, whose last bits depend on the
+OpenBLAS kernel, so equality holds per kernel.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
-import cv2
 import numpy as np
-import onnxruntime as ort
 import pytest
-from numpy.typing import NDArray
 from PIL import Image
-from rapidocr.ch_ppocr_det import TextDetector as RapidTextDetector
-from rapidocr.ch_ppocr_det.utils import DBPostProcess
-from rapidocr.ch_ppocr_rec import TextRecInput
-from rapidocr.ch_ppocr_rec import TextRecognizer as RapidTextRecognizer
-from rapidocr.main import DEFAULT_CFG_PATH
-from rapidocr.utils.parse_parameters import ParseParams
 
-from immich_ml.pipelines.ocr.boxes import DetectionParams, boxes_from_probability, detection_input
-from immich_ml.settings import Preprocessing
 from tests import modelgen
 from tests.conftest import ClientFactory, predict_ok
+from tests.ocr_oracle import UPSTREAM_CASES, blas_kernel_is_pinned, run_oracle
 from tests.ocrimages import render, skimage_image, with_text
 
-MAX_RESOLUTION = 736
-DET_MIN_SCORE = 0.5
+_RECORDED = json.loads((UPSTREAM_CASES / "cases.json").read_text())["cases"]
+_UPSTREAM_VERSIONS = {
+    "rapidocr": "3.6.0",
+    "opencv-python-headless": "4.13.0.92",
+    "numpy": "2.3.5",
+    "pillow": "12.1.1",
+    "onnxruntime": "1.24.1",
+}
+"""The versions cases.json names as upstream's; the oracle must run these."""
 
 
 def _lines() -> Image.Image:
@@ -79,7 +83,7 @@ def _vertical() -> Image.Image:
     return image
 
 
-CASES: dict[str, Callable[[], Image.Image]] = {
+IMAGES: dict[str, Callable[[], Image.Image]] = {
     "rendered-lines": _lines,
     "invoice": _invoice,
     "receipt": _receipt,
@@ -88,138 +92,94 @@ CASES: dict[str, Callable[[], Image.Image]] = {
     "rotated": _rotated,
     "vertical": _vertical,
 }
+OPTIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "all-lines": ({"minScore": 0.5, "maxResolution": 736}, {"minScore": 0.0}),
+    "slow,detMin=0.3,maxRes=1024": ({"minScore": 0.3, "maxResolution": 1024, "scoreMode": "slow"}, {"minScore": 0.5}),
+}
+ORACLE_CASES = [f"{image}/{options}" for image in IMAGES for options in OPTIONS]
 
 
-@pytest.fixture(scope="module")
-def ocr_models() -> tuple[Path, Path]:
-    return modelgen.ocr_wheel_models()
-
-
-@pytest.fixture(scope="module")
-def detector(ocr_models: tuple[Path, Path]) -> ort.InferenceSession:
-    return ort.InferenceSession(str(ocr_models[0]), providers=["CPUExecutionProvider"])
-
-
-@pytest.fixture(scope="module")
-def rapid_recognizer(ocr_models: tuple[Path, Path]) -> RapidTextRecognizer:
-    """rapidocr's recogniser as upstream configures it: batches of 6, shape (3, 48, 320), charset from the model."""
-    cfg = ParseParams.load(DEFAULT_CFG_PATH)
-    cfg.Rec.engine_cfg = cfg.EngineConfig.onnxruntime
-    cfg.Rec.model_path = str(ocr_models[1])
-    cfg.Rec.font_path = None
-    cfg.Rec.rec_batch_num = 6
-    return RapidTextRecognizer(cfg.Rec)
-
-
-def rapid_boxes(
-    probability: NDArray[np.float32], width: int, height: int, score_mode: str = "fast"
-) -> tuple[np.ndarray, np.ndarray]:
-    """rapidocr's DB post-processing with upstream Immich's parameters, then its reading order
-    (`sorted_boxes` returns the boxes only; each score follows its box)."""
-    post = DBPostProcess(
-        thresh=0.3,
-        box_thresh=DET_MIN_SCORE,
-        max_candidates=1000,
-        unclip_ratio=1.6,
-        use_dilation=True,
-        score_mode=score_mode,
-    )
-    boxes, scores = post(probability, (height, width))
-    if len(boxes) == 0:
-        return np.zeros((0, 4, 2), np.float32), np.zeros(0)
-    ordered = RapidTextDetector.sorted_boxes(boxes)
-    unused = list(range(len(boxes)))
-    order = []
-    for box in ordered:
-        index = next(i for i in unused if np.array_equal(boxes[i], box))
-        unused.remove(index)
-        order.append(index)
-    return np.asarray(ordered, np.float64), np.asarray(scores, np.float64)[order]
-
-
-def upstream_detector_input(image: Image.Image) -> NDArray[np.float32]:
-    """Upstream Immich's released detector input: shorter side to 736 (never up), multiples of 32, Lanczos,
-    BGR, `(x − 0.5) / 127.5`."""
-    ratio = min(MAX_RESOLUTION / min(image.size), 1.0)
-    size = tuple(max(32, round(int(side * ratio) / 32) * 32) for side in image.size)
-    resized = np.asarray(image.resize(size, resample=Image.Resampling.LANCZOS), dtype=np.float32)[:, :, ::-1]
-    return np.ascontiguousarray(((resized - 0.5) / 127.5).transpose(2, 0, 1)[None])
-
-
-def upstream_crop(image: Image.Image, box: np.ndarray) -> NDArray[np.uint8]:
-    """Upstream Immich's line crop: the quadrilateral warped (Pillow, bicubic) to `int(longest opposite
-    edges)`, turned 90° anticlockwise when at least 1.5 times taller than wide; BGR."""
-    quad = box.astype(np.float32)
-    width = int(max(np.linalg.norm(quad[1] - quad[0]), np.linalg.norm(quad[2] - quad[3])))
-    height = int(max(np.linalg.norm(quad[0] - quad[3]), np.linalg.norm(quad[1] - quad[2])))
-    upright = np.float32([[0, 0], [width, 0], [width, height], [0, height]])
-    matrix = cv2.getPerspectiveTransform(upright, quad)  # output → input pixel, what Pillow wants
-    coefficients = tuple((matrix / matrix[2, 2]).reshape(-1)[:8].tolist())
-    crop = image.transform((width, height), Image.Transform.PERSPECTIVE, coefficients, Image.Resampling.BICUBIC)
-    if crop.height / crop.width >= 1.5:
-        crop = crop.rotate(90, expand=True)
-    return np.ascontiguousarray(np.asarray(crop)[:, :, ::-1])
-
-
-@pytest.mark.parametrize(
-    ("preprocessing", "score_mode"),
-    [(Preprocessing.RELEASED, "fast"), (Preprocessing.LATEST, "fast"), (Preprocessing.RELEASED, "slow")],
-)
-@pytest.mark.parametrize("case", list(CASES))
-def test_detection_boxes_equal_rapidocr(
-    case: str, preprocessing: Preprocessing, score_mode: Literal["fast", "slow"], detector: ort.InferenceSession
-) -> None:
-    image = CASES[case]()
-    (probability,) = detector.run(None, {"x": detection_input(image, MAX_RESOLUTION, preprocessing)})
-    expected_boxes, expected_scores = rapid_boxes(probability, image.width, image.height, score_mode)
-    params = DetectionParams(box_threshold=DET_MIN_SCORE, score_mode=score_mode)
-    found = boxes_from_probability(probability[0, 0], image.size, params)
-    assert len(expected_boxes) > 0
-    assert found.boxes.shape == expected_boxes.shape, (found.boxes.tolist(), expected_boxes.tolist())
-    difference = float(np.abs(found.boxes - expected_boxes).max())
-    print(f"{case}/{preprocessing.value}/{score_mode}: {len(found)} boxes, max difference {difference} px")
-    assert difference <= 1e-6
-    np.testing.assert_allclose(found.scores, expected_scores, atol=1e-4)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-async def test_predict_equals_rapidocr_pipeline(
-    case: str,
-    make_client: ClientFactory,
-    cache: Path,
-    detector: ort.InferenceSession,
-    rapid_recognizer: RapidTextRecognizer,
-) -> None:
-    """/predict against rapidocr's pipeline as upstream Immich drives it, on the same image and models."""
-    image = CASES[case]()
-    (probability,) = detector.run(None, {"x": upstream_detector_input(image)})
-    boxes, box_scores = rapid_boxes(probability, image.width, image.height)
-    recognised = rapid_recognizer(TextRecInput(img=[upstream_crop(image, box) for box in boxes]))
-    text_scores = np.asarray(recognised.scores, np.float64)
-    kept = text_scores > 0.0
-
-    modelgen.write_ocr(cache, "PP-OCRv5_mobile")
-    client = await make_client()
-    entries = {
+def _entries(detection: dict[str, Any], recognition: dict[str, Any]) -> dict[str, Any]:
+    name = "PP-OCRv5_mobile"
+    return {
         "ocr": {
-            "detection": {
-                "modelName": "PP-OCRv5_mobile",
-                "options": {"minScore": DET_MIN_SCORE, "maxResolution": MAX_RESOLUTION},
-            },
-            "recognition": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": 0.0}},
+            "detection": {"modelName": name, "options": detection},
+            "recognition": {"modelName": name, "options": recognition},
         }
     }
-    ocr = (await predict_ok(client, json.dumps(entries), image=modelgen.png_bytes(image)))["ocr"]
 
-    expected_texts = [text for text, keep in zip(recognised.txts, kept, strict=True) if keep]
-    print(f"{case}: {len(expected_texts)} texts, ours {ocr['text']} / rapidocr {expected_texts}")
-    assert ocr["text"] == expected_texts
-    got_boxes = np.asarray(ocr["box"], np.float64).reshape(-1, 4, 2) * (image.width, image.height)
-    assert got_boxes.shape == boxes[kept].shape
-    assert float(np.abs(got_boxes - boxes[kept]).max(initial=0.0)) <= 1e-6
-    np.testing.assert_allclose(ocr["boxScore"], box_scores[kept], atol=1e-4)
-    np.testing.assert_allclose(ocr["textScore"], text_scores[kept], atol=1e-4)
-    print(
-        f"{case}: box difference {np.abs(got_boxes - boxes[kept]).max(initial=0.0)} px, text score difference "
-        f"{np.abs(np.asarray(ocr['textScore']) - text_scores[kept]).max(initial=0.0)}"
-    )
+
+def _recorded_request(case: dict[str, Any]) -> tuple[str, Path]:
+    parts = {part["name"]: part for part in case["parts"]}
+    return parts["entries"]["value"], UPSTREAM_CASES / parts["image"]["file"]
+
+
+def assert_same_ocr(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
+    """Same texts and text scores; boxes and box scores equal as float32 (upstream's precision)."""
+    assert ours["text"] == theirs["text"]
+    assert ours["textScore"] == theirs["textScore"]
+    for key in ("box", "boxScore"):
+        np.testing.assert_array_equal(np.float32(ours[key]), np.float32(theirs[key]), err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def oracle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The oracle's answers: first the recorded requests, then every image of IMAGES with every OPTIONS,
+    keyed by case id; also its package versions and model hashes."""
+    folder = tmp_path_factory.mktemp("ocr-oracle")
+    requests = []
+    for case in _RECORDED:
+        entries, image = _recorded_request(case)
+        requests.append({"id": case["id"], "image": str(image), "entries": json.loads(entries)})
+    for name, make in IMAGES.items():
+        path = folder / f"{name}.png"
+        path.write_bytes(modelgen.png_bytes(make()))
+        for options, (detection, recognition) in OPTIONS.items():
+            requests.append(
+                {"id": f"{name}/{options}", "image": str(path), "entries": _entries(detection, recognition)}
+            )
+    result = run_oracle(requests, folder)
+    answers = zip(requests, result["answers"], strict=True)
+    result["by_id"] = {request["id"]: (request, answer) for request, answer in answers}
+    return result
+
+
+def test_oracle_runs_upstreams_versions_and_models(oracle: dict[str, Any]) -> None:
+    assert {name: oracle["versions"][name] for name in _UPSTREAM_VERSIONS} == _UPSTREAM_VERSIONS
+    ours = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in modelgen.ocr_wheel_models()}
+    assert oracle["models"] == ours  # rapidocr 3.6.0's PP-OCRv4 files are rapidocr-onnxruntime 1.4.4's
+
+
+@pytest.mark.parametrize("case", _RECORDED, ids=[case["id"] for case in _RECORDED])
+def test_oracle_reproduces_upstream_recorded(case: dict[str, Any], oracle: dict[str, Any]) -> None:
+    _, answer = oracle["by_id"][case["id"]]
+    expected = case["upstream"]["body"]
+    assert (answer["imageWidth"], answer["imageHeight"]) == (expected["imageWidth"], expected["imageHeight"])
+    assert_same_ocr(answer["ocr"], expected["ocr"])
+
+
+@pytest.mark.parametrize("case", _RECORDED, ids=[case["id"] for case in _RECORDED])
+async def test_predict_equals_upstream_recorded(case: dict[str, Any], make_client: ClientFactory, cache: Path) -> None:
+    """The recorded request replayed to our daemon over HTTP: the same multipart parts, the same image bytes."""
+    assert blas_kernel_is_pinned(), "run with OPENBLAS_CORETYPE=Haswell (scripts/test sets it)"
+    entries, image = _recorded_request(case)
+    modelgen.write_ocr(cache, json.loads(entries)["ocr"]["recognition"]["modelName"])
+    client = await make_client()
+    body = await predict_ok(client, entries, image=image.read_bytes())
+    expected = case["upstream"]["body"]
+    assert (body["imageWidth"], body["imageHeight"]) == (expected["imageWidth"], expected["imageHeight"])
+    assert_same_ocr(body["ocr"], expected["ocr"])
+
+
+@pytest.mark.parametrize("case", ORACLE_CASES)
+async def test_predict_equals_oracle(
+    case: str, oracle: dict[str, Any], make_client: ClientFactory, cache: Path
+) -> None:
+    assert blas_kernel_is_pinned(), "run with OPENBLAS_CORETYPE=Haswell (scripts/test sets it)"
+    request, answer = oracle["by_id"][case]
+    modelgen.write_ocr(cache, request["entries"]["ocr"]["recognition"]["modelName"])
+    client = await make_client()
+    body = await predict_ok(client, json.dumps(request["entries"]), image=Path(request["image"]).read_bytes())
+    print(f"{case}: {answer['ocr']['text']}")
+    assert answer["ocr"]["text"], "the oracle read nothing: the case tests nothing"
+    assert_same_ocr(body["ocr"], answer["ocr"])

@@ -79,6 +79,11 @@ class Lifecycle:
             self._report(ready=True)
             await asyncio.sleep(tick)
 
+    def failed(self, status: str) -> None:
+        """Tell systemd why the start failed (STATUS only: READY=1 is never sent), before stopping."""
+        self.reporter.status = status
+        self.reporter.notifier.send(f"STATUS={status}")
+
     def stopping(self) -> None:
         """Tell systemd the daemon is stopping (before the drain starts)."""
         self.reporter.stopping(f"stopping: draining {self.app[CONNECTIONS].in_flight} request(s)")

@@ -17,6 +17,7 @@ from immich_ml.http.app import create_app
 from immich_ml.http.appkeys import CONNECTIONS, STATE
 from immich_ml.http.connections import TrackedSite, raise_file_limit
 from immich_ml.http.security import tls_context
+from immich_ml.inference.sizing import request_threads
 from immich_ml.log import SERVER_LOG as log
 from immich_ml.settings import Settings
 
@@ -34,7 +35,8 @@ def run(settings: Settings) -> int:
 async def serve(
     settings: Settings, *, sockets: list[socket.socket] | None = None, notifier: Notifier | None = None
 ) -> int:
-    """Serve until SIGTERM or SIGINT, then finish in-flight requests and stop. Returns the exit code.
+    """Serve until SIGTERM or SIGINT, then finish in-flight requests and stop. Returns the exit code: 1 when
+    strict provider mode refused the start (READY=1 is then never sent), else 0.
 
     `sockets` are already listening (socket activation, or a worker's inherited ones); without them the
     daemon binds `settings.host`:`settings.port`.
@@ -44,7 +46,11 @@ async def serve(
     app = create_app(settings)
     ssl_context = tls_context(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
     runner = web.AppRunner(
-        app, keepalive_timeout=settings.keepalive_s, access_log=None, shutdown_timeout=settings.shutdown_timeout_s
+        app,
+        keepalive_timeout=settings.keepalive_s,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_timeout_s,
+        auto_decompress=False,  # compressed bodies are inflated by the form reader, in steps (http/inflate.py)
     )
     await runner.setup()
     sockets = sockets or [_bind(settings.host, settings.port)]
@@ -60,6 +66,7 @@ async def serve(
         app[CONNECTIONS].max_connections,
         file_limit,
     )
+    log.info("usable CPUs: %s; %d request threads", settings.cpus.describe(), request_threads(settings))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -67,14 +74,21 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     lifecycle = Lifecycle(app, notifier)
     reporting = asyncio.create_task(lifecycle.run(), name="systemd")
-    ready = asyncio.create_task(app[STATE].ready_event.wait())
+    state = app[STATE]
+    ready = asyncio.create_task(state.ready_event.wait())
+    failed = asyncio.create_task(state.failed_event.wait())
     stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if ready.done():
-        log.info("ready")
-    await stopping
+    await asyncio.wait({ready, failed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if failed.done():
+        log.critical("refusing to start (MACHINE_LEARNING_PROVIDER_STRICT=true): %s", state.start_failure)
+        reporting.cancel()
+        lifecycle.failed(f"failed: {state.start_failure}")
+    else:
+        if ready.done():
+            log.info("ready")
+        await stopping
+        lifecycle.stopping()
 
-    lifecycle.stopping()
     reporting.cancel()
     connections = app[CONNECTIONS]
     connections.start_draining()
@@ -85,12 +99,13 @@ async def serve(
             connections.in_flight,
             settings.shutdown_timeout_s,
         )
-    ready.cancel()
+    for waiter in (ready, failed, stopping):
+        waiter.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await reporting
     await runner.cleanup()
     notifier.close()
-    return 0
+    return 1 if state.start_failure else 0
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -1,4 +1,4 @@
-"""systemd files for hosts that are not NixOS: the unit, its GPU drop-in, the system user, module loading.
+"""systemd files for hosts that are not NixOS: the unit, its GPU drop-in and the system user.
 
 The unit mirrors the NixOS module's (`nix/module.nix`): `Type=notify` with the watchdog, a dedicated user,
 the model cache as `CacheDirectory=` (`/var/cache/immich-ml`, created and owned by systemd, so no tmpfiles.d
@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
-__all__ = ["ENV_FILE", "HIDDEN_BY_PROTECT_HOME", "UnitError", "install", "render"]
+__all__ = ["ENV_FILE", "HIDDEN_BY_PROTECT_HOME", "UnitError", "install", "planned", "render"]
 
 UNIT = PurePosixPath("etc/systemd/system/immich-ml.service")
 GPU_DROP_IN = PurePosixPath("etc/systemd/system/immich-ml.service.d/gpu.conf")
 SYSUSERS = PurePosixPath("etc/sysusers.d/immich-ml.conf")
-MODULES_LOAD = PurePosixPath("etc/modules-load.d/immich-ml-nvidia.conf")
 ENV_FILE = PurePosixPath("etc/immich-ml/immich-ml.env")
 
 HIDDEN_BY_PROTECT_HOME = (PurePosixPath("/home"), PurePosixPath("/root"), PurePosixPath("/run/user"))
@@ -34,6 +33,8 @@ NotifyAccess=main
 ExecStart={exec_start} serve
 EnvironmentFile=-/etc/immich-ml/immich-ml.env
 Environment=NO_COLOR=1
+# PrivateDevices hides the GPU from this unit, so `auto` could only fail over to the CPU; `--gpu` adds the
+# drop-in that opens the NVIDIA devices and sets cuda.
 Environment=MACHINE_LEARNING_PROVIDER=cpu
 Environment=MACHINE_LEARNING_CACHE_FOLDER=%C/immich-ml
 Environment=XDG_CACHE_HOME=%C/immich-ml
@@ -95,12 +96,15 @@ WantedBy=multi-user.target
 _GPU_DROP_IN = """\
 # NVIDIA GPU for immich-ml, written by `immich-ml systemd install --gpu`.
 [Unit]
-# The container toolkit's CDI generator is the nearest thing to "the NVIDIA devices are up". Wanted,
-# never required: hosts without the toolkit start all the same.
-After=nvidia-container-toolkit-cdi-generator.service
-Wants=nvidia-container-toolkit-cdi-generator.service
+# What CUDA needs from the host: the driver's kernel modules (loaded at boot) and, where the driver
+# ships it, its persistence daemon. Ordering only: a host without either starts all the same.
+After=systemd-modules-load.service nvidia-persistenced.service
 
 [Service]
+# CUDA needs /dev/nvidia-uvm. libcuda would load nvidia_uvm on demand through the setuid
+# nvidia-modprobe, which NoNewPrivileges forbids: load it before the start, with privileges (+),
+# and carry on (-) where there is no such module (immich-gpu-check then says what is missing).
+ExecStartPre=+-modprobe -q nvidia_uvm
 Environment=MACHINE_LEARNING_PROVIDER=cuda
 # Fail rather than quietly run on the CPU when CUDA does not come up (check with immich-gpu-check).
 Environment=MACHINE_LEARNING_PROVIDER_STRICT=true
@@ -124,12 +128,6 @@ Nice=-10
 _SYSUSERS = """\
 # The immich-ml service user (systemd-sysusers), written by `immich-ml systemd install`.
 u immich-ml - "Immich machine learning" /var/cache/immich-ml
-"""
-
-_MODULES_LOAD = """\
-# CUDA needs /dev/nvidia-uvm. libcuda would load the module on demand through the setuid
-# nvidia-modprobe, which NoNewPrivileges forbids; load it at boot instead.
-nvidia_uvm
 """
 
 _ENV_FILE = """\
@@ -158,17 +156,23 @@ def render(executable: Path, *, gpu: bool = False) -> dict[PurePosixPath, str]:
         )
     files = {UNIT: _UNIT.format(exec_start=_exec_argument(executable)), SYSUSERS: _SYSUSERS}
     if gpu:
-        files |= {GPU_DROP_IN: _GPU_DROP_IN, MODULES_LOAD: _MODULES_LOAD}
+        files[GPU_DROP_IN] = _GPU_DROP_IN
     return files
 
 
+def planned(files: Mapping[PurePosixPath, str], root: Path) -> dict[PurePosixPath, str]:
+    """What `install` writes under `root`: `files`, plus the example settings file unless one exists there
+    (the operator's settings are never overwritten)."""
+    if (root / ENV_FILE).exists():
+        return dict(files)
+    return {**files, ENV_FILE: _ENV_FILE}
+
+
 def install(files: Mapping[PurePosixPath, str], root: Path) -> list[Path]:
-    """Write `files` under `root`, plus an example settings file unless one exists; returns what was written."""
+    """Write the `planned` files under `root`; returns what was written."""
     written = []
-    for relative, text in {**files, ENV_FILE: _ENV_FILE}.items():
+    for relative, text in planned(files, root).items():
         target = root / relative
-        if relative == ENV_FILE and target.exists():
-            continue  # the operator's settings: never overwritten
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
         written.append(target)

@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from immich_ml.errors import ConfigError
+from immich_ml.gpu_check.envfile import parse_environment_file
 from immich_ml.gpu_check.nvml import NvmlState, load_nvml
 from immich_ml.gpu_check.systemd import CommandError, UnitState, show_unit
 from immich_ml.settings import Settings
@@ -59,10 +60,17 @@ class Context:
 
     @cached_property
     def settings(self) -> Settings | ConfigError:
-        """The service's settings: this environment overlaid with the unit's `Environment=`."""
+        """The service's settings: this environment overlaid with the unit's `Environment=`, then with its
+        `EnvironmentFile=`s in order (systemd lets the files override `Environment=`), read under `--root`."""
         env = dict(os.environ)
         if isinstance(self.unit, UnitState):
             env.update(self.unit.environment)
+            for file in self.unit.environment_files:
+                try:
+                    env.update(parse_environment_file(self.options.path(file.path).read_text()))
+                except OSError as error:
+                    if not file.optional:
+                        return ConfigError(f"EnvironmentFile={file.path} of {self.unit.name}: {error.strerror}")
         try:
             return Settings.from_env(env)
         except ConfigError as error:

@@ -36,6 +36,7 @@ _REQUIRED_MODULES = ("nvidia", "nvidia_uvm")
 _DISPLAY_MODULES = ("nvidia_modeset", "nvidia_drm")
 _LOADED = re.compile(r"loaded (\S+) using (.+)$")
 _FAILED = re.compile(r"(\w+ExecutionProvider) failed to initialise for (\S+)")
+_REFUSED = re.compile(r"refusing to start \(MACHINE_LEARNING_PROVIDER_STRICT=true\): (.+)$")
 
 
 def format_bytes(size: int) -> str:
@@ -161,6 +162,10 @@ def check_service(ctx: Context) -> Result:
         if unit.restarts:
             return Result.warned(detail, f"it restarted since boot: {logs} says why", **data)
         return Result.passed(detail, **data)
+    if unit.sub_state == "auto-restart":
+        return Result.failed(
+            f"{state}: it exited with an error and systemd is restarting it", f"{logs} says why", **data
+        )
     if unit.active_state in ("activating", "reloading"):
         return Result.warned(
             f"{state}: still starting (loading models or building TensorRT engines)",
@@ -173,13 +178,20 @@ def check_service(ctx: Context) -> Result:
 
 
 def check_journal(ctx: Context) -> Result:
-    """5b: since the service last started, every model loaded on the GPU provider it asked for."""
+    """5b: since the service last started, it did not refuse to start (strict provider mode), and every model
+    loaded on the GPU provider it asked for."""
     if reason := _local_unit_unavailable(ctx):
         return Result.skipped(reason)
     try:
         lines = journal_since_start(ctx.options.unit)
     except CommandError as error:
         return Result.skipped(str(error))
+    if refusals := [m.group(1) for m in map(_REFUSED.search, lines) if m]:
+        return Result.failed(
+            f"strict provider mode refused the start: {refusals[-1]}",
+            "install the GPU build the message names (docs/gpu.md), or run the providers check for the reason",
+            refusals=refusals,
+        )
     loads = {m.group(1): m.group(2).split(", ") for m in map(_LOADED.search, lines) if m}
     failures = [line.strip() for line in lines if _FAILED.search(line)]
     data = {"loaded": loads, "failures": failures}

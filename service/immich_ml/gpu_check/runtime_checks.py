@@ -35,7 +35,8 @@ CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 ORT_GPU_FIX = (
     "install onnxruntime-gpu instead of onnxruntime (pip uninstall onnxruntime onnxruntime-gpu; "
-    "pip install onnxruntime-gpu — never both); NixOS: services.immich-ml.package = the flake's cuda"
+    "pip install onnxruntime-gpu — never both); "
+    "NixOS: services.immich-ml.package = pkgs.immich-ml-cuda (the flake's overlay)"
 )
 ARCH_FIX = (
     "use an onnxruntime build with kernels for this GPU (NixOS: nixpkgs.config.cudaCapabilities "
@@ -99,7 +100,9 @@ def check_providers(ctx: Context) -> Result:
     data: dict[str, object] = {"version": ort.__version__, "device": ort.get_device(), "available": available}
     settings = ctx.settings
     if isinstance(settings, ConfigError):
-        return Result.failed(f"{detail}; {settings}", "fix that variable (the unit's Environment=)", **data)
+        return Result.failed(
+            f"{detail}; {settings}", "fix that variable (the unit's Environment= or EnvironmentFile=)", **data
+        )
     if settings.provider is Provider.CPU:
         return Result.warned(
             f"{detail}; MACHINE_LEARNING_PROVIDER=cpu: the service will not use the GPU",

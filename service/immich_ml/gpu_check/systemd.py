@@ -7,13 +7,21 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-__all__ = ["CommandError", "UnitState", "journal_since_start", "show_unit"]
+__all__ = ["CommandError", "EnvironmentFile", "UnitState", "journal_since_start", "show_unit"]
 
 _TIMEOUT_S = 15
 
 
 class CommandError(RuntimeError):
     """A systemd tool is missing or failed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class EnvironmentFile:
+    """One `EnvironmentFile=` of a unit; `optional` for the `-` prefix (a missing file is no error)."""
+
+    path: str
+    optional: bool
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,7 @@ class UnitState:
     restarts: int
     result: str = ""
     environment: dict[str, str] = field(default_factory=dict)
+    environment_files: list[EnvironmentFile] = field(default_factory=list)
 
     @property
     def installed(self) -> bool:
@@ -47,10 +56,11 @@ def show_unit(unit: str) -> UnitState:
             unit,
             "--no-pager",
             "-p",
-            "LoadState,ActiveState,SubState,MainPID,NRestarts,Result,Environment",
+            "LoadState,ActiveState,SubState,MainPID,NRestarts,Result,Environment,EnvironmentFiles",
         ]
     )
-    props = dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
+    pairs = [line.split("=", 1) for line in output.splitlines() if "=" in line]
+    props = dict(pairs)
     return UnitState(
         name=unit,
         load_state=props.get("LoadState", ""),
@@ -60,6 +70,7 @@ def show_unit(unit: str) -> UnitState:
         restarts=_int(props.get("NRestarts", "0")),
         result=props.get("Result", ""),
         environment=_parse_environment(props.get("Environment", "")),
+        environment_files=[_parse_environment_file(value) for key, value in pairs if key == "EnvironmentFiles"],
     )
 
 
@@ -91,6 +102,12 @@ def _parse_environment(text: str) -> dict[str, str]:
     except ValueError:
         return {}
     return dict(word.split("=", 1) for word in words if "=" in word)
+
+
+def _parse_environment_file(text: str) -> EnvironmentFile:
+    """One `EnvironmentFiles=` line as `systemctl show` prints it: `/path (ignore_errors=yes)`."""
+    path, _, flags = text.partition(" (ignore_errors=")
+    return EnvironmentFile(path=path.strip(), optional=flags.startswith("yes"))
 
 
 def _int(text: str) -> int:

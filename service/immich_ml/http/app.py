@@ -10,13 +10,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from immich_ml.daemon.state import DaemonState
-from immich_ml.errors import ClientDisconnected, ImmichMLError, translate
+from immich_ml.errors import ClientDisconnected, ImmichMLError, ProviderError, translate
 from immich_ml.http.appkeys import CONNECTIONS, PREDICTOR, REGISTRY, SETTINGS, STATE
 from immich_ml.http.connections import Connections, default_max_connections
 from immich_ml.http.metrics import METRICS, GaugeCollector, GpuMemory, Metrics, daemon_gauges
 from immich_ml.http.routes import json_response, routes
 from immich_ml.http.security import allowlist_middleware
 from immich_ml.inference.sessions import SessionFactory
+from immich_ml.inference.sizing import request_threads
 from immich_ml.inference.threads import ThreadPool
 from immich_ml.log import SERVER_LOG as log
 from immich_ml.log import Throttle
@@ -111,9 +112,9 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
     runtime = Runtime(
         settings,
         sessions or SessionFactory(settings),
-        ThreadPool(settings.request_threads),
+        ThreadPool(request_threads(settings)),
         batch_metrics=metrics.batches,
-        image_pool=ThreadPool(settings.request_threads, niceness=settings.bulk_niceness, name="immich-ml-images"),
+        image_pool=ThreadPool(request_threads(settings), niceness=settings.bulk_niceness, name="immich-ml-image"),
     )
 
     async def models_context(app: web.Application) -> AsyncIterator[None]:
@@ -127,7 +128,7 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
             jpeg_draft=settings.jpeg_draft,
         )
         background = [
-            asyncio.create_task(_preload(app, registry, settings), name="preload"),
+            asyncio.create_task(_preload(app, registry, runtime), name="preload"),
             asyncio.create_task(registry.evict_periodically(), name="evict"),
         ]
         yield
@@ -143,11 +144,29 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
     return app
 
 
-async def _preload(app: web.Application, registry: ModelRegistry, settings: Settings) -> None:
-    state = app[STATE]
+async def _preload(app: web.Application, registry: ModelRegistry, runtime: Runtime) -> None:
+    """Preload and warm up, then report ready; in strict provider mode, a provider this onnxruntime lacks, or
+    one that fails to start for a preloaded model, fails the start instead (checked even with nothing to
+    preload, so a strict daemon never looks healthy without its provider)."""
+    state, settings = app[STATE], runtime.settings
     try:
+        if settings.provider_strict:
+            runtime.sessions.wanted_providers()
         await registry.preload(preload_keys(settings))
     except Exception as error:
+        if (refused := _provider_error(error)) is not None:
+            state.fail_start(str(refused))
+            return
         state.preload_error = str(error)
         log.error("preloading failed: %s; models will load on first use", error)
     state.mark_ready()
+
+
+def _provider_error(error: BaseException) -> ProviderError | None:
+    """The strict-mode `ProviderError` behind `error` (a model load wraps it), if that is what failed."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ProviderError):
+            return cause
+        cause = cause.__cause__
+    return None

@@ -1,9 +1,9 @@
 """Read a predict request's form (multipart, or urlencoded for simple text clients) within its limits.
 
-Every byte counts after inflating (`Content-Encoding: gzip`/`deflate` bodies are inflated by aiohttp as they
-are read): a part over its limit, or a body whose parts together exceed MACHINE_LEARNING_MAX_BODY_SIZE, is
-refused with 413 as soon as it crosses the limit, skipped parts included. The whole body must arrive within
-MACHINE_LEARNING_BODY_TIMEOUT_S (408 otherwise).
+Every byte counts after inflating (`Content-Encoding: gzip`/`deflate` bodies are inflated as they are read,
+in bounded steps: `http.inflate`): a part over its limit, or a body whose parts together exceed
+MACHINE_LEARNING_MAX_BODY_SIZE, is refused with 413 as soon as it crosses the limit, skipped parts included.
+The whole body must arrive within MACHINE_LEARNING_BODY_TIMEOUT_S (408 otherwise).
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import asyncio
 import codecs
 import urllib.parse
 
-from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
 
 from immich_ml.errors import BadRequest, InvalidEntries, PayloadTooLarge, RequestTimeout
+from immich_ml.http.inflate import inflated_body
+from immich_ml.http.metrics import METRICS
 from immich_ml.predict.entries import parse_entries
 from immich_ml.predict.predictor import PredictInput
 
@@ -25,6 +27,7 @@ TEXT_LIMIT = 1024 * 1024
 
 _FIELDS = ("entries", "image", "text")
 _CHUNK = 256 * 1024
+_FRAMING = 64 * 1024  # an inflated body's multipart boundaries and part headers, beyond its parts' bytes
 
 
 class _Budget:
@@ -45,11 +48,12 @@ async def read_form(request: web.Request, *, max_body_size: int, timeout_s: floa
     _check_charset(request.charset)
     budget = _Budget(max_body_size + 2 * TEXT_LIMIT)
     try:
-        async with asyncio.timeout(timeout_s):
+        inflated = inflated_body(request, limit=budget.limit + _FRAMING, counter=request.app[METRICS].inflated)
+        async with asyncio.timeout(timeout_s), inflated as body:
             if request.content_type == "application/x-www-form-urlencoded":
-                fields = await _read_urlencoded(request, request.charset or "utf-8")
+                fields = await _read_urlencoded(body, request.charset or "utf-8")
             elif request.content_type.startswith("multipart/"):
-                fields = await _read_multipart(request, max_body_size, budget)
+                fields = await _read_multipart(request, body, max_body_size, budget)
             else:
                 raise InvalidEntries("Invalid request format. Expected multipart/form-data with an 'entries' part.")
     except TimeoutError:
@@ -74,10 +78,10 @@ def _check_charset(charset: str | None) -> None:
         raise BadRequest(f"Unknown charset {charset[:40]!r}") from None
 
 
-async def _read_urlencoded(request: web.Request, charset: str) -> dict[str, bytes]:
+async def _read_urlencoded(content: StreamReader, charset: str) -> dict[str, bytes]:
     limit = 2 * TEXT_LIMIT + 64 * 1024  # entries and text, plus the form's own syntax
     body = bytearray()
-    while chunk := await request.content.read(_CHUNK):
+    while chunk := await content.read(_CHUNK):
         body += chunk
         if len(body) > limit:
             raise PayloadTooLarge(f"Form exceeds {limit} bytes ('entries' and 'text' are limited to {TEXT_LIMIT} each)")
@@ -92,10 +96,12 @@ async def _read_urlencoded(request: web.Request, charset: str) -> dict[str, byte
     return fields
 
 
-async def _read_multipart(request: web.Request, max_body_size: int, budget: _Budget) -> dict[str, bytes]:
+async def _read_multipart(
+    request: web.Request, content: StreamReader, max_body_size: int, budget: _Budget
+) -> dict[str, bytes]:
     fields: dict[str, bytes] = {}
     try:
-        reader = await request.multipart()
+        reader = MultipartReader(request.headers, content)
         while (part := await reader.next()) is not None:
             if isinstance(part, BodyPartReader) and part.name in _FIELDS:
                 limit = max_body_size if part.name == "image" else TEXT_LIMIT

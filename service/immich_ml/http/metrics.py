@@ -88,6 +88,11 @@ class Metrics:
             ),
         )
         """Observed by the batchers themselves (`Runtime.batch_metrics`)."""
+        self.inflated = Counter(
+            "immich_ml_inflated_bytes",
+            "Bytes inflated from request bodies sent with Content-Encoding gzip or deflate",
+            registry=self.registry,
+        )
 
     def observe_request(self, models: list[tuple[str, str]], status: int, seconds: float) -> None:
         """One finished predict request; a request whose entries did not parse counts under task "invalid"."""

@@ -15,6 +15,7 @@ from immich_ml.http.appkeys import CONNECTIONS, PREDICTOR, REGISTRY, SETTINGS, S
 from immich_ml.http.connections import LATE
 from immich_ml.http.forms import read_form
 from immich_ml.http.metrics import CONTENT_TYPE, METRICS, PLANS
+from immich_ml.inference.sizing import request_threads
 from immich_ml.log import ACCESS_LOG as log
 
 __all__ = ["routes"]
@@ -53,7 +54,16 @@ async def health(request: web.Request) -> web.Response:
         "ready": state.ready and not connections.draining and not stalled,
         "draining": connections.draining,
         "preloadError": state.preload_error,
-        "models": [{"model": str(key), "providers": model.providers} for key, model in loaded.items()],
+        "models": [
+            {
+                "model": str(key),
+                "providers": model.providers,
+                "intraOpThreads": model.session.intra_op_threads if model.session else None,
+                "concurrentBatches": [batcher.concurrency for batcher in model.batchers],
+            }
+            for key, model in loaded.items()
+        ],
+        "cpus": {**settings.cpus.as_json(), "requestThreads": request_threads(settings)},
         "providers": {"configured": str(settings.provider), "available": ort.get_available_providers()},
         "device": {"id": settings.device_id},
         "queue": {str(key): model.queue_depth for key, model in loaded.items()},

@@ -13,7 +13,7 @@ from typing import Generic, TypeVar
 from prometheus_client import Histogram
 
 from immich_ml.errors import Overloaded, ShuttingDown
-from immich_ml.inference.threads import lower_thread_priority
+from immich_ml.inference.threads import start_thread
 from immich_ml.log import BATCHER_LOG as log
 
 __all__ = ["BatchMetrics", "Batcher", "BatcherSnapshot"]
@@ -120,8 +120,8 @@ class Batcher(Generic[In, Out]):
         self._executor = ThreadPoolExecutor(
             max_workers=self.concurrency,
             thread_name_prefix=f"infer-{name}",
-            initializer=lower_thread_priority,
-            initargs=(niceness,),
+            initializer=start_thread,
+            initargs=(f"infer-{name}", niceness),
         )
         self._closing = False
         self._task: asyncio.Task[None] | None = None

@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from immich_ml.errors import ProviderError
+from immich_ml.inference.sizing import intra_op_threads
 from immich_ml.log import MODELS_LOG as log
 from immich_ml.models.files import onnx_damage
 from immich_ml.settings import Provider, Settings
@@ -45,6 +46,8 @@ class OnnxSession:
         first_dim = session.get_inputs()[0].shape[0] if session.get_inputs()[0].shape else None
         self.fixed_batch: int | None = first_dim if isinstance(first_dim, int) else None
         self.metadata: dict[str, str] = session.get_modelmeta().custom_metadata_map
+        self.intra_op_threads: int = session.get_session_options().intra_op_num_threads
+        """ONNX Runtime intra-op threads (0: ONNX Runtime's own choice, as on a GPU)."""
 
     def output_shape(self, index: int = 0) -> list[int | str | None]:
         """The declared shape of an output (symbolic dims are strings or None)."""
@@ -155,8 +158,9 @@ class SessionFactory:
     def create(self, model_path: Path, *, cache_key: str, split_between: int = 1) -> OnnxSession:
         """Load `model_path`; log the providers in use; raise in strict mode if the first one asked for was lost.
 
-        `split_between` > 1 divides the default CPU intra-op threads between that many runs at once (each gets
-        its part); with 1, or MACHINE_LEARNING_MODEL_INTRA_OP_THREADS set, concurrent runs share all of them.
+        `split_between` > 1 divides the default CPU intra-op threads (`sizing.intra_op_threads`) between that
+        many runs at once (each gets its part); with 1, or MACHINE_LEARNING_MODEL_INTRA_OP_THREADS set,
+        concurrent runs share all of them.
         """
         wanted = self.wanted_providers()
         options = [self._provider_options(p, cache_key) for p in wanted]
@@ -187,11 +191,8 @@ class SessionFactory:
         options = ort.SessionOptions()
         cpu_only = providers == [CPU]
         inter = self.settings.inter_op_threads or (1 if cpu_only else 0)
-        intra = self.settings.intra_op_threads  # set explicitly: exactly that many per session, as upstream
-        if not intra and cpu_only:  # upstream's CPU default, 2, unless concurrent runs each take a part
-            intra = max(1, 2 // split_between)
         options.inter_op_num_threads = inter
-        options.intra_op_num_threads = intra
+        options.intra_op_num_threads = intra_op_threads(self.settings, split_between=split_between, cpu_only=cpu_only)
         options.execution_mode = ort.ExecutionMode.ORT_PARALLEL if inter > 1 else ort.ExecutionMode.ORT_SEQUENTIAL
         options.enable_cpu_mem_arena = self.settings.model_arena
         # Idle ONNX Runtime threads spin by default; on few cores that steals time from decoding and other

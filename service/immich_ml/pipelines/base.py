@@ -16,6 +16,7 @@ from PIL import Image
 from immich_ml.errors import NonFiniteOutput, WrongInput
 from immich_ml.inference.batcher import Batcher, BatcherSnapshot, BatchMetrics
 from immich_ml.inference.sessions import CPU, Feeds, OnnxSession, SessionFactory
+from immich_ml.inference.sizing import concurrent_batches
 from immich_ml.inference.threads import ThreadPool, in_background_thread
 from immich_ml.models.tasks import ModelKey
 from immich_ml.settings import Settings
@@ -159,13 +160,13 @@ class InferenceModel(ABC):
 
         Interactive models: 1 (a query gets all threads). Bulk models: MACHINE_LEARNING_CONCURRENT_BATCHES, or
         by default 2 on the CPU (two requests in flight run side by side instead of one waiting while the
-        other decodes) and 1 on a GPU.
+        other decodes; 1 with a single usable CPU, `sizing.concurrent_batches`) and 1 on a GPU.
         """
         if self.interactive:
             return 1
-        if configured := self.runtime.settings.concurrent_batches:
-            return configured
-        return 2 if self._require_session().providers[0] == CPU else 1
+        if self._require_session().providers[0] == CPU or self.runtime.settings.concurrent_batches:
+            return concurrent_batches(self.runtime.settings)
+        return 1
 
     @property
     def niceness(self) -> int:
@@ -175,7 +176,7 @@ class InferenceModel(ABC):
     def create_session(self, path: Path, *, cache_key: str) -> OnnxSession:
         """A session whose inference threads run at this model's CPU priority. Blocking."""
         # The session does not exist yet: split as for the CPU (the factory ignores it for GPU sessions).
-        split = 1 if self.shares_threads or self.interactive else self.runtime.settings.concurrent_batches or 2
+        split = 1 if self.shares_threads or self.interactive else concurrent_batches(self.runtime.settings)
         return in_background_thread(
             lambda: self.runtime.sessions.create(path, cache_key=cache_key, split_between=split), self.niceness
         )

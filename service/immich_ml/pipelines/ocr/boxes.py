@@ -1,4 +1,4 @@
-"""Text detection maths (PP-OCR DB detector): input resizing, probability map → quadrilaterals, reading order.
+"""Text detection maths (PP-OCR DB detector): input resizing, probability map → quadrilaterals, box order.
 
 The DB post-processing is rapidocr's own `DBPostProcess` (what upstream Immich's released OCR runs), so boxes
 are identical to upstream's. Everything here is pure and blocking; `pipelines/ocr/model.py` runs it in worker
@@ -31,6 +31,7 @@ MIN_SIDE = 32
 """Images narrower or shorter than this yield no text (the detector downsamples by 32)."""
 
 _LINE_GAP_PX = 10
+_RELEASED_SCALE = np.float32(1.0) / np.float32(127.5)
 
 FloatArray = NDArray[np.float32]
 
@@ -72,12 +73,14 @@ def detection_size(width: int, height: int, max_resolution: int) -> tuple[int, i
 def detection_input(image: Image.Image, max_resolution: int, preprocessing: Preprocessing) -> FloatArray:
     """The detector's [1,3,h,w] float32 input: LANCZOS resize, BGR, normalised per `preprocessing`.
 
-    Released upstream feeds `(x − 0.5) / 127.5` (values in about [0, 2]); the newest feeds `x / 127.5 − 1`.
+    Released upstream feeds `(x − 0.5) · float32(1 / 127.5)` (values in about [0, 2]; multiplying by the float32
+    reciprocal, not dividing, is what makes the input bit-identical to upstream's); the newest feeds
+    `x / 127.5 − 1`.
     """
     size = detection_size(image.width, image.height, max_resolution)
     pixels = np.asarray(image.resize(size, resample=Image.Resampling.LANCZOS), dtype=np.float32)[:, :, ::-1]  # BGR
     if preprocessing is Preprocessing.RELEASED:
-        pixels = (pixels - 0.5) / 127.5
+        pixels = (pixels - np.float32(0.5)) * _RELEASED_SCALE
     else:
         pixels = pixels / 127.5 - 1.0
     return np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
@@ -106,7 +109,7 @@ def boxes_from_probability(
     probability inside it, or inside the contour for `slow`), kept if the score reaches `box_threshold`,
     grown by offsetting the polygon by `area·1.6/perimeter` (pyclipper), re-boxed, scaled to the image,
     rounded, corner-ordered and clipped; boxes with an edge of 3 px or less go. Boxes whose score is not
-    finite (a broken fp16 export) are dropped too. Returned in reading order.
+    finite (a broken fp16 export) are dropped too. Returned in upstream's order (`reading_order`).
     """
     width, height = image_size
     prob = np.asarray(probability, dtype=np.float32)[None, None]  # the detector's [1,1,h,w] output
@@ -119,13 +122,17 @@ def boxes_from_probability(
 
 
 def reading_order(found: TextBoxes) -> TextBoxes:
-    """Sort top to bottom, then left to right: a new line starts where the top-left y jumps by ≥ 10 px.
+    """Upstream Immich's order of the boxes, with the scores left in contour order, as upstream sends them.
 
-    The rule, ties included, of rapidocr's `TextDetector.sorted_boxes` (≥ 3.5), which sorts boxes without
-    their scores; here each score stays with its box.
+    Upstream ranks the boxes by top-left y (stable), numbers the lines over that ranking (a new line where y
+    jumps by ≥ 10 px), then sorts by `line · 10⁶ + x` where the line number of the box at rank j is read at
+    rank `by_y[j]` instead of j. With one box per line, as DB post-processing returns them bottom to top, the
+    result is the contour order itself (bottom to top); the scores, which upstream never reorders, then stay
+    with their boxes. Reproduced as is, so our answers equal upstream's.
     """
-    top_left = found.boxes[:, 0]
+    top_left = found.boxes[:, 0].astype(np.float64)
     by_y = np.argsort(top_left[:, 1], kind="stable")
-    line = np.concatenate([[0], np.cumsum(np.diff(top_left[by_y, 1]) >= _LINE_GAP_PX)])
-    order = by_y[np.lexsort((top_left[by_y, 0], line))]
-    return TextBoxes(found.boxes[order], found.scores[order])
+    line = np.concatenate([[0], np.cumsum(np.abs(np.diff(top_left[by_y, 1])) >= _LINE_GAP_PX)])
+    key = line[by_y] * 1e6 + top_left[by_y, 0]
+    order = by_y[np.argsort(key, kind="stable")]
+    return TextBoxes(found.boxes[order], found.scores)

@@ -62,22 +62,27 @@ def text_decoder(metadata: dict[str, str], charset_file: Path) -> CTCLabelDecode
     raise ValueError(f"the recognition model has no 'character' metadata and there is no {charset_file}")
 
 
-def _perspective_coefficients(source: NDArray[np.floating], width: int, height: int) -> list[float]:
-    """PIL PERSPECTIVE data mapping the upright `width`×`height` rectangle onto the quadrilateral `source`."""
-    target = [(0, 0), (width, 0), (width, height), (0, height)]
-    rows = []
-    rhs = []
-    for (x, y), (u, v) in zip(target, source.tolist(), strict=True):
-        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
-        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
-        rhs += [u, v]
-    return [float(c) for c in np.linalg.solve(np.asarray(rows, np.float64), np.asarray(rhs, np.float64))]
+def _perspective_coefficients(source: NDArray[np.float32], width: int, height: int) -> list[float]:
+    """PIL PERSPECTIVE data mapping the upright `width`×`height` rectangle onto the quadrilateral `source`.
+
+    As upstream Immich computes it, for bit-identical crops: the homography is the right singular vector of the
+    smallest singular value of the 8×9 system `[x, y, 1, 0, 0, 0, −ux, −uy, −u]`, `[0, 0, 0, x, y, 1, −vx, −vy,
+    −v]`, solved in float32 by NumPy's SVD (so its last bits depend on the OpenBLAS kernel), scaled so that
+    its last entry is 1.
+    """
+    system = np.zeros((8, 9), np.float32)
+    target = np.array([[0, 0], [width, 0], [width, height], [0, height]], np.float32)
+    for corner, ((x, y), (u, v)) in enumerate(zip(target, source, strict=True)):
+        system[2 * corner] = [x, y, 1, 0, 0, 0, -u * x, -u * y, -u]
+        system[2 * corner + 1] = [0, 0, 0, x, y, 1, -v * x, -v * y, -v]
+    homography = np.linalg.svd(system)[2][-1]
+    return [float(c) for c in (homography / homography[8])[:8]]
 
 
 def crop_line(image: Image.Image, corners: NDArray[np.floating]) -> Crop:
-    """Warp one quadrilateral (TL, TR, BR, BL) to an upright crop (Pillow, bicubic), as upstream Immich does;
-    tall crops are turned 90° anticlockwise."""
-    p = np.asarray(corners, dtype=np.float64)
+    """Warp one quadrilateral (TL, TR, BR, BL) to an upright crop (Pillow, bicubic), as upstream Immich does:
+    `int` of the longer opposite edges (float32 lengths) as the size; tall crops are turned 90° anticlockwise."""
+    p = np.asarray(corners, dtype=np.float32)
     width = max(1, int(max(np.linalg.norm(p[1] - p[0]), np.linalg.norm(p[2] - p[3]))))
     height = max(1, int(max(np.linalg.norm(p[0] - p[3]), np.linalg.norm(p[1] - p[2]))))
     crop = image.transform(

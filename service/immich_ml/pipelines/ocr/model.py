@@ -33,17 +33,13 @@ def _number(options: Mapping[str, Any], name: str, default: float) -> float:
 
 
 def detection_params(options: Mapping[str, Any], *, resolution_cap: int) -> DetectionParams:
-    """The `ocr.detection` options of one request (`minScore`, `maxResolution`, `scoreMode`); a
-    `maxResolution` over `resolution_cap` (MACHINE_LEARNING_MAX_OCR_RESOLUTION) is refused."""
+    """The `ocr.detection` options of one request (`minScore`, `maxResolution`, `scoreMode`). A `maxResolution`
+    over `resolution_cap` (MACHINE_LEARNING_MAX_OCR_RESOLUTION) is served at the cap, never refused: the Immich
+    server accepts any value ≥ 1, and since the image is only ever scaled down, a large one means full size."""
     max_resolution = _number(options, "maxResolution", DetectionParams.max_resolution)
     if max_resolution < 1 or max_resolution != int(max_resolution):
         raise InvalidEntries(
             f"Invalid request format. Option 'maxResolution' must be a positive integer, not {max_resolution!r}."
-        )
-    if max_resolution > resolution_cap:
-        raise InvalidEntries(
-            f"Invalid request format. Option 'maxResolution' is at most {resolution_cap} "
-            f"(MACHINE_LEARNING_MAX_OCR_RESOLUTION), not {max_resolution:g}."
         )
     score_mode = options.get("scoreMode", "fast")
     if score_mode not in ("fast", "slow"):
@@ -52,14 +48,14 @@ def detection_params(options: Mapping[str, Any], *, resolution_cap: int) -> Dete
         )
     return DetectionParams(
         box_threshold=_number(options, "minScore", DetectionParams.box_threshold),
-        max_resolution=int(max_resolution),
+        max_resolution=int(min(max_resolution, resolution_cap)),
         score_mode=score_mode,
     )
 
 
 @dataclass(frozen=True)
 class TextDetections:
-    """The text boxes found in one image, in reading order: detection's output and recognition's input.
+    """The text boxes found in one image, in upstream's order: detection's output and recognition's input.
 
     Plain lists, so that a detection-only request serialises to upstream's `{"boxes", "scores"}`.
     """
@@ -73,7 +69,7 @@ class TextDetector(InferenceModel):
     """DB text detector. `maxResolution`, `minScore` and `scoreMode` are per-request parameters, so one
     loaded instance serves requests with any of them (upstream's newest code keys instances by
     `maxResolution`; here that is unnecessary). Returns `{"boxes": [N×4×[x,y]], "scores": [N]}` in
-    image pixels, in reading order, as plain lists (also the detection-only response)."""
+    image pixels, in upstream's order, as plain lists (also the detection-only response)."""
 
     def configure(self) -> None:
         self.input_name = self._require_session().input_names[0]
