@@ -71,10 +71,14 @@ def build(podman: Podman, ref: str, base: str, *, wheelhouse: bool, extra: Seque
 
 
 def _fill_wheelhouse(wheelhouse: Path) -> None:
-    """Wheels of the package's dependencies and of its build back-end, from the host's pip."""
+    """Wheels of the package's dependencies (at the versions constraints/ocr.txt pins, as the build asks) and of
+    its build back-end, from the host's pip."""
     build_requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheelhouse), str(ROOT), *build_requires],
+        [
+            *(sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheelhouse)),
+            *("--constraint", str(ROOT / "constraints" / "ocr.txt"), str(ROOT), *build_requires),
+        ],
         check=True,
         capture_output=True,
         timeout=_BUILD_TIMEOUT_S,
