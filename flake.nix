@@ -74,6 +74,8 @@
               tests.vm-cpu = self.checks.${system}.vm-cpu;
             };
           });
+          # The CPU container image (docs/docker.md): nix build .#image && docker load < result
+          image = pkgs.callPackage ./nix/image.nix { immich-ml = self.packages.${system}.default; };
         }
         // lib.optionalAttrs (lib.elem system cudaSystems) {
           cuda = (pkgsWithCudaLibraries system).callPackage ./nix/package.nix { cudaSupport = true; };

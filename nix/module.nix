@@ -32,6 +32,14 @@ let
 
   endpoint = import ./endpoint.nix { inherit lib; };
   isLoopback = endpoint.isLoopback cfg.host;
+  # systemd binds the socket: an address, never a name.
+  listenStream =
+    if cfg.host == "" then
+      toString cfg.port
+    else
+      "${endpoint.bracketed (if cfg.host == "localhost" then "127.0.0.1" else cfg.host)}:${toString cfg.port}";
+  serviceIPAddressDeny = lib.optionals cfg.restrictIPAddresses [ "any" ];
+  serviceIPAddressAllow = lib.optionals cfg.restrictIPAddresses ([ "localhost" ] ++ cfg.allowedClients);
   localUrl = "http://${endpoint.dialHost cfg.host}:${toString cfg.port}";
   balancerUrl = "http://${endpoint.dialHost cfg.balancer.host}:${toString cfg.balancer.port}";
 
@@ -626,9 +634,30 @@ in
       # `immich-ml models …` and `immich-gpu-check` for the administrator.
       environment.systemPackages = [ cfg.package ];
 
+      # The listening socket outlives the service: while the service restarts (a new package or
+      # settings on `nixos-rebuild switch`, a watchdog kill) connections wait in its backlog, so a
+      # restart fails no Immich job. Its unit changes only with host and port, so a switch restarts
+      # it (closing the listener) only then. Stopping the service alone is undone by the next
+      # connection: `systemctl stop immich-ml.socket immich-ml.service`.
+      systemd.sockets.immich-ml = {
+        description = "Immich machine learning (immich-ml) listening socket";
+        wantedBy = [ "sockets.target" ];
+        listenStreams = [ listenStream ];
+        socketConfig = {
+          Backlog = 128; # the daemon listens with the same backlog
+          FreeBind = true; # a specific address may come up after sockets.target
+          IPAddressDeny = serviceIPAddressDeny;
+          IPAddressAllow = serviceIPAddressAllow;
+        };
+      };
+
       systemd.services.immich-ml = {
         description = "Immich machine learning (immich-ml)";
         wantedBy = [ "multi-user.target" ];
+        requires = [ "immich-ml.socket" ]; # ordered after it by systemd (the socket activates the service)
+        # A changed service is restarted, its socket kept (the default, stop-then-start, would stop
+        # the socket too and start it again, closing the listener).
+        stopIfChanged = false;
         # Preloaded models may have to be downloaded before READY=1: wait for the network to be up
         # (network.target only orders against its configuration). CUDA needs the driver's kernel
         # modules (systemd-modules-load) and, where enabled, nvidia-persistenced; nothing from the
@@ -649,7 +678,8 @@ in
           Restart = "on-failure";
           RestartSec = 5;
           TimeoutStartSec = cfg.startTimeout;
-          # The daemon drains in-flight requests after STOPPING=1 (30 s by default).
+          # The daemon's whole stop (finish the requests in flight, close) takes at most
+          # MACHINE_LEARNING_SHUTDOWN_TIMEOUT_S (30 s by default) after SIGTERM.
           TimeoutStopSec = 45;
           WatchdogSec = cfg.watchdogSec;
           User = cfg.user;
@@ -666,8 +696,8 @@ in
             "tls-key:${cfg.tls.keyFile}"
           ];
 
-          IPAddressDeny = lib.optionals cfg.restrictIPAddresses [ "any" ];
-          IPAddressAllow = lib.optionals cfg.restrictIPAddresses ([ "localhost" ] ++ cfg.allowedClients);
+          IPAddressDeny = serviceIPAddressDeny;
+          IPAddressAllow = serviceIPAddressAllow;
 
           CapabilityBoundingSet = [ "" ];
           NoNewPrivileges = true;

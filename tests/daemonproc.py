@@ -141,11 +141,13 @@ class Daemon(Endpoint):
         port: int = 0,
         file_limit: int | None = None,
         launcher: tuple[str, ...] = (),
+        listener: socket.socket | None = None,
     ) -> None:
         """`port` 0 takes a free one; a fixed one restarts a daemon where a stopped one listened. `file_limit`
         sets the daemon's RLIMIT_NOFILE, soft and hard (a systemd `LimitNOFILE=`). `launcher` is a command
-        that execs the daemon's (e.g. `taskset -c 0`), so the daemon keeps the pid started."""
-        self.listener = socket.create_server(("127.0.0.1", port))
+        that execs the daemon's (e.g. `taskset -c 0`), so the daemon keeps the pid started. A `listener`
+        given is the caller's to keep open across daemons, as a systemd socket unit keeps it."""
+        self.listener = listener or socket.create_server(("127.0.0.1", port))
         super().__init__("127.0.0.1", self.listener.getsockname()[1], tls_ca=tls_ca)
         self.log_path = tmp_path / f"daemon-{self.port}.log"
         base = {key: value for key, value in os.environ.items() if key not in _SYSTEMD_VARS}
@@ -166,7 +168,8 @@ class Daemon(Endpoint):
                 stderr=subprocess.STDOUT,
                 preexec_fn=None if file_limit is None else functools.partial(_limit_files, file_limit),
             )
-        self.listener.close()
+        if listener is None:
+            self.listener.close()
 
     @property
     def pid(self) -> int:

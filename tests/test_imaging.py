@@ -1,5 +1,6 @@
-"""Memory admission: decoded pixels in flight are bounded as a whole (503 + Retry-After beyond the budget),
-and the heap goes back to the OS after a burst of large images."""
+"""Memory admission: decoded pixels in flight are bounded as a whole (a request beyond the budget waits for
+room, and gets 503 + Retry-After only past MACHINE_LEARNING_ADMISSION_WAIT_S), and the heap goes back to the OS
+after a burst of large images."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from aiohttp.test_utils import TestClient
 from PIL import Image
 
 from tests import modelgen
@@ -28,11 +30,7 @@ def _noise_jpeg(width: int, height: int, seed: int) -> bytes:
     return modelgen.jpeg_bytes(Image.fromarray(small).resize((width, height)), quality=80)
 
 
-async def test_concurrent_large_images_beyond_the_pixel_budget_get_503_with_retry_after(
-    make_client: ClientFactory, cache: Path
-) -> None:
-    write_slow_clip(cache, CLIP, iterations=600)  # each request holds its pixels for a while
-    client = await make_client(max_image_pixels=4_000_000, max_pixels_in_flight=8_000_000)
+async def _burst(client: TestClient, count: int) -> list[tuple[int, str | None]]:
     image = _noise_jpeg(2000, 2000, seed=1)  # 4 MP: two fit the budget
 
     async def send() -> tuple[int, str | None]:
@@ -40,11 +38,27 @@ async def test_concurrent_large_images_beyond_the_pixel_budget_get_503_with_retr
             await resp.read()
             return resp.status, resp.headers.get("Retry-After")
 
-    replies = await asyncio.gather(*(send() for _ in range(6)))
-    statuses = sorted(status for status, _ in replies)
-    assert set(statuses) == {200, 503}, statuses
+    return await asyncio.gather(*(send() for _ in range(count)))
+
+
+async def test_concurrent_large_images_beyond_the_pixel_budget_get_503_with_retry_after_without_a_wait(
+    make_client: ClientFactory, cache: Path
+) -> None:
+    write_slow_clip(cache, CLIP, iterations=600)  # each request holds its pixels for a while
+    client = await make_client(max_image_pixels=4_000_000, max_pixels_in_flight=8_000_000, admission_wait_s=0)
+    replies = await _burst(client, 6)
+    assert {status for status, _ in replies} == {200, 503}, replies
     assert all(retry is not None for status, retry in replies if status == 503)
-    assert (await send())[0] == 200  # the budget is free again afterwards
+    assert (await _burst(client, 1))[0][0] == 200  # the budget is free again afterwards
+
+
+async def test_images_beyond_the_pixel_budget_wait_for_room_instead_of_failing(
+    make_client: ClientFactory, cache: Path
+) -> None:
+    write_slow_clip(cache, CLIP, iterations=200)
+    client = await make_client(max_image_pixels=4_000_000, max_pixels_in_flight=8_000_000, admission_wait_s=120)
+    replies = await _burst(client, 6)  # three times the budget at once: the last two pairs wait their turn
+    assert [status for status, _ in replies] == [200] * 6, replies
 
 
 def test_rss_returns_near_its_value_before_a_burst_of_large_images(tmp_path: Path) -> None:

@@ -82,6 +82,18 @@ let
             requires = option (types.listOf types.str) [ ];
             environment = option (types.attrsOf types.str) { };
             serviceConfig = option (types.attrsOf types.anything) { };
+            stopIfChanged = option types.bool true;
+            restartIfChanged = option types.bool true;
+          };
+        }
+      )) { };
+      systemd.sockets = option (types.attrsOf (
+        types.submodule {
+          options = {
+            description = option types.str "";
+            wantedBy = option (types.listOf types.str) [ ];
+            listenStreams = option (types.listOf types.str) [ ];
+            socketConfig = option (types.attrsOf types.anything) { };
           };
         }
       )) { };
@@ -349,6 +361,19 @@ let
     cpuRestart = (sc cpu).Restart == "on-failure";
     cpuStartTimeout = (sc cpu).TimeoutStartSec == "30min";
     cpuExecStart = (sc cpu).ExecStart == "${pkgs.immich-ml}/bin/immich-ml serve";
+    # The socket unit holds the port across restarts; a switch restarts the service, not the socket.
+    cpuSocket = cpu.systemd.sockets.immich-ml.listenStreams == [ "127.0.0.1:3003" ];
+    cpuSocketStarted = cpu.systemd.sockets.immich-ml.wantedBy == [ "sockets.target" ];
+    cpuSocketBacklog = cpu.systemd.sockets.immich-ml.socketConfig.Backlog == 128;
+    cpuBoundToSocket = (unit cpu).requires == [ "immich-ml.socket" ];
+    cpuRestartKeepsSocket = !(unit cpu).stopIfChanged && (unit cpu).restartIfChanged;
+    cpuStopFitsTheDeadline = (sc cpu).TimeoutStopSec > 30;
+    socketIPv6 =
+      (eval { services.immich-ml.host = "::"; }).systemd.sockets.immich-ml.listenStreams == [ "[::]:3003" ];
+    socketLocalhost =
+      (eval { services.immich-ml.host = "localhost"; }).systemd.sockets.immich-ml.listenStreams == [ "127.0.0.1:3003" ];
+    socketFiltered =
+      exposed.systemd.sockets.immich-ml.socketConfig.IPAddressAllow == (sc exposed).IPAddressAllow;
     cpuPrivateDevices = (sc cpu).PrivateDevices && (sc cpu).DeviceAllow == [ ];
     cpuPrivateUsers = (sc cpu).PrivateUsers;
     cpuNoMemlock = !((sc cpu) ? LimitMEMLOCK);
@@ -1105,7 +1130,16 @@ let
   };
   units = {
     services = lib.mapAttrs (_: service: {
-      inherit (service) description wantedBy after wants requires environment serviceConfig;
+      inherit (service)
+        description
+        wantedBy
+        after
+        wants
+        requires
+        environment
+        serviceConfig
+        stopIfChanged
+        ;
     }) unitsHost.systemd.services;
     sockets = unitsHost.systemd.sockets or { };
     users = { inherit (unitsHost.users) users groups; };

@@ -178,6 +178,7 @@ def _systemd_install(executable: Path, root: Path, *, gpu: bool, dry_run: bool) 
     if root == Path("/"):
         print(
             "next: systemd-sysusers /etc/sysusers.d/immich-ml.conf && systemctl daemon-reload && "
-            "systemctl enable --now immich-ml" + (" (and modprobe nvidia_uvm once)" if gpu else "")
+            "systemctl enable --now immich-ml.socket immich-ml.service"
+            + (" (and modprobe nvidia_uvm once)" if gpu else "")
         )
     return 0

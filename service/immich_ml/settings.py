@@ -144,6 +144,7 @@ class Settings:
     max_batch_face_detection: int = 4
     batch_delay_ms: float = 2.0
     queue_size: int = 256
+    admission_wait_s: float = 5
     batching: bool = True
     bulk_niceness: int = 10
     thread_spinning: bool = False
@@ -249,6 +250,7 @@ class Settings:
         put("max_batch_face_detection", _PREFIX + "MAX_BATCH_SIZE__FACE_DETECTION", _positive)
         put("batch_delay_ms", _PREFIX + "BATCH_DELAY_MS", float)
         put("queue_size", _PREFIX + "QUEUE_SIZE", _positive)
+        put("admission_wait_s", _PREFIX + "ADMISSION_WAIT_S", _non_negative_float)
         put("batching", _PREFIX + "BATCHING", _parse_bool)
         put("bulk_niceness", _PREFIX + "BULK_NICENESS", _niceness)
         put("thread_spinning", _PREFIX + "MODEL_THREAD_SPINNING", _parse_bool)
@@ -379,6 +381,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise ValueError("must be more than 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must be 0 or more")
     return value
 
 

@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 
 from tests.containers import base
+from tests.containers.clip_requests import answers_outside
 from tests.containers.daemon_image import daemon_image
+from tests.containers.oci_image import containerfile_image
 from tests.containers.podman import Podman, skip_or_fail, unusable_reason
 
 SYSTEMD_PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "curl")
@@ -59,6 +61,18 @@ def systemd_image(image_builder: Podman, debian_image: str) -> str:
 def immich_ml_image(image_builder: Podman, systemd_image: str) -> str:
     """The systemd image with immich-ml in /opt/immich-ml, installed from this checkout's wheel."""
     return daemon_image(image_builder, systemd_image)
+
+
+@pytest.fixture(scope="session")
+def ml_image(image_builder: Podman, debian_image: str) -> str:
+    """deploy/Containerfile's image, built on the Debian base image."""
+    return containerfile_image(image_builder, debian_image)
+
+
+@pytest.fixture(scope="session")
+def clip_answers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """What `immich-ml serve` outside any container answers to the image tests' CLIP requests."""
+    return answers_outside(tmp_path_factory.mktemp("outside"))
 
 
 @pytest.fixture

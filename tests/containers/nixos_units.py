@@ -10,6 +10,8 @@ taken):
 - `environment` becomes `Environment="NAME=value"` lines (the pair JSON-quoted), in name order, before them.
 - `description`, `after`, `wants`, `requires` become `[Unit]` `Description=`, and `After=` etc. with the
   list joined by spaces. `wantedBy` is a symlink in `TARGET.wants/`, not an `[Install]` section.
+- `stopIfChanged = false` becomes `X-StopIfChanged=false` in `[Service]` (read by switch-to-configuration only).
+- A socket's `listenStreams` become `ListenStream=` lines in `[Socket]`, before its `socketConfig`.
 - What NixOS adds outside the module (`Environment=PATH=` from `path`, `LOCALE_ARCHIVE`, `TZDIR`) is not
   rendered: Debian's manager gives its own PATH.
 
@@ -29,7 +31,15 @@ from typing import Any
 
 from tests.containers.daemon_image import PREFIX
 
-__all__ = ["STORE_PACKAGE", "LibraryMissing", "evaluate", "map_store_paths", "render_service", "render_sysusers"]
+__all__ = [
+    "STORE_PACKAGE",
+    "LibraryMissing",
+    "evaluate",
+    "map_store_paths",
+    "render_service",
+    "render_socket",
+    "render_sysusers",
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 STORE_PACKAGE = re.compile(r"/nix/store/[0-9a-z]{32}-immich-ml(?:-cuda)?-[0-9][^/\s]*")
@@ -78,8 +88,8 @@ def evaluate() -> dict[str, Any]:
     if result.returncode != 0:
         raise AssertionError(f"evaluating nix/tests/eval.nix failed:\n{result.stderr}")
     units: dict[str, Any] = json.loads(result.stdout)
-    if units["sockets"] or units["tmpfiles"]:
-        raise NotImplementedError("the module now has sockets or tmpfiles rules: render them here too")
+    if units["tmpfiles"]:
+        raise NotImplementedError("the module now has tmpfiles rules: render them here too")
     return units
 
 
@@ -114,7 +124,15 @@ def render_service(service: Mapping[str, Any]) -> str:
         f"Environment={json.dumps(f'{name}={_value(value)}')}\n"
         for name, value in sorted(service["environment"].items())
     )
-    return f"[Unit]\n{_section(unit)}\n[Service]\n{environment}{_section(service['serviceConfig'])}"
+    switch = "" if service["stopIfChanged"] else "X-StopIfChanged=false\n"
+    return f"[Unit]\n{_section(unit)}\n[Service]\n{environment}{_section(service['serviceConfig'])}{switch}"
+
+
+def render_socket(socket: Mapping[str, Any]) -> str:
+    """A `systemd.sockets.<name>` evaluation as the unit file NixOS would write."""
+    unit = {"Description": socket["description"]} if socket["description"] else {}
+    listen = "".join(f"ListenStream={stream}\n" for stream in socket["listenStreams"])
+    return f"[Unit]\n{_section(unit)}\n[Socket]\n{listen}{_section(socket['socketConfig'])}"
 
 
 def render_sysusers(users: Mapping[str, Any]) -> str:

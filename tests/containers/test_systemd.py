@@ -31,6 +31,7 @@ from tests.daemonproc import Endpoint, write_slow_clip
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = "immich-ml.service"
 UNIT_FILE = f"/etc/systemd/system/{UNIT}"
+SOCKET_FILE = "/etc/systemd/system/immich-ml.socket"
 CACHE = "/var/cache/immich-ml"
 PORT = 3003
 SLOW = "ViT-B-16__openai"
@@ -61,10 +62,12 @@ def install_generic(machine: Machine, scratch: Path) -> str:
 
 
 def install_nixos(machine: Machine, scratch: Path) -> str:
-    """The module's unit and users as NixOS would write them. The unit's user."""
+    """The module's units (the service and its socket) and users as NixOS would write them. The unit's user."""
     units = _nixos_units()
     service = units["services"]["immich-ml"]
     machine.container.write(UNIT_FILE, nixos_units.render_service(service), scratch=scratch)
+    socket_unit = nixos_units.render_socket(units["sockets"]["immich-ml"])
+    machine.container.write(SOCKET_FILE, socket_unit, scratch=scratch)
     machine.container.write("/etc/sysusers.d/immich.conf", nixos_units.render_sysusers(units["users"]), scratch=scratch)
     return str(service["serviceConfig"]["User"])
 
@@ -204,7 +207,8 @@ def test_systemd_accepts_starts_serves_restarts_and_stops_the_unit(
     assert outcome["answer"][0] == 200, outcome
     assert machine.properties(UNIT, "ActiveState")["ActiveState"] == "inactive"  # not "failed"
     journal = service.journal()
-    assert journal.count("stopping: draining 1 request(s) in flight") == 2, journal
+    stops = [line for line in journal if line.startswith("stopping: accepting no more; 1 request(s) in flight")]
+    assert len(stops) == 2, journal
     assert journal.count(f"{UNIT}: Main process exited, code=exited, status=0/SUCCESS (success)") == 2, journal
     assert journal.count(f"{UNIT}: Deactivated successfully.") == 2, journal
     assert not [line for line in journal if "timed out" in line or "Failed with result" in line], journal

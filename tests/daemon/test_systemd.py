@@ -7,8 +7,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,21 +18,6 @@ from tests.daemonproc import Daemon, NotifySocket, write_slow_clip
 
 SLOW = "ViT-B-16__openai"
 PRELOAD = {"MACHINE_LEARNING_PRELOAD__CLIP__VISUAL": CLIP, "MACHINE_LEARNING_PRELOAD__CLIP__TEXTUAL": CLIP}
-
-
-@pytest.fixture
-def notify(tmp_path: Path) -> Iterator[NotifySocket]:
-    sock = NotifySocket(tmp_path / "notify")
-    yield sock
-    sock.close()
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        daemon.kill()
 
 
 def _keys(message: str) -> list[str]:
@@ -131,39 +114,6 @@ def test_strict_mode_without_the_provider_fails_the_start(
     assert "install onnxruntime-gpu or use the CUDA package" in daemon.log()
     if workers == 1:
         assert any(line.startswith(f"STATUS=failed: {lacks}") for m in messages for line in m.splitlines())
-
-
-def test_sigterm_during_slow_inference_returns_its_result_and_exits_0(
-    tmp_path: Path, notify: NotifySocket, daemons: list[Daemon]
-) -> None:
-    write_slow_clip(tmp_path / "cache", SLOW, iterations=2000)  # still running when SIGTERM arrives
-    daemon = Daemon(
-        tmp_path,
-        tmp_path / "cache",
-        {"NOTIFY_SOCKET": str(notify.path), "MACHINE_LEARNING_PING_REQUIRES_READY": "true"},
-    )
-    daemons.append(daemon)
-    daemon.wait_ready()
-    outcome: dict[str, object] = {}
-    image = modelgen.jpeg_bytes(modelgen.make_gradient_image(64, 48))
-    slow = threading.Thread(
-        target=lambda: outcome.update(result=daemon.predict({"clip": {"visual": {"modelName": SLOW}}}, image=image))
-    )
-    slow.start()
-    deadline = time.monotonic() + 60
-    while daemon.health()["inFlight"] != 1:  # the request was accepted and is running
-        assert slow.is_alive() and time.monotonic() < deadline, outcome
-    daemon.process.send_signal(15)
-    notify.receive_until(lambda message: "STOPPING=1" in message, timeout_s=10)
-
-    status, body = daemon.predict({"clip": {"textual": {"modelName": SLOW}}}, text="a dog")
-    assert status == 503 and "Shutting down" in body["detail"]
-    assert daemon.request("GET", "/ping")[0] == 503  # Immich's health check moves on to another URL
-    slow.join(60)
-    status, body = outcome["result"]  # type: ignore[misc]
-    assert status == 200, body
-    assert len(body["clip"].split(",")) == 512
-    assert daemon.process.wait(30) == 0, daemon.log()
 
 
 def test_wedged_inference_withholds_watchdog_pings_until_it_finishes(

@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -27,12 +27,11 @@ def executable(tmp_path: Path) -> Path:
     return link
 
 
-def _verify(root: Path) -> subprocess.CompletedProcess[str]:
+def _verify(root: Path, unit: PurePosixPath = unit_files.UNIT) -> subprocess.CompletedProcess[str]:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is missing (apt-get install systemd; .ci/run does)")
-    unit = root / unit_files.UNIT
-    return subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    return subprocess.run([analyze, "verify", str(root / unit)], capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
@@ -42,6 +41,17 @@ def test_systemd_analyze_verify_accepts_the_unit_and_drop_in(tmp_path: Path, exe
     assert (root / unit_files.GPU_DROP_IN in written) is gpu
     result = _verify(root)
     # verify exits 0 on unknown keys and unparsable values, and only warns: any output is a failure.
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_the_service_is_bound_to_a_socket_unit_that_holds_the_port(tmp_path: Path, executable: Path) -> None:
+    root = tmp_path / "root"
+    unit_files.install(unit_files.render(executable), root)
+    socket_unit, service = (root / unit_files.SOCKET).read_text(), (root / unit_files.UNIT).read_text()
+    assert re.search(r"^ListenStream=3003$", socket_unit, re.MULTILINE)
+    assert re.search(r"^Backlog=128$", socket_unit, re.MULTILINE)  # what the daemon listens with, too
+    assert re.search(r"^Requires=immich-ml.socket$", service, re.MULTILINE)
+    result = _verify(root, unit_files.SOCKET)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 

@@ -463,7 +463,7 @@ def test_an_upload_in_progress_at_sigterm_gets_its_answer(tmp_path: Path) -> Non
                 time.sleep(0.02)
             daemon.process.send_signal(15)
             deadline = time.monotonic() + 10
-            while "draining 1 request" not in daemon.log():
+            while "1 request(s) in flight" not in daemon.log():
                 assert time.monotonic() < deadline, daemon.log()
                 time.sleep(0.02)
             sock.sendall(body[len(body) // 2 :])

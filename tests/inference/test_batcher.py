@@ -131,6 +131,21 @@ async def test_a_full_queue_refuses_new_inputs_and_keeps_the_admitted_ones() -> 
     await batcher.close()
 
 
+async def test_a_full_queue_admits_an_input_that_waited_for_room() -> None:
+    run = GatedRun()
+    batcher = Batcher("test", run, max_batch=1, max_delay_s=0, queue_size=2, admission_wait_s=60)
+    first = await start_blocked(batcher, run)
+    admitted = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
+    await queued(batcher, 2)
+    waiting = asyncio.create_task(batcher.submit(3))  # the queue is full: it waits instead of failing
+    await asyncio.sleep(0)
+    assert not waiting.done() and batcher.snapshot().depth == 2
+    run.release()
+    assert [await first, *await asyncio.gather(*admitted), await waiting] == [0, 10, 20, 30]
+    assert batcher.snapshot().rejected == 0
+    await batcher.close()
+
+
 async def test_close_finishes_queued_inputs() -> None:
     run = GatedRun()
     batcher = Batcher("test", run, max_batch=2, max_delay_s=0)
@@ -258,7 +273,13 @@ async def test_a_flood_gets_results_or_503_and_nothing_else(
 ) -> None:
     modelgen.write_clip(cache, "ViT-B-32__openai", image_size=896)  # a slower graph, so the queue fills
     client = await make_client(
-        queue_size=2, max_batch_clip=1, batch_delay_ms=0, concurrent_batches=1, request_threads=8, bulk_niceness=0
+        queue_size=2,
+        max_batch_clip=1,
+        batch_delay_ms=0,
+        concurrent_batches=1,
+        request_threads=8,
+        bulk_niceness=0,
+        admission_wait_s=0,  # refused at once: the flood must overflow the queue
     )
     alone = [(await embed(client, image))[1] for image in images]
     order = [i % len(images) for i in range(40)]

@@ -84,9 +84,10 @@ class Lifecycle:
         self.reporter.status = status
         self.reporter.notifier.send(f"STATUS={status}")
 
-    def stopping(self) -> None:
-        """Tell systemd the daemon is stopping (before the drain starts)."""
-        self.reporter.stopping(f"stopping: draining {self.app[CONNECTIONS].in_flight} request(s)")
+    def stopping(self, *, reloading: bool) -> None:
+        """Tell systemd the daemon is stopping, or reloading (re-executing), before the drain starts."""
+        what = "re-executing" if reloading else "stopping"
+        self.reporter.stopping(f"{what}: draining {self.app[CONNECTIONS].in_flight} request(s)", reloading=reloading)
 
     def _report(self, *, ready: bool) -> None:
         stalled = stalled_batchers(self.app, self.app[SETTINGS].watchdog_inference_timeout_s)

@@ -1,6 +1,6 @@
 """Several worker processes on one port: a parent binds (or inherits) the socket, starts the workers,
-relays their sd_notify messages to systemd as one service, and stops them all on SIGTERM; a worker
-takes its sockets from the parent and stops with it."""
+relays their sd_notify messages to systemd as one service, and stops them all on SIGTERM (on SIGHUP it then
+re-executes itself on the same socket); a worker takes its sockets from the parent and stops with it."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from immich_ml.daemon.handoff import Handoff
 from immich_ml.daemon.systemd import Notifier, Reporter
 from immich_ml.log import WORKERS_LOG as log
 from immich_ml.settings import Settings
@@ -78,20 +79,28 @@ def run_workers(settings: Settings, sockets: list[socket.socket]) -> int:
         ", ".join(str(s.getsockname()[:2]) for s in sockets),
         ",".join(map(str, settings.device_ids)),
     )
-    return asyncio.run(_supervise(settings, sockets, Notifier.from_env()))
+    handoff = Handoff(sockets)
+    code = asyncio.run(_supervise(settings, handoff, Notifier.from_env()))
+    if handoff.requested:
+        handoff.exec()
+    return code
 
 
-async def _supervise(settings: Settings, sockets: list[socket.socket], notifier: Notifier) -> int:
+async def _supervise(settings: Settings, handoff: Handoff, notifier: Notifier) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     changed = asyncio.Event()
+    sockets = handoff.sockets
 
-    def request_stop() -> None:
+    def request_stop(reexec: bool) -> None:
+        if not stop.is_set():  # the first signal decides: a SIGHUP during a stop re-executes nothing
+            handoff.requested = reexec
         stop.set()
         changed.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, request_stop)
+        loop.add_signal_handler(signum, request_stop, False)
+    loop.add_signal_handler(signal.SIGHUP, request_stop, True)
     with tempfile.TemporaryDirectory(prefix="immich-ml-notify-") as notify_dir:
         workers, transports = [], []
         for index in range(settings.workers):
@@ -103,9 +112,13 @@ async def _supervise(settings: Settings, sockets: list[socket.socket], notifier:
             workers.append(worker)
             transports.append(transport)
         for sock in sockets:
-            sock.close()  # the workers hold their own copies
+            sock.close()  # the workers hold their own copies, and `handoff` one for a re-exec
         code = await _relay(workers, notifier, stop, changed)
-        Reporter(notifier).stopping("stopping workers")
+        if not handoff.requested:
+            handoff.release()
+        Reporter(notifier).stopping(
+            "re-executing" if handoff.requested else "stopping workers", reloading=handoff.requested
+        )
         for worker in workers:
             if worker.process.poll() is None:
                 worker.process.send_signal(signal.SIGTERM)

@@ -1,15 +1,19 @@
-"""Run the daemon: listen, report ready after warm-up, drain on SIGTERM/SIGINT, exit cleanly."""
+"""Run the daemon: listen, report ready after warm-up, drain on SIGTERM/SIGINT and exit, or re-exec on SIGHUP."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import os
 import signal
 import socket
+import time
 
 from aiohttp import web
 
+from immich_ml.daemon.handoff import Handoff, arm_backstop
 from immich_ml.daemon.lifecycle import Lifecycle
 from immich_ml.daemon.processes import inherited_sockets, is_worker, run_workers
 from immich_ml.daemon.systemd import Notifier, listen_sockets
@@ -29,39 +33,50 @@ def run(settings: Settings) -> int:
     sockets = inherited_sockets() or listen_sockets()
     if settings.workers > 1 and not is_worker():
         return run_workers(settings, sockets)
-    return asyncio.run(serve(settings, sockets=sockets))
+    handoff = Handoff(sockets or [_bind(settings.host, settings.port)])
+    code = asyncio.run(serve(settings, handoff, accept_when_ready=bool(sockets), reexec_on_hup=not is_worker()))
+    if handoff.requested:
+        handoff.exec()
+    return code
 
 
 async def serve(
-    settings: Settings, *, sockets: list[socket.socket] | None = None, notifier: Notifier | None = None
+    settings: Settings,
+    handoff: Handoff,
+    *,
+    accept_when_ready: bool,
+    reexec_on_hup: bool,
+    notifier: Notifier | None = None,
 ) -> int:
-    """Serve until SIGTERM or SIGINT, then finish in-flight requests and stop. Returns the exit code: 1 when
-    strict provider mode refused the start (READY=1 is then never sent), else 0.
+    """Serve on `handoff.sockets` until SIGTERM or SIGINT (or SIGHUP: re-exec, when `reexec_on_hup`), then
+    stop accepting, finish what was sent, and stop, all within MACHINE_LEARNING_SHUTDOWN_TIMEOUT_S. Returns the
+    exit code: 1 when strict provider mode refused the start (READY=1 is then never sent), else 0.
 
-    `sockets` are already listening (socket activation, or a worker's inherited ones); without them the
-    daemon binds `settings.host`:`settings.port`.
+    With `accept_when_ready` (sockets that were passed in, which queue connections while nobody accepts), the
+    daemon accepts only once warm; otherwise at once, answering `/health` with 503 while it warms up.
     """
     notifier = notifier or Notifier.from_env()
     file_limit = raise_file_limit()
     app = create_app(settings)
     ssl_context = tls_context(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
+    reserve_s = min(_CLEANUP_RESERVE_S, settings.shutdown_timeout_s / 10)
     runner = web.AppRunner(
         app,
         keepalive_timeout=settings.keepalive_s,
         access_log=None,
-        shutdown_timeout=settings.shutdown_timeout_s,
+        shutdown_timeout=reserve_s / 4,
         auto_decompress=False,  # compressed bodies are inflated by the form reader, in steps (http/inflate.py)
     )
     await runner.setup()
-    sockets = sockets or [_bind(settings.host, settings.port)]
-    sites = [TrackedSite(runner, sock, app[CONNECTIONS], ssl_context=ssl_context) for sock in sockets]
-    for site in sites:
-        await site.start()
+    sites = [TrackedSite(runner, sock, app[CONNECTIONS], ssl_context=ssl_context) for sock in handoff.sockets]
+    if not accept_when_ready:
+        await _accept(sites)
     log.info(
-        "pid %d (device %d) listening on %s (models in %s; at most %d connections, open-file limit %d)",
+        "pid %d (device %d) listening on %s%s (models in %s; at most %d connections, open-file limit %d)",
         os.getpid(),
         settings.device_id,
         ", ".join(site.name for site in sites),
+        " once warm" if accept_when_ready else "",
         settings.cache_folder,
         app[CONNECTIONS].max_connections,
         file_limit,
@@ -72,6 +87,10 @@ async def serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if reexec_on_hup:
+        loop.add_signal_handler(signal.SIGHUP, functools.partial(_request_reexec, handoff, stop))
+    else:  # a worker: its parent re-executes and stops it
+        loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP ignored: the parent process handles it")
     lifecycle = Lifecycle(app, notifier)
     reporting = asyncio.create_task(lifecycle.run(), name="systemd")
     state = app[STATE]
@@ -84,28 +103,66 @@ async def serve(
         reporting.cancel()
         lifecycle.failed(f"failed: {state.start_failure}")
     else:
-        if ready.done():
+        if ready.done() and not stop.is_set():
             log.info("ready")
+            if accept_when_ready:
+                await _accept(sites)
         await stopping
-        lifecycle.stopping()
+        lifecycle.stopping(reloading=handoff.requested)
 
+    backstop = arm_backstop(settings.shutdown_timeout_s, handoff.exec if handoff.requested else _exit_now)
+    deadline = time.monotonic() + settings.shutdown_timeout_s - reserve_s
     reporting.cancel()
+    for site in sites:
+        if site in runner.sites:
+            await site.stop()  # new connections wait in the socket's backlog (or are refused, nobody holding it)
+    if not handoff.requested:
+        handoff.release()
     connections = app[CONNECTIONS]
-    connections.start_draining()
-    log.info("stopping: draining %d request(s) in flight", connections.in_flight)
-    if not await connections.wait_idle(settings.shutdown_timeout_s):
+    log.info(
+        "stopping: accepting no more; %d request(s) in flight on %d open connection(s)",
+        connections.in_flight,
+        len(connections),
+    )
+    if not await connections.drain(deadline):
         log.warning(
-            "%d request(s) still running after %.0f s; stopping anyway",
+            "%d request(s) still running after %.1f s; closing %d connection(s)",
             connections.in_flight,
-            settings.shutdown_timeout_s,
+            settings.shutdown_timeout_s - reserve_s,
+            connections.abort("the stop's deadline passed"),
         )
     for waiter in (ready, failed, stopping):
         waiter.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await reporting
     await runner.cleanup()
+    backstop.cancel()
     notifier.close()
     return 1 if state.start_failure else 0
+
+
+_CLEANUP_RESERVE_S = 2.0
+"""Of the stop's deadline, at most this much (and at most a tenth) is kept for closing the application after
+the drain."""
+
+
+def _request_reexec(handoff: Handoff, stop: asyncio.Event) -> None:
+    if stop.is_set():  # already stopping (SIGTERM): the sockets may be let go already
+        log.info("SIGHUP ignored: already stopping")
+        return
+    log.info("SIGHUP: finishing requests in flight, then re-executing on the same socket(s)")
+    handoff.requested = True
+    stop.set()
+
+
+def _exit_now() -> None:
+    logging.shutdown()
+    os._exit(1)
+
+
+async def _accept(sites: list[TrackedSite]) -> None:
+    for site in sites:
+        await site.start()
 
 
 def _bind(host: str, port: int) -> socket.socket:

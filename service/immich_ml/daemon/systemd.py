@@ -100,10 +100,14 @@ class Reporter:
             self.notifier.send("WATCHDOG=1")
             self._last_ping = now
 
-    def stopping(self, status: str) -> None:
-        """STOPPING=1, before the drain starts."""
+    def stopping(self, status: str, *, reloading: bool = False) -> None:
+        """STOPPING=1 before the drain starts; or RELOADING=1 before a re-exec, whose READY=1 ends it."""
         self.status = status
-        self.notifier.send("STOPPING=1", f"STATUS={status}")
+        if reloading:
+            usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={usec}", f"STATUS={status}")
+        else:
+            self.notifier.send("STOPPING=1", f"STATUS={status}")
 
 
 def listen_sockets(env: MutableMapping[str, str] | None = None) -> list[socket.socket]:

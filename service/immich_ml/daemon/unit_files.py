@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
-__all__ = ["ENV_FILE", "HIDDEN_BY_PROTECT_HOME", "UnitError", "install", "planned", "render"]
+from immich_ml.http.connections import LISTEN_BACKLOG
+
+__all__ = ["ENV_FILE", "HIDDEN_BY_PROTECT_HOME", "SOCKET", "UNIT", "UnitError", "install", "planned", "render"]
 
 UNIT = PurePosixPath("etc/systemd/system/immich-ml.service")
+SOCKET = PurePosixPath("etc/systemd/system/immich-ml.socket")
 GPU_DROP_IN = PurePosixPath("etc/systemd/system/immich-ml.service.d/gpu.conf")
 SYSUSERS = PurePosixPath("etc/sysusers.d/immich-ml.conf")
 ENV_FILE = PurePosixPath("etc/immich-ml/immich-ml.env")
@@ -26,6 +29,10 @@ _UNIT = """\
 [Unit]
 Description=Immich machine learning (immich-ml)
 After=network.target
+# immich-ml.socket listens, and keeps listening while this service restarts: connections wait in its
+# backlog. Stop both (`systemctl stop immich-ml.socket immich-ml.service`); the socket alone starts the
+# service again at the next connection. (The socket orders itself before the service.)
+Requires=immich-ml.socket
 
 [Service]
 Type=notify
@@ -43,7 +50,8 @@ Restart=on-failure
 RestartSec=5
 # Long enough for a first start that downloads models; the daemon extends it while loading anyway.
 TimeoutStartSec=30min
-# The daemon drains in-flight requests for MACHINE_LEARNING_SHUTDOWN_TIMEOUT_S (30 s) after STOPPING=1.
+# The daemon's whole stop (finish the requests in flight, close) takes at most
+# MACHINE_LEARNING_SHUTDOWN_TIMEOUT_S (30 s) after SIGTERM; raise this with it.
 TimeoutStopSec=45
 WatchdogSec=60
 User=immich-ml
@@ -93,6 +101,22 @@ SystemCallErrorNumber=EPERM
 WantedBy=multi-user.target
 """
 
+_SOCKET = """\
+# immich-ml's listening socket, written by `immich-ml systemd install`. The address: a drop-in
+# (`systemctl edit immich-ml.socket`) with `ListenStream=` emptied, then the new one.
+[Unit]
+Description=Immich machine learning (immich-ml) listening socket
+
+[Socket]
+ListenStream=3003
+# Requests that arrive while the service restarts wait here (the daemon listens with the same backlog):
+# many times what an Immich server has in flight, a few requests per job type, each waiting for its answer.
+Backlog={backlog}
+
+[Install]
+WantedBy=sockets.target
+"""
+
 _GPU_DROP_IN = """\
 # NVIDIA GPU for immich-ml, written by `immich-ml systemd install --gpu`.
 [Unit]
@@ -131,9 +155,8 @@ u immich-ml - "Immich machine learning" /var/cache/immich-ml
 """
 
 _ENV_FILE = """\
-# Settings for immich-ml (see docs/configuration.md); read at every start. Examples:
-# IMMICH_HOST=127.0.0.1
-# IMMICH_PORT=3003
+# Settings for immich-ml (see docs/configuration.md); read at every start (the address is immich-ml.socket's).
+# Examples:
 # MACHINE_LEARNING_ALLOWED_CLIENTS=172.16.0.0/12,127.0.0.0/8
 # MACHINE_LEARNING_PRELOAD__CLIP__TEXTUAL=ViT-B-32__openai
 """
@@ -154,7 +177,11 @@ def render(executable: Path, *, gpu: bool = False) -> dict[PurePosixPath, str]:
             "Install immich-ml outside home directories, e.g. `python3 -m venv /opt/immich-ml && "
             "/opt/immich-ml/bin/pip install .`, and run /opt/immich-ml/bin/immich-ml systemd install"
         )
-    files = {UNIT: _UNIT.format(exec_start=_exec_argument(executable)), SYSUSERS: _SYSUSERS}
+    files = {
+        UNIT: _UNIT.format(exec_start=_exec_argument(executable)),
+        SOCKET: _SOCKET.format(backlog=LISTEN_BACKLOG),
+        SYSUSERS: _SYSUSERS,
+    }
     if gpu:
         files[GPU_DROP_IN] = _GPU_DROP_IN
     return files

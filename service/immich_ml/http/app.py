@@ -125,6 +125,7 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
             runtime.images,
             max_image_pixels=settings.max_image_pixels,
             max_pixels_in_flight=settings.max_pixels_in_flight,
+            admission_wait_s=settings.admission_wait_s,
             jpeg_draft=settings.jpeg_draft,
         )
         background = [

@@ -1,6 +1,12 @@
 """Every open client connection: a header deadline, a cap below the file limit, the requests in flight counted
-from their first byte, and the drain on stop (which waits for them, uploads still arriving included, and refuses
-requests that begin after it).
+from their first byte, and the drain on stop.
+
+The drain refuses nothing. The listening sockets are closed first (new connections wait in the socket's
+backlog for the next instance where systemd or a re-exec keeps the socket), then every request sent on an
+open connection is answered, with `Connection: close`, uploads still arriving included. A keep-alive connection
+with no request is closed only once it has been idle for `IDLE_GRACE_S`: a client may be writing a POST on it at
+that very moment, and Node's fetch (the Immich server's) does not retry a POST whose connection was closed; it
+drops its own idle connections after 4 s, so past the grace the client has stopped using it.
 
 The daemon's listening sites wrap aiohttp's protocol in `_Tracked`, which sees every byte arrive. At the cap,
 a new connection (say, the Immich server's `/ping`) takes the place of the connection that has waited longest
@@ -11,6 +17,7 @@ being answered (their body is complete) are never closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import resource
 import socket
@@ -23,15 +30,23 @@ from aiohttp.typedefs import Handler, Middleware
 
 from immich_ml.log import SERVER_LOG as log
 
-__all__ = ["LATE", "Connections", "TrackedSite", "default_max_connections", "raise_file_limit"]
+__all__ = [
+    "IDLE_GRACE_S",
+    "LISTEN_BACKLOG",
+    "Connections",
+    "TrackedSite",
+    "default_max_connections",
+    "raise_file_limit",
+]
 
 
-LATE = web.RequestKey("late", bool)
-"""Whether the request's first byte arrived after the drain began: such a prediction is refused (503)."""
+IDLE_GRACE_S = 5.0
+"""How long an idle keep-alive connection is kept open while draining: longer than Node's (undici's) default
+4 s keep-alive timeout, so the client has given the connection up before the daemon closes it."""
 
-_BACKLOG = 128
-"""The listen backlog, which is also how many connections asyncio accepts in one go."""
-_RESERVED_FDS = 3 * _BACKLOG + 64
+LISTEN_BACKLOG = 128
+"""The listen backlog, which is also how many connections asyncio accepts in one go (and the socket unit's)."""
+_RESERVED_FDS = 3 * LISTEN_BACKLOG + 64
 """File descriptors kept free beyond the cap. asyncio accepts a whole backlog before the new connections are
 seen (and can evict), and evicted sockets close one loop iteration later, so up to three backlogs of sockets
 can be open beyond the cap for a moment; 64 more for model files, pipes and the journal."""
@@ -76,52 +91,75 @@ class Connections:
         """Requests whose first byte arrived and that are not answered yet (predictions, and any request whose
         headers are still arriving)."""
         self.draining_since: float | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._changed = asyncio.Event()
+        """Set when a request ends or a connection closes (the drain looks again)."""
 
     def __len__(self) -> int:
         return len(self._open)
 
     @property
     def draining(self) -> bool:
-        """Whether the drain began (SIGTERM): predictions that begin from now on are refused."""
+        """Whether the drain began (SIGTERM): answers from now on close their connection."""
         return self.draining_since is not None
 
     def start_draining(self) -> None:
-        """Refuse predictions whose first byte arrives from now on; those already arriving are finished."""
+        """Answer every request from now on with `Connection: close`."""
         self.draining_since = time.monotonic()
+        self._changed.set()
 
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no request is in flight; False if the timeout passed first."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
+    async def drain(self, deadline: float, idle_grace_s: float = IDLE_GRACE_S) -> bool:
+        """Answer what is sent on open connections until each is closed (by its client, after its answer, or
+        idle for `idle_grace_s`); False if connections were still open at `deadline` (monotonic time)."""
+        self.start_draining()
+        while self._open:
+            now = time.monotonic()
+            for tracked in [t for t in self._open.values() if t.phase is _Phase.IDLE and not t.counted]:
+                if now - tracked.last_activity >= idle_grace_s:
+                    del self._open[tracked.inner]
+                    tracked.close(f"idle for {idle_grace_s:g} s while draining")
+            if not self._open:
+                break
+            if now >= deadline:
+                return False
+            idle_since = [t.last_activity for t in self._open.values() if t.phase is _Phase.IDLE and not t.counted]
+            wake = min([deadline, *(since + idle_grace_s for since in idle_since)])
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), max(0.0, wake - now))
         return True
+
+    def abort(self, reason: str) -> int:
+        """Drop every open connection at once; returns how many there were."""
+        dropped = list(self._open.values())
+        self._open.clear()
+        for tracked in dropped:
+            tracked.close(reason)
+        return len(dropped)
 
     def protocol_factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         """Wrap aiohttp's protocol factory (`runner.server`) so every connection is tracked."""
         return lambda: _Tracked(self, inner())
 
     def middleware(self) -> Middleware:
-        """Mark a request's headers complete and whether it is `LATE`; count it in flight (from its first byte)
-        until it is answered."""
+        """Mark a request's headers complete; count it in flight (from its first byte) until it is answered;
+        while draining, close the connection after the answer."""
 
         @web.middleware
         async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
             tracked = self._open.get(request.protocol)
             predict = request.path == "/predict"  # only predictions count as in flight once their headers are in
             if tracked is None:  # a connection not made by our sites (tests' in-process servers): count from here
-                first_byte = time.monotonic()
                 if predict:
                     self._begin()
             else:
-                first_byte = tracked.headers_complete(request.content if predict else None)
+                tracked.headers_complete(request.content if predict else None)
                 if not predict:
                     self._end(tracked)
-            request[LATE] = self.draining_since is not None and first_byte >= self.draining_since
             try:
-                return await handler(request)
+                response = await handler(request)
+                if self.draining:
+                    response.force_close()
+                return response
             finally:
                 if tracked is not None:
                     self._end(tracked)
@@ -133,12 +171,10 @@ class Connections:
 
     def _begin(self) -> None:
         self.in_flight += 1
-        self._idle.clear()
 
     def _finish(self) -> None:
         self.in_flight -= 1
-        if self.in_flight == 0:
-            self._idle.set()
+        self._changed.set()
 
     def _end(self, tracked: _Tracked) -> None:
         if tracked.counted:
@@ -163,6 +199,7 @@ class Connections:
     def _forget(self, tracked: _Tracked) -> None:
         self._open.pop(tracked.inner, None)
         self._end(tracked)
+        self._changed.set()
 
 
 class _Tracked(asyncio.Protocol):
@@ -173,7 +210,6 @@ class _Tracked(asyncio.Protocol):
         self.inner = inner
         self.phase = _Phase.IDLE
         self.last_activity = time.monotonic()
-        self.first_byte = self.last_activity
         self.counted = False
         self.body: StreamReader | None = None
         self.transport: asyncio.BaseTransport | None = None
@@ -192,7 +228,6 @@ class _Tracked(asyncio.Protocol):
         self.last_activity = time.monotonic()
         if self.phase is _Phase.IDLE and data:
             self.phase = _Phase.HEADERS
-            self.first_byte = self.last_activity
             if not self.counted:
                 self.counted = True
                 self.connections._begin()
@@ -213,13 +248,12 @@ class _Tracked(asyncio.Protocol):
         self.connections._forget(self)
         self.inner.connection_lost(exc)
 
-    def headers_complete(self, body: StreamReader | None) -> float:
-        """A request reached the application: stop the header deadline; returns its first byte's time. A
-        prediction's `body` is still arriving; other requests are answered at once."""
+    def headers_complete(self, body: StreamReader | None) -> None:
+        """A request reached the application: stop the header deadline. A prediction's `body` is still arriving;
+        other requests are answered at once."""
         self._cancel_deadline()
         self.phase = _Phase.BODY if body is not None else _Phase.ANSWERING
         self.body = body
-        return self.first_byte
 
     @property
     def answering(self) -> bool:
@@ -231,6 +265,8 @@ class _Tracked(asyncio.Protocol):
         """The request was answered; the connection waits for the next one (keep-alive)."""
         self.phase = _Phase.IDLE
         self.body = None
+        self.last_activity = time.monotonic()
+        self.connections._changed.set()
 
     def close(self, reason: str) -> None:
         """Drop the connection at once (a stalled peer gets no lingering close)."""
@@ -277,5 +313,5 @@ class TrackedSite(web.SockSite):
         server = self._runner.server
         assert server is not None
         self._server = await asyncio.get_running_loop().create_server(
-            self._connections.protocol_factory(server), sock=self._sock, ssl=self._ssl_context, backlog=_BACKLOG
+            self._connections.protocol_factory(server), sock=self._sock, ssl=self._ssl_context, backlog=LISTEN_BACKLOG
         )

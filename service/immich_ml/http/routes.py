@@ -10,9 +10,8 @@ import orjson
 from aiohttp import web
 
 from immich_ml.daemon.lifecycle import stalled_batchers
-from immich_ml.errors import ImmichMLError, ShuttingDown
+from immich_ml.errors import ImmichMLError
 from immich_ml.http.appkeys import CONNECTIONS, PREDICTOR, REGISTRY, SETTINGS, STATE
-from immich_ml.http.connections import LATE
 from immich_ml.http.forms import read_form
 from immich_ml.http.metrics import CONTENT_TYPE, METRICS, PLANS
 from immich_ml.inference.sizing import request_threads
@@ -84,8 +83,6 @@ async def metrics(request: web.Request) -> web.Response:
 
 @routes.post("/predict")
 async def predict(request: web.Request) -> web.Response:
-    if request[LATE]:
-        raise ShuttingDown("Shutting down; send requests to another machine-learning URL")
     settings = request.app[SETTINGS]
     started = time.monotonic()
     described = "(form not read)"

@@ -86,8 +86,9 @@ class Batcher(Generic[In, Out]):
     `across_calls` false, a batch holds inputs of one `submit_many` call only (up to `max_batch`). A failed
     run fails every item in it and nothing else.
 
-    Admission is bounded: when `queue_size` inputs already wait, `submit` raises `Overloaded` (503 with
-    `Retry-After`) instead of queueing; an input once admitted always gets its output or its batch's error.
+    Admission is bounded: when `queue_size` inputs already wait, `submit` waits up to `admission_wait_s` for
+    room (the Immich server never retries, so a short wait beats a refusal), then raises `Overloaded` (503
+    with `Retry-After`); an input once admitted always gets its output or its batch's error.
     `niceness` > 0 runs the batcher's threads that many steps below normal CPU priority (bulk work that
     must yield the cores to interactive queries).
     """
@@ -100,6 +101,7 @@ class Batcher(Generic[In, Out]):
         max_batch: int,
         max_delay_s: float = 0.002,
         queue_size: int = 256,
+        admission_wait_s: float = 0.0,
         concurrency: int = 1,
         niceness: int = 0,
         across_calls: bool = True,
@@ -110,6 +112,9 @@ class Batcher(Generic[In, Out]):
         self.across_calls = across_calls
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
+        self.admission_wait_s = admission_wait_s
+        self._room = asyncio.Event()
+        """Set whenever inputs leave the queue for a batch (a caller waiting for room looks again)."""
         self.concurrency = max(1, concurrency)
         self._stats = _Counters()
         self._run = run
@@ -151,12 +156,19 @@ class Batcher(Generic[In, Out]):
         """Queue several inputs at once (all admitted or none) and wait for their outputs, in order."""
         if self._closing:
             raise ShuttingDown(f"{self.name} is shutting down")
-        waiting = self._queue.qsize()
-        if waiting + len(payloads) > self.queue_size and waiting > 0:  # one oversized call alone is admitted
-            self._stats.rejected += len(payloads)
-            raise Overloaded(f"{self.name}: queue full ({waiting} waiting); retry later")
-        self._ensure_started()
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.admission_wait_s
+        while (waiting := self._queue.qsize()) + len(payloads) > self.queue_size and waiting > 0:
+            # full (one oversized call alone is admitted): wait for room, up to the deadline
+            self._room.clear()
+            try:
+                await asyncio.wait_for(self._room.wait(), deadline - loop.time())
+            except TimeoutError:
+                self._stats.rejected += len(payloads)
+                raise Overloaded(
+                    f"{self.name}: queue full ({waiting} waiting) for {self.admission_wait_s:g} s; retry later"
+                ) from None
+        self._ensure_started()
         items = [
             _Item[In, Out](payload, loop.create_future(), len(payloads) - 1 - i) for i, payload in enumerate(payloads)
         ]
@@ -204,6 +216,7 @@ class Batcher(Generic[In, Out]):
             self._start(loop, batch)
 
     def _start(self, loop: asyncio.AbstractEventLoop, batch: list[_Item[In, Out]]) -> None:
+        self._room.set()
         task = loop.create_task(self._run_batch(loop, batch), name=f"batch-{self.name}")
         self._running[task] = time.monotonic()
         task.add_done_callback(self._finished)

@@ -68,6 +68,7 @@ class Runtime:
             max_batch=max_batch,
             max_delay_s=self.settings.batch_delay_ms / 1000,
             queue_size=self.settings.queue_size,
+            admission_wait_s=self.settings.admission_wait_s,
             concurrency=concurrency,
             niceness=niceness,
             across_calls=self.settings.batching,

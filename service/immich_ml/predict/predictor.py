@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
+from immich_ml.errors import Overloaded
 from immich_ml.imaging import PixelBudget, Reservation, Size, decode_image
 from immich_ml.inference.threads import ThreadPool
 from immich_ml.memory import return_heap
@@ -43,12 +45,17 @@ class Predictor:
         *,
         max_image_pixels: int,
         max_pixels_in_flight: int,
+        admission_wait_s: float = 0.0,
         jpeg_draft: bool = False,
     ) -> None:
         self.registry = registry
         self.pool = pool
         self.max_image_pixels = max_image_pixels
         self.pixels = PixelBudget(max_pixels_in_flight)
+        self.admission_wait_s = admission_wait_s
+        self._pixels_freed = asyncio.Event()
+        """Set (and replaced) whenever a request gives its pixels back: a request that found the budget full
+        tries again."""
         self.jpeg_draft = jpeg_draft
 
     async def predict(self, request: PredictInput) -> dict[str, Any]:
@@ -63,6 +70,8 @@ class Predictor:
         finally:
             if reservation.release():  # the last image of a burst is done: hand its heap back to the OS
                 self.pool.submit(return_heap)
+            self._pixels_freed.set()
+            self._pixels_freed = asyncio.Event()
         response["imageWidth"], response["imageHeight"] = size
         return response
 
@@ -71,7 +80,17 @@ class Predictor:
         decode = functools.partial(
             decode_image, data, max_pixels=self.max_image_pixels, draft_size=draft_size, reservation=reservation
         )
-        return await asyncio.get_running_loop().run_in_executor(self.pool, decode)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.admission_wait_s
+        while True:  # the Immich server never retries: wait (on the loop, never in a decoding thread) for pixels
+            freed = self._pixels_freed
+            try:
+                return await loop.run_in_executor(self.pool, decode)
+            except Overloaded:
+                if loop.time() >= deadline:
+                    raise
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(freed.wait(), deadline - loop.time())
 
     async def _run_plans(self, plans: list[TaskPlan], payload: Image.Image | str) -> dict[str, Any]:
         outcomes = await asyncio.gather(*(self._run_task(plan, payload) for plan in plans), return_exceptions=True)
