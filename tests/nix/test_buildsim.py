@@ -119,12 +119,17 @@ def test_dropping_a_path_from_the_fileset_drops_it_from_the_build_source(
 def test_a_disabled_test_reaches_pytests_command_line(
     record: dict[str, Any], edited_package: Callable[[str, str], Path]
 ) -> None:
-    setting = (
-        '  disabledTests = [ "test_the_command_check_can_fail" ];\n  disabledTestPaths = [ "tests/test_docs.py" ];\n'
-    )
+    setting = '  disabledTests = [ "test_the_command_check_can_fail" ];\n'
     edited = record_of(edited_package("  PYTEST_ADDOPTS =", setting + "  PYTEST_ADDOPTS ="))
+    expression = ["-k", "not test_the_command_check_can_fail"]
     assert "-k" not in record["pytestArguments"]
-    assert edited["pytestArguments"] == ["-k", "not test_the_command_check_can_fail", "--ignore=tests/test_docs.py"]
+    assert edited["pytestArguments"] == expression + record["pytestArguments"]
+
+
+def test_a_disabled_test_path_is_ignored(record: dict[str, Any], edited_package: Callable[[str, str], Path]) -> None:
+    edited = record_of(edited_package("disabledTestPaths = [", 'disabledTestPaths = [ "tests/test_docs.py"'))
+    assert "--ignore=tests/test_docs.py" not in record["pytestArguments"]
+    assert edited["pytestArguments"] == ["--ignore=tests/test_docs.py", *record["pytestArguments"]]
 
 
 def test_dropping_a_check_input_takes_it_off_the_check_phases_path(
