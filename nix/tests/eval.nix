@@ -1031,27 +1031,7 @@ let
     }
   '';
 
-  # Plain data for comparing libraries: packages become their store path, functions a marker,
-  # and a value that fails to evaluate says so.
-  plain =
-    value:
-    let
-      attempt = builtins.tryEval (builtins.deepSeq value value);
-    in
-    if !attempt.success then
-      "<evaluation error>"
-    else if lib.isDerivation value then
-      "<package ${value.outPath}>"
-    else if builtins.isFunction value then
-      "<function>"
-    else if builtins.isPath value then
-      toString value
-    else if builtins.isList value then
-      map plain value
-    else if builtins.isAttrs value then
-      builtins.mapAttrs (_: plain) value
-    else
-      value;
+  plain = import ./plain.nix lib;
   # Every option in a tree of options, those of submodules (backends) included.
   optionList =
     options:

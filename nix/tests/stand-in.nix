@@ -9,23 +9,7 @@
 let
   inherit (lib) mkOption types;
 
-  plain =
-    value:
-    let
-      attempt = builtins.tryEval value;
-    in
-    if !attempt.success then
-      "<error>"
-    else if lib.isDerivation value then
-      "<package ${value.name}>"
-    else if builtins.isFunction value then
-      "<function>"
-    else if builtins.isList value then
-      map plain value
-    else if builtins.isAttrs value then
-      builtins.mapAttrs (_: plain) value
-    else
-      value;
+  plain = import ./plain.nix lib;
   option = type: default: mkOption { inherit type default; };
   evalConfig = modules: (lib.evalModules { inherit modules; }).config;
   # One option `o` of `type`, defined by each of `definitions` in its own module.
