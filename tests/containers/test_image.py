@@ -97,19 +97,21 @@ def test_stop_drains_a_request_in_flight_and_exits_0(
     """An upload stalled half-way at `podman stop` (SIGTERM to PID 1, SIGKILL after 10 s) is still answered."""
     serving = _serve(podman, ml_image, _root_cache(tmp_path))
     body, content_type = multipart(TEXTUAL, text=TEXT)
-    upload = socket.create_connection(("127.0.0.1", serving.port), timeout=30)
-    head = f"POST /predict HTTP/1.1\r\nHost: ml\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
-    upload.sendall(head.encode() + body[: len(body) // 2])
-    until(lambda: serving.health()["inFlight"] == 1, "the upload to be in flight (its headers are in)")
-    exit_codes: list[int] = []
-    stopping = threading.Thread(target=lambda: exit_codes.append(serving.container.stop(timeout_s=10)))
-    stopping.start()
-    until(lambda: "stopping: draining 1 request(s) in flight" in serving.container.logs(), "SIGTERM's drain")
-    upload.sendall(body[len(body) // 2 :])
-    response = http.client.HTTPResponse(upload)
-    response.begin()
-    assert response.status == 200
-    assert json.loads(response.read()) == clip_answers["text"]
-    upload.close()
+    with socket.create_connection(("127.0.0.1", serving.port), timeout=30) as upload:
+        head = (
+            f"POST /predict HTTP/1.1\r\nHost: ml\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        upload.sendall(head.encode() + body[: len(body) // 2])
+        until(lambda: serving.health()["inFlight"] == 1, "the upload to be in flight (its headers are in)")
+        exit_codes: list[int] = []
+        stopping = threading.Thread(target=lambda: exit_codes.append(serving.container.stop(timeout_s=10)))
+        stopping.start()
+        drain = "stopping: accepting no more; 1 request(s) in flight"
+        until(lambda: drain in serving.container.logs(), "SIGTERM's drain")
+        upload.sendall(body[len(body) // 2 :])
+        response = http.client.HTTPResponse(upload)
+        response.begin()
+        assert response.status == 200
+        assert json.loads(response.read()) == clip_answers["text"]
     stopping.join()
     assert exit_codes == [0], serving.container.logs()
