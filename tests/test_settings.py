@@ -89,6 +89,8 @@ def test_gpu_and_security_settings() -> None:
         ("IMMICH_LOG_LEVEL", "loud"),
         ("MACHINE_LEARNING_MODEL_TTL", "five minutes"),
         ("MACHINE_LEARNING_MODEL_ARENA", "maybe"),
+        ("MACHINE_LEARNING_MODEL_SHARED_ARENA", "maybe"),
+        ("MACHINE_LEARNING_BATCH_GATHER_MS", "-1"),
         ("MACHINE_LEARNING_PROVIDER", "rocm"),
         ("MACHINE_LEARNING_GPU_MEM_LIMIT", "lots"),
         ("MACHINE_LEARNING_ALLOWED_CLIENTS", "10.0.0.0/33"),

@@ -130,6 +130,7 @@ class Settings:
     inter_op_threads: int = 0
     intra_op_threads: int = 0
     model_arena: bool = True
+    shared_arena: bool = True
     preload: Mapping[tuple[Task, ModelType], tuple[str, ...]] = field(default_factory=dict)
     workers: int = 1
     device_ids: tuple[int, ...] = (0,)
@@ -143,6 +144,7 @@ class Settings:
     max_batch_clip: int = 16
     max_batch_face_detection: int = 4
     batch_delay_ms: float = 2.0
+    batch_gather_ms: float = 30.0
     queue_size: int = 256
     admission_wait_s: float = 5
     batching: bool = True
@@ -236,6 +238,7 @@ class Settings:
         put("inter_op_threads", _PREFIX + "MODEL_INTER_OP_THREADS", _non_negative)
         put("intra_op_threads", _PREFIX + "MODEL_INTRA_OP_THREADS", _non_negative)
         put("model_arena", _PREFIX + "MODEL_ARENA", _parse_bool)
+        put("shared_arena", _PREFIX + "MODEL_SHARED_ARENA", _parse_bool)
         put("workers", _PREFIX + "WORKERS", _positive)
         put("device_ids", _PREFIX + "DEVICE_IDS", _parse_ints)
         put("device_id", _PREFIX + "DEVICE_ID", _non_negative)
@@ -249,6 +252,7 @@ class Settings:
         put("max_batch_clip", _PREFIX + "MAX_BATCH_SIZE__CLIP", _positive)
         put("max_batch_face_detection", _PREFIX + "MAX_BATCH_SIZE__FACE_DETECTION", _positive)
         put("batch_delay_ms", _PREFIX + "BATCH_DELAY_MS", float)
+        put("batch_gather_ms", _PREFIX + "BATCH_GATHER_MS", _non_negative_float)
         put("queue_size", _PREFIX + "QUEUE_SIZE", _positive)
         put("admission_wait_s", _PREFIX + "ADMISSION_WAIT_S", _non_negative_float)
         put("batching", _PREFIX + "BATCHING", _parse_bool)

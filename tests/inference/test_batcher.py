@@ -188,7 +188,13 @@ def test_bulk_session_threads_inherit_the_lower_priority(tmp_path: Path) -> None
         pytest.skip("already at the lowest priority")
 
     def threads() -> dict[int, int]:
-        return {int(tid): _niceness_of(int(tid)) for tid in os.listdir("/proc/self/task")}
+        niceness = {}
+        for tid in map(int, os.listdir("/proc/self/task")):
+            try:
+                niceness[tid] = _niceness_of(tid)
+            except ProcessLookupError:  # a thread of an earlier test that has just exited
+                continue
+        return niceness
 
     def create() -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -297,13 +303,15 @@ async def test_a_flood_gets_results_or_503_and_nothing_else(
     assert stats.items == len(images) + statuses.count(200)
 
 
-@pytest.mark.parametrize(("value", "expected"), [(None, "0"), ("true", "1")])
-def test_idle_inference_threads_sleep_unless_spinning_is_asked_for(
-    tmp_path: Path, value: str | None, expected: str
+@pytest.mark.parametrize(
+    ("value", "interactive", "expected"), [(None, False, "0"), ("true", False, "1"), (None, True, "1")]
+)
+def test_idle_inference_threads_sleep_unless_spinning_is_asked_for_or_a_user_waits(
+    tmp_path: Path, value: str | None, interactive: bool, expected: str
 ) -> None:
     model = modelgen.write_clip(tmp_path, "ViT-B-32__openai") / "visual" / "model.onnx"
     env = {"MACHINE_LEARNING_PROVIDER": "cpu"} | ({"MACHINE_LEARNING_MODEL_THREAD_SPINNING": value} if value else {})
-    session = SessionFactory(Settings.from_env(env)).create(model, cache_key="clip/visual")
+    session = SessionFactory(Settings.from_env(env)).create(model, cache_key="clip/visual", interactive=interactive)
     options = session._session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == expected
 
@@ -332,6 +340,43 @@ async def test_when_inputs_wait_the_batch_stays_open_for_stragglers() -> None:
     straggler = asyncio.create_task(batcher.submit(3))
     assert await asyncio.gather(*waiting, straggler) == [10, 20, 30]
     assert run.batches == [[0], [1, 2, 3]]
+    await batcher.close()
+
+
+async def gathering(
+    run: GatedRun,
+) -> tuple[Batcher[int, int], asyncio.Future[int], asyncio.Task[int], asyncio.Task[int]]:
+    """A batcher whose batch holds input 1 and waits for an input still being prepared: the batcher, the
+    preparation (a future to resolve), and the tasks of the input on its way and of input 1."""
+    batcher = Batcher("test", run, max_batch=8, max_delay_s=0, gather_s=600)
+    prepared: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    on_its_way = asyncio.create_task(batcher.submit_prepared(prepared))
+    await asyncio.sleep(0)  # submit_prepared has counted it
+    first = asyncio.create_task(batcher.submit(1))
+    await wait_for(lambda: not batcher.snapshot().depth, "the first input taken for a batch", timeout_s=10)
+    return batcher, prepared, on_its_way, first
+
+
+async def test_a_batch_gathers_an_input_still_being_prepared() -> None:
+    run = GatedRun()
+    run.release()
+    batcher, prepared, on_its_way, first = await gathering(run)
+    assert run.batches == []  # the batch waits for the input on its way
+    prepared.set_result(2)
+    assert await asyncio.gather(first, on_its_way) == [10, 20]
+    assert run.batches == [[1, 2]]
+    await batcher.close()
+
+
+async def test_a_batch_stops_gathering_when_a_preparation_fails() -> None:
+    run = GatedRun()
+    run.release()
+    batcher, prepared, on_its_way, first = await gathering(run)
+    prepared.set_exception(ValueError("undecodable"))
+    with pytest.raises(ValueError, match="undecodable"):
+        await on_its_way
+    assert await asyncio.wait_for(first, timeout=60) == 10  # long before gather_s: nothing is on its way
+    assert run.batches == [[1]]
     await batcher.close()
 
 

@@ -219,3 +219,32 @@ def test_run_rows_without_split_runs_each_input_alone_and_returns_its_whole_outp
         [[[2.0, 2.0]] * 2, [[2]] * 2],
         [[[2.0, 2.0]] * 3, [[3]] * 3],
     ]
+
+
+@pytest.mark.parametrize(
+    ("settings", "shared"),
+    [({}, True), ({"shared_arena": False}, False), ({"model_arena": False}, False)],
+)
+def test_cpu_sessions_share_one_memory_arena_unless_told_otherwise(
+    tmp_path: Path, settings: dict[str, bool], shared: bool
+) -> None:
+    """Real sessions of two models, one arena between them by default (upstream-style: one each), with the same
+    answers either way."""
+    clip = modelgen.write_clip(tmp_path, "ViT-B-32__openai")
+    made = factory(Provider.CPU, [CPU], **settings)
+    visual = made.create(clip / "visual" / "model.onnx", cache_key="clip/visual")
+    textual = made.create(clip / "textual" / "model.onnx", cache_key="clip/textual")
+    for session in (visual, textual):
+        assert _config_entry(session, "session.use_env_allocators") == ("1" if shared else None)
+    pixels = np.random.default_rng(0).random((2, 3, 224, 224), dtype=np.float32)
+    alone = factory(Provider.CPU, [CPU], model_arena=False).create(clip / "visual" / "model.onnx", cache_key="v")
+    (name,) = visual.input_names
+    np.testing.assert_array_equal(visual.run({name: pixels})[0], alone.run({name: pixels})[0])
+
+
+def _config_entry(session: OnnxSession, key: str) -> str | None:
+    """A session's configuration entry; None where it was never set."""
+    try:
+        return session._session.get_session_options().get_session_config_entry(key)
+    except RuntimeError:  # ONNX Runtime: "does not have configuration with key"
+        return None

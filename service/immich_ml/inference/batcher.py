@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -82,7 +82,9 @@ class Batcher(Generic[In, Out]):
     the batcher's own threads, at most `concurrency` batches at once (with 1, one session never runs two
     batches at once), and the event loop never blocks. Items that arrive while batches run join the next
     batch, up to `max_batch`. When more inputs already wait behind the first one, the batch also stays
-    open up to `max_delay_s` for stragglers; a lone or pipelined caller never pays that delay. With
+    open up to `max_delay_s` for stragglers; when inputs are on their way (`submit_prepared`: a caller still
+    decoding its image), it stays open up to `gather_s` for them, since one run of several inputs costs less
+    than one run each. A lone or pipelined caller never pays either delay. With
     `across_calls` false, a batch holds inputs of one `submit_many` call only (up to `max_batch`). A failed
     run fails every item in it and nothing else.
 
@@ -100,6 +102,7 @@ class Batcher(Generic[In, Out]):
         *,
         max_batch: int,
         max_delay_s: float = 0.002,
+        gather_s: float = 0.0,
         queue_size: int = 256,
         admission_wait_s: float = 0.0,
         concurrency: int = 1,
@@ -111,6 +114,11 @@ class Batcher(Generic[In, Out]):
         self.max_batch = max(1, max_batch)
         self.across_calls = across_calls
         self.max_delay_s = max_delay_s
+        self.gather_s = gather_s
+        self._on_the_way = 0
+        """Inputs being prepared by `submit_prepared` callers, not yet queued."""
+        self._news = asyncio.Event()
+        """Set when an input is queued or stops being on its way (a gathering batch looks again)."""
         self.queue_size = queue_size
         self.admission_wait_s = admission_wait_s
         self._room = asyncio.Event()
@@ -152,6 +160,17 @@ class Batcher(Generic[In, Out]):
         (result,) = await self.submit_many([payload])
         return result
 
+    async def submit_prepared(self, prepare: Awaitable[In]) -> Out:
+        """Submit the input `prepare` computes, counting it as on its way meanwhile: a batch that starts before
+        it is ready waits up to `gather_s` for it."""
+        self._on_the_way += 1
+        try:
+            payload = await prepare
+        finally:
+            self._on_the_way -= 1
+            self._news.set()
+        return await self.submit(payload)
+
     async def submit_many(self, payloads: Sequence[In]) -> list[Out]:
         """Queue several inputs at once (all admitted or none) and wait for their outputs, in order."""
         if self._closing:
@@ -174,6 +193,7 @@ class Batcher(Generic[In, Out]):
         ]
         for item in items:
             self._queue.put_nowait(item)
+        self._news.set()
         self._stats.peak_depth = max(self._stats.peak_depth, self._queue.qsize())
         return list(await asyncio.gather(*(item.future for item in items)))
 
@@ -200,19 +220,22 @@ class Batcher(Generic[In, Out]):
                 batch += [self._queue.get_nowait() for _ in range(min(batch[0].followers, self.max_batch - 1))]
                 self._start(loop, batch)
                 continue
-            wait_for_more = not self._queue.empty()
-            deadline = loop.time() + (self.max_delay_s if wait_for_more else 0.0)
+            now = loop.time()
+            stragglers_until = now + (self.max_delay_s if not self._queue.empty() else 0.0)
+            gather_until = now + self.gather_s
             while len(batch) < self.max_batch:
-                if self._queue.empty():
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                    except TimeoutError:
-                        break
-                else:
+                if not self._queue.empty():
                     batch.append(self._queue.get_nowait())
+                    continue
+                deadline = max(stragglers_until, gather_until if self._on_the_way else now)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._news.clear()
+                try:
+                    await asyncio.wait_for(self._news.wait(), remaining)
+                except TimeoutError:
+                    break
             self._start(loop, batch)
 
     def _start(self, loop: asyncio.AbstractEventLoop, batch: list[_Item[In, Out]]) -> None:

@@ -3,6 +3,7 @@ a batch of several callers' inputs runs (`OnnxSession.run_rows`)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -121,6 +122,30 @@ def onnxruntime_builds() -> list[str]:
     return builds
 
 
+@functools.cache
+def shared_cpu_arena() -> bool:
+    """Register one CPU memory arena for every session of this process that asks for it (ONNX Runtime's
+    environment allocator, growing by what is asked, as upstream's per-session arenas do); False where this
+    ONNX Runtime build cannot.
+
+    Per-session arenas each keep their own largest runs' activations, which add up over models; one shared
+    arena holds what the models in flight need at once, and memory one model freed serves the next.
+    """
+    try:
+        ort.create_and_register_allocator(
+            ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT),
+            ort.OrtArenaCfg(0, _SAME_AS_REQUESTED, -1, -1),
+        )
+    except (AttributeError, RuntimeError) as error:
+        log.warning("no shared CPU memory arena (%s); each model keeps its own", error)
+        return False
+    return True
+
+
+_SAME_AS_REQUESTED = 1
+"""`OrtArenaCfg`'s code for the kSameAsRequested extend strategy (0 is kNextPowerOfTwo)."""
+
+
 class SessionFactory:
     """Creates sessions with the configured providers, threads and memory options."""
 
@@ -155,12 +180,21 @@ class SessionFactory:
             log.error(message)
         return wanted
 
-    def create(self, model_path: Path, *, cache_key: str, split_between: int = 1) -> OnnxSession:
+    def create(
+        self,
+        model_path: Path,
+        *,
+        cache_key: str,
+        split_between: int = 1,
+        interactive: bool = False,
+        input_size_varies: bool = False,
+    ) -> OnnxSession:
         """Load `model_path`; log the providers in use; raise in strict mode if the first one asked for was lost.
 
         `split_between` > 1 divides the default CPU intra-op threads (`sizing.intra_op_threads`) between that
         many runs at once (each gets its part); with 1, or MACHINE_LEARNING_MODEL_INTRA_OP_THREADS set,
-        concurrent runs share all of them.
+        concurrent runs share all of them. An `interactive` session's idle threads spin; one whose
+        `input_size_varies` with each image plans no memory pattern (both below).
         """
         wanted = self.wanted_providers()
         options = [self._provider_options(p, cache_key) for p in wanted]
@@ -168,7 +202,7 @@ class SessionFactory:
             session = OnnxSession(
                 ort.InferenceSession(
                     str(model_path),
-                    sess_options=self._session_options(wanted, split_between),
+                    sess_options=self._session_options(wanted, split_between, interactive, input_size_varies),
                     providers=wanted,
                     provider_options=options,
                 )
@@ -187,7 +221,13 @@ class SessionFactory:
         log.info("loaded %s using %s", cache_key, ", ".join(session.providers))
         return session
 
-    def _session_options(self, providers: list[str], split_between: int = 1) -> ort.SessionOptions:
+    def _session_options(
+        self,
+        providers: list[str],
+        split_between: int = 1,
+        interactive: bool = False,
+        input_size_varies: bool = False,
+    ) -> ort.SessionOptions:
         options = ort.SessionOptions()
         cpu_only = providers == [CPU]
         inter = self.settings.inter_op_threads or (1 if cpu_only else 0)
@@ -195,9 +235,16 @@ class SessionFactory:
         options.intra_op_num_threads = intra_op_threads(self.settings, split_between=split_between, cpu_only=cpu_only)
         options.execution_mode = ort.ExecutionMode.ORT_PARALLEL if inter > 1 else ort.ExecutionMode.ORT_SEQUENTIAL
         options.enable_cpu_mem_arena = self.settings.model_arena
+        if cpu_only and self.settings.model_arena and self.settings.shared_arena and shared_cpu_arena():
+            options.add_session_config_entry("session.use_env_allocators", "1")
+        # The memory pattern plans one block of activations per input shape and keeps it in the arena: right
+        # for graphs fed a few shapes, not for one whose input takes each image's own size.
+        options.enable_mem_pattern = not input_size_varies
         # Idle ONNX Runtime threads spin by default; on few cores that steals time from decoding and other
-        # sessions (measured in docs/benchmarks.md), so they sleep unless MODEL_THREAD_SPINNING is set.
-        spinning = "1" if self.settings.thread_spinning else "0"
+        # sessions (measured in docs/benchmarks.md), so bulk sessions' threads sleep unless MODEL_THREAD_SPINNING
+        # is set. A search query's threads spin: waking sleeping threads for each of its many small operators
+        # cost a third of its latency, and a query is over in a few tens of milliseconds.
+        spinning = "1" if self.settings.thread_spinning or interactive else "0"
         options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -67,6 +67,7 @@ class Runtime:
             functools.partial(session.run_rows, max_rows=max_batch, split=split),
             max_batch=max_batch,
             max_delay_s=self.settings.batch_delay_ms / 1000,
+            gather_s=self.settings.batch_gather_ms / 1000,
             queue_size=self.settings.queue_size,
             admission_wait_s=self.settings.admission_wait_s,
             concurrency=concurrency,
@@ -92,6 +93,10 @@ class InferenceModel(ABC):
     request can only go faster with more threads; an equal part each suits face and OCR pipelines, where
     two requests' runs are usually in flight together and one-thread runs side by side cost about 30 % less
     CPU per image than runs sharing two threads (docs/benchmarks.md)."""
+
+    input_size_varies: ClassVar[bool] = False
+    """Whether the graph's input takes each image's own size (OCR detection), rather than a fixed size with a
+    batch axis: its session then plans no memory pattern, which would keep a block of activations per size."""
 
     def __init__(self, key: ModelKey, model_dir: Path, runtime: Runtime) -> None:
         self.key = key
@@ -179,7 +184,14 @@ class InferenceModel(ABC):
         # The session does not exist yet: split as for the CPU (the factory ignores it for GPU sessions).
         split = 1 if self.shares_threads or self.interactive else concurrent_batches(self.runtime.settings)
         return in_background_thread(
-            lambda: self.runtime.sessions.create(path, cache_key=cache_key, split_between=split), self.niceness
+            lambda: self.runtime.sessions.create(
+                path,
+                cache_key=cache_key,
+                split_between=split,
+                interactive=self.interactive,
+                input_size_varies=self.input_size_varies,
+            ),
+            self.niceness,
         )
 
     def load(self) -> None:

@@ -71,6 +71,8 @@ class TextDetector(InferenceModel):
     `maxResolution`; here that is unnecessary). Returns `{"boxes": [N×4×[x,y]], "scores": [N]}` in
     image pixels, in upstream's order, as plain lists (also the detection-only response)."""
 
+    input_size_varies = True
+
     def configure(self) -> None:
         self.input_name = self._require_session().input_names[0]
         self.batcher = self.add_batcher()  # inputs vary in size: requests whose resized images match share runs
