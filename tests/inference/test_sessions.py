@@ -19,7 +19,16 @@ from onnx import TensorProto, helper, numpy_helper
 from immich_ml.cpus import CpuBudget, Quota
 from immich_ml.errors import ProviderError
 from immich_ml.http.app import create_app
-from immich_ml.inference.sessions import CPU, CUDA, TENSORRT, OnnxSession, SessionFactory
+from immich_ml.inference.sessions import (
+    CPU,
+    CUDA,
+    IDENTITY_GRAPH,
+    TENSORRT,
+    OnnxSession,
+    SessionFactory,
+    release_shared_arena,
+)
+from immich_ml.memory import resident_bytes
 from immich_ml.settings import Provider, Settings
 from tests import modelgen
 from tests.conftest import VISUAL, predict_form
@@ -248,3 +257,41 @@ def _config_entry(session: OnnxSession, key: str) -> str | None:
         return session._session.get_session_options().get_session_config_entry(key)
     except RuntimeError:  # ONNX Runtime: "does not have configuration with key"
         return None
+
+
+def test_the_identity_graph_is_what_onnx_writes() -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "release",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    assert model.SerializeToString() == IDENTITY_GRAPH
+
+
+def test_releasing_the_shared_arena_gives_a_models_activations_back(tmp_path: Path) -> None:
+    """A real graph whose run needs 160 MiB of activations: the shared arena keeps them after the run (as each
+    session's own arena would), and `release_shared_arena` hands them back."""
+    rows, columns = 5120, 8192  # float32: 160 MiB
+    graph = helper.make_graph(
+        [
+            helper.make_node("Expand", ["x", "shape"], ["big"]),
+            helper.make_node("ReduceSum", ["big"], ["y"], keepdims=0),
+        ],
+        "big-activation",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(np.array([rows, columns], np.int64), "shape")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.save(model, str(tmp_path / "big.onnx"))
+    session = factory(Provider.CPU, [CPU]).create(tmp_path / "big.onnx", cache_key="t/big")
+    release_shared_arena()
+    before = resident_bytes()
+    assert session.run({"x": np.ones((1, 1), np.float32)})[0] == rows * columns
+    kept = resident_bytes() - before
+    release_shared_arena()
+    left = resident_bytes() - before
+    assert kept > 120 * 2**20, f"the arena kept {kept / 2**20:.0f} MiB"
+    assert left < 20 * 2**20, f"{left / 2**20:.0f} MiB left after the release"

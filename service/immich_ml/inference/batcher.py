@@ -202,9 +202,11 @@ class Batcher(Generic[In, Out]):
         self._closing = True
         if self._task is not None:
             await self._queue.join()
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None  # the cancelled task's traceback would keep this batcher and its model alive
+            task, self._task = self._task, None
+            task.cancel()
+            # Waited for without gather, whose future would keep the task, and through its cancellation's
+            # traceback this batcher and its session, alive for as long as the future lives.
+            await asyncio.wait({task})
         self._executor.shutdown(wait=True)
 
     def _ensure_started(self) -> None:

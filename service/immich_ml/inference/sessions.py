@@ -18,7 +18,17 @@ from immich_ml.log import MODELS_LOG as log
 from immich_ml.models.files import onnx_damage
 from immich_ml.settings import Provider, Settings
 
-__all__ = ["CPU", "CUDA", "TENSORRT", "Feeds", "OnnxSession", "SessionFactory", "onnxruntime_builds"]
+__all__ = [
+    "CPU",
+    "CUDA",
+    "TENSORRT",
+    "Feeds",
+    "OnnxSession",
+    "SessionFactory",
+    "onnxruntime_builds",
+    "release_shared_arena",
+    "shared_cpu_arena",
+]
 
 
 CPU = "CPUExecutionProvider"
@@ -123,10 +133,10 @@ def onnxruntime_builds() -> list[str]:
 
 
 @functools.cache
-def shared_cpu_arena() -> bool:
+def shared_cpu_arena() -> ort.InferenceSession | None:
     """Register one CPU memory arena for every session of this process that asks for it (ONNX Runtime's
-    environment allocator, growing by what is asked, as upstream's per-session arenas do); False where this
-    ONNX Runtime build cannot.
+    environment allocator, growing by what is asked, as upstream's per-session arenas do), and return the
+    session `release_shared_arena` runs; None where this ONNX Runtime build cannot.
 
     Per-session arenas each keep their own largest runs' activations, which add up over models; one shared
     arena holds what the models in flight need at once, and memory one model freed serves the next.
@@ -138,12 +148,38 @@ def shared_cpu_arena() -> bool:
         )
     except (AttributeError, RuntimeError) as error:
         log.warning("no shared CPU memory arena (%s); each model keeps its own", error)
-        return False
-    return True
+        return None
+    # Built now, while the arena is empty: its few allocations then never pin a region that others freed.
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.use_env_allocators", "1")
+    return ort.InferenceSession(IDENTITY_GRAPH, sess_options=options, providers=[CPU])
 
 
 _SAME_AS_REQUESTED = 1
 """`OrtArenaCfg`'s code for the kSameAsRequested extend strategy (0 is kNextPowerOfTwo)."""
+
+IDENTITY_GRAPH = bytes.fromhex(
+    "08083a3d0a100a017812017922084964656e74697479120772656c656173655a0f0a0178120a0a08080112040a020801620f0a0179120a"
+    "0a08080112040a02080142040a00100d"
+)
+"""The ONNX model `y = Identity(x)` on float[1] (graph "release", opset 13, IR version 8), as `onnx.helper`
+serialises it: the smallest run that can ask ONNX Runtime to shrink the shared arena."""
+
+
+def release_shared_arena() -> None:
+    """Hand the shared CPU arena's free regions back to the OS. ONNX Runtime shrinks an arena only at the end
+    of a run that asks for it, so this runs a one-element graph that does, its input and output in arrays of
+    ours (an output in the arena would keep a region). Blocking; call it after unloading models, whose
+    activations would otherwise stay in the arena for the models left."""
+    if (session := shared_cpu_arena()) is None:
+        return
+    binding = session.io_binding()
+    binding.bind_cpu_input("x", np.zeros(1, np.float32))
+    binding.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.float32)))
+    shrink = ort.RunOptions()
+    shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    session.run_with_iobinding(binding, shrink)
 
 
 class SessionFactory:
@@ -163,6 +199,11 @@ class SessionFactory:
                 "last wins. Uninstall both and install one (docs/gpu.md)",
                 " and ".join(builds),
             )
+
+    @property
+    def shares_arena(self) -> bool:
+        """Whether CPU sessions use the shared arena (`shared_cpu_arena`) under these settings."""
+        return self.settings.model_arena and self.settings.shared_arena
 
     def wanted_providers(self) -> list[str]:
         """The providers to ask for, in order: the configured preference, limited to this build's."""
@@ -235,7 +276,7 @@ class SessionFactory:
         options.intra_op_num_threads = intra_op_threads(self.settings, split_between=split_between, cpu_only=cpu_only)
         options.execution_mode = ort.ExecutionMode.ORT_PARALLEL if inter > 1 else ort.ExecutionMode.ORT_SEQUENTIAL
         options.enable_cpu_mem_arena = self.settings.model_arena
-        if cpu_only and self.settings.model_arena and self.settings.shared_arena and shared_cpu_arena():
+        if cpu_only and self.shares_arena and shared_cpu_arena() is not None:
             options.add_session_config_entry("session.use_env_allocators", "1")
         # The memory pattern plans one block of activations per input shape and keeps it in the arena: right
         # for graphs fed a few shapes, not for one whose input takes each image's own size.

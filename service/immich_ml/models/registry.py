@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -10,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from immich_ml.errors import CorruptModel, ImmichMLError, ModelLoadFailed, ModelUnavailable, UnknownModel
+from immich_ml.inference.sessions import release_shared_arena
 from immich_ml.log import MODELS_LOG as log
-from immich_ml.memory import resident_bytes, return_freed_memory
+from immich_ml.memory import resident_bytes, return_freed_memory, return_heap
 from immich_ml.models.catalog import is_known
 from immich_ml.models.store import ModelStore
 from immich_ml.models.tasks import ModelKey
@@ -94,13 +96,24 @@ class ModelRegistry:
             key for key, e in self._entries.items() if not e.pinned and e.active == 0 and now - e.last_used >= ttl_s
         ]
         for key in idle:
-            entry = self._entries.pop(key)
-            self._memory.pop(key, None)
-            await entry.model.close()
-            log.info("unloaded %s after %.0f s idle", key, now - entry.last_used)
-        if idle and self.runtime.settings.trim_memory:
-            return_freed_memory()
+            await self._unload(key, now)
+        if idle:
+            self._give_memory_back()  # the unloaded models are unreachable now: nothing here holds them
         return idle
+
+    async def _unload(self, key: ModelKey, now: float) -> None:
+        entry = self._entries.pop(key)
+        self._memory.pop(key, None)
+        await entry.model.close()
+        log.info("unloaded %s after %.0f s idle", key, now - entry.last_used)
+
+    def _give_memory_back(self) -> None:
+        """After unloading: the unloaded sessions' memory in the shared arena and freed heap go back to the OS."""
+        gc.collect()  # a session caught in a reference cycle frees its memory only now
+        if self.runtime.sessions.shares_arena:
+            release_shared_arena()  # their activations (and weights), kept for the other models otherwise
+        if self.runtime.settings.trim_memory:
+            return_heap()
 
     async def evict_periodically(self) -> None:
         """Run `unload_idle` every poll interval, forever (a background task)."""
