@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from immich_ml.memory import return_freed_memory
 from tests import modelgen
-from tests.conftest import TEXTUAL, VISUAL, ClientFactory, predict_form, predict_ok
+from tests.conftest import TEXTUAL, VISUAL, ClientFactory, predict_form, predict_ok, wait_for
 
 BIG_MODEL_MB = 200
 
@@ -51,16 +51,6 @@ def add_dead_weight(model_path: Path, megabytes: int) -> None:
     onnx.save(model, str(model_path))
 
 
-async def lowest_rss_within(seconds: float, *, below: float) -> float:
-    """The lowest resident size seen within `seconds`, returned as soon as it is under `below` (MiB)."""
-    deadline = asyncio.get_running_loop().time() + seconds
-    lowest = rss_mib()
-    while lowest >= below and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.01)
-        lowest = min(lowest, rss_mib())
-    return lowest
-
-
 async def loaded_models(client: Any) -> list[str]:
     async with client.get("/health") as resp:
         return [m["model"] for m in (await resp.json())["models"]]
@@ -87,7 +77,9 @@ async def test_unloading_after_ttl_returns_memory(make_client: ClientFactory, cl
         assert resp.status == 200
     loaded = rss_mib()
     await wait_until(lambda models: models == [], client)  # gone from /health; its memory follows in the unload
-    unloaded = await lowest_rss_within(5.0, below=before + BIG_MODEL_MB * 0.25)
+    returned = f"RSS within {BIG_MODEL_MB * 0.25:.0f} MiB of {before:.0f} after the unload"
+    await wait_for(lambda: rss_mib() - before < BIG_MODEL_MB * 0.25, returned, timeout_s=5.0, interval_s=0.01)
+    unloaded = rss_mib()
     print(f"RSS before load {before:.0f} MiB, loaded {loaded:.0f} MiB, after TTL unload {unloaded:.0f} MiB")
     assert loaded - before > BIG_MODEL_MB * 0.8
     assert unloaded - before < BIG_MODEL_MB * 0.25

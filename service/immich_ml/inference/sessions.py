@@ -193,17 +193,14 @@ class SessionFactory:
     ) -> None:
         self.settings = settings
         self._available_providers = available_providers
+        self.uses_shared_arena = False
+        """Whether a session of this factory allocates from the shared CPU arena (`shared_cpu_arena`)."""
         if len(builds := onnxruntime_builds()) > 1:
             log.error(
                 "both %s are installed; they share one `onnxruntime` package and whichever was installed "
                 "last wins. Uninstall both and install one (docs/gpu.md)",
                 " and ".join(builds),
             )
-
-    @property
-    def shares_arena(self) -> bool:
-        """Whether CPU sessions use the shared arena (`shared_cpu_arena`) under these settings."""
-        return self.settings.model_arena and self.settings.shared_arena
 
     def wanted_providers(self) -> list[str]:
         """The providers to ask for, in order: the configured preference, limited to this build's."""
@@ -276,8 +273,9 @@ class SessionFactory:
         options.intra_op_num_threads = intra_op_threads(self.settings, split_between=split_between, cpu_only=cpu_only)
         options.execution_mode = ort.ExecutionMode.ORT_PARALLEL if inter > 1 else ort.ExecutionMode.ORT_SEQUENTIAL
         options.enable_cpu_mem_arena = self.settings.model_arena
-        if cpu_only and self.shares_arena and shared_cpu_arena() is not None:
+        if cpu_only and self.settings.model_arena and self.settings.shared_arena and shared_cpu_arena() is not None:
             options.add_session_config_entry("session.use_env_allocators", "1")
+            self.uses_shared_arena = True
         # The memory pattern plans one block of activations per input shape and keeps it in the arena: right
         # for graphs fed a few shapes, not for one whose input takes each image's own size.
         options.enable_mem_pattern = not input_size_varies

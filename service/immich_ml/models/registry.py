@@ -110,7 +110,7 @@ class ModelRegistry:
     def _give_memory_back(self) -> None:
         """After unloading: the unloaded sessions' memory in the shared arena and freed heap go back to the OS."""
         gc.collect()  # a session caught in a reference cycle frees its memory only now
-        if self.runtime.sessions.shares_arena:
+        if self.runtime.sessions.uses_shared_arena:
             release_shared_arena()  # their activations (and weights), kept for the other models otherwise
         if self.runtime.settings.trim_memory:
             return_heap()
