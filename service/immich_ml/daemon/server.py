@@ -21,8 +21,9 @@ from immich_ml.http.app import create_app
 from immich_ml.http.appkeys import CONNECTIONS, STATE
 from immich_ml.http.connections import TrackedSite, raise_file_limit
 from immich_ml.http.security import tls_context
-from immich_ml.inference.sizing import request_threads
+from immich_ml.inference.sizing import heap_arenas, request_threads
 from immich_ml.log import SERVER_LOG as log
+from immich_ml.memory import cap_heap_arenas
 from immich_ml.settings import Settings
 
 __all__ = ["run", "serve"]
@@ -30,6 +31,8 @@ __all__ = ["run", "serve"]
 
 def run(settings: Settings) -> int:
     """`immich-ml serve`: one process, or a parent with MACHINE_LEARNING_WORKERS worker processes."""
+    if settings.trim_memory:
+        cap_heap_arenas(heap_arenas(settings))
     sockets = inherited_sockets() or listen_sockets()
     if settings.workers > 1 and not is_worker():
         return run_workers(settings, sockets)
@@ -81,7 +84,12 @@ async def serve(
         app[CONNECTIONS].max_connections,
         file_limit,
     )
-    log.info("usable CPUs: %s; %d request threads", settings.cpus.describe(), request_threads(settings))
+    log.info(
+        "usable CPUs: %s; %d request threads%s",
+        settings.cpus.describe(),
+        request_threads(settings),
+        f", at most {heap_arenas(settings)} malloc arenas" if settings.trim_memory else "",
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -15,7 +15,7 @@ import os
 
 from immich_ml.settings import Settings
 
-__all__ = ["concurrent_batches", "intra_op_threads", "request_threads"]
+__all__ = ["concurrent_batches", "heap_arenas", "intra_op_threads", "request_threads"]
 
 UPSTREAM_INTRA_OP_THREADS = 2
 """Upstream's CPU default for ONNX Runtime intra-op threads per session."""
@@ -24,6 +24,12 @@ UPSTREAM_INTRA_OP_THREADS = 2
 def request_threads(settings: Settings) -> int:
     """Threads in each of the two request pools: MACHINE_LEARNING_REQUEST_THREADS, else the usable CPUs."""
     return settings.request_threads or settings.cpus.threads
+
+
+def heap_arenas(settings: Settings) -> int:
+    """glibc malloc arenas (`memory.cap_heap_arenas`): one per usable CPU, at least 2 (one arena for all
+    threads held more after loading than two, docs/benchmarks.md)."""
+    return max(2, settings.cpus.threads)
 
 
 def concurrent_batches(settings: Settings) -> int:

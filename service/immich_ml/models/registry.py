@@ -6,14 +6,14 @@ import asyncio
 import gc
 import time
 from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from immich_ml.errors import CorruptModel, ImmichMLError, ModelLoadFailed, ModelUnavailable, UnknownModel
 from immich_ml.inference.sessions import release_shared_arena
 from immich_ml.log import MODELS_LOG as log
-from immich_ml.memory import resident_bytes, return_freed_memory, return_heap
+from immich_ml.memory import large_blocks_mapped, resident_bytes, return_freed_memory, return_heap
 from immich_ml.models.catalog import is_known
 from immich_ml.models.store import ModelStore
 from immich_ml.models.tasks import ModelKey
@@ -204,7 +204,8 @@ class ModelRegistry:
                 if trim:  # freed pages left from before would hide part of this model's growth
                     await loop.run_in_executor(pool, return_freed_memory)
                 before = resident_bytes()
-                await loop.run_in_executor(pool, model.load)
+                with large_blocks_mapped() if trim else nullcontext():
+                    await loop.run_in_executor(pool, model.load)
                 if trim:
                     await loop.run_in_executor(pool, return_freed_memory)
                 self._memory[key] = max(0, resident_bytes() - before)
