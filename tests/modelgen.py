@@ -152,6 +152,44 @@ def _l2_normalise(nodes: list[onnx.NodeProto], source: str, output: str) -> None
 # Images
 
 
+def add_dead_weight(model_path: Path, megabytes: int, *, pieces: int = 1) -> None:
+    """Make a visual graph hold `megabytes` of weights, in `pieces` initializers, that its output depends on
+    (times zero). Many pieces load like a real model's many mid-sized weights; one is a single block."""
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    columns = megabytes * 1024 * 1024 // 4 // 3 // pieces
+    rng = np.random.default_rng(0)
+    graph.initializer.append(numpy_helper.from_array(np.zeros((1,), np.float32), "zero"))
+    original_output = graph.output[0].name
+    graph.node[-1].output[0] = "live_embedding"
+    graph.node.extend(
+        [
+            helper.make_node("GlobalAveragePool", ["image"], ["dead_pooled"]),
+            helper.make_node("Flatten", ["dead_pooled"], ["channel_means"]),
+        ]
+    )
+    sums = []
+    for piece in range(pieces):
+        weight = rng.standard_normal((3, columns), dtype=np.float32)
+        graph.initializer.append(numpy_helper.from_array(weight, f"dead_weight_{piece}"))
+        graph.node.extend(
+            [
+                helper.make_node("MatMul", ["channel_means", f"dead_weight_{piece}"], [f"dead_{piece}"]),
+                helper.make_node("ReduceSum", [f"dead_{piece}"], [f"dead_sum_{piece}"], keepdims=0),
+            ]
+        )
+        sums.append(f"dead_sum_{piece}")
+    graph.node.extend(
+        [
+            helper.make_node("Sum", sums, ["dead_sum"]),
+            helper.make_node("Mul", ["dead_sum", "zero"], ["nothing"]),
+            helper.make_node("Add", ["live_embedding", "nothing"], [original_output]),
+        ]
+    )
+    graph.value_info.append(helper.make_tensor_value_info("live_embedding", TensorProto.FLOAT, None))
+    onnx.save(model, str(model_path))
+
+
 def make_gradient_image(w: int, h: int, seed: int = 0) -> NDArray[np.uint8]:
     """A varied RGB test image (``uint8`` ``[h, w, 3]``): per-channel gradients, a wave and a few blobs.
 

@@ -7,10 +7,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
-
 from immich_ml.memory import return_freed_memory
 from tests import modelgen
 from tests.conftest import TEXTUAL, VISUAL, ClientFactory, predict_form, predict_ok, wait_for
@@ -24,31 +20,6 @@ def rss_mib() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS in /proc/self/status")
-
-
-def add_dead_weight(model_path: Path, megabytes: int) -> None:
-    """Make a visual graph hold `megabytes` of weights that its output depends on (times zero)."""
-    model = onnx.load(str(model_path))
-    graph = model.graph
-    columns = megabytes * 1024 * 1024 // 4 // 3
-    weight = np.random.default_rng(0).standard_normal((3, columns), dtype=np.float32)
-    graph.initializer.extend(
-        [numpy_helper.from_array(weight, "dead_weight"), numpy_helper.from_array(np.zeros((1,), np.float32), "zero")]
-    )
-    original_output = graph.output[0].name
-    graph.node[-1].output[0] = "live_embedding"
-    graph.node.extend(
-        [
-            helper.make_node("GlobalAveragePool", ["image"], ["dead_pooled"]),
-            helper.make_node("Flatten", ["dead_pooled"], ["channel_means"]),
-            helper.make_node("MatMul", ["channel_means", "dead_weight"], ["dead"]),
-            helper.make_node("ReduceSum", ["dead"], ["dead_sum"], keepdims=0),
-            helper.make_node("Mul", ["dead_sum", "zero"], ["nothing"]),
-            helper.make_node("Add", ["live_embedding", "nothing"], [original_output]),
-        ]
-    )
-    graph.value_info.append(helper.make_tensor_value_info("live_embedding", TensorProto.FLOAT, None))
-    onnx.save(model, str(model_path))
 
 
 async def loaded_models(client: Any) -> list[str]:
@@ -66,7 +37,7 @@ async def wait_until(condition: Any, client: Any) -> None:
 
 
 async def test_unloading_after_ttl_returns_memory(make_client: ClientFactory, clip_cache: Path) -> None:
-    add_dead_weight(clip_cache / "clip/ViT-B-32__openai/visual/model.onnx", BIG_MODEL_MB)
+    modelgen.add_dead_weight(clip_cache / "clip/ViT-B-32__openai/visual/model.onnx", BIG_MODEL_MB)
     client = await make_client(model_ttl_s=0.3, model_ttl_poll_s=0.05)
     image = modelgen.jpeg_bytes(modelgen.make_gradient_image(64, 64))
     async with client.post("/predict", data=predict_form("{}", image=image)) as resp:  # warm the request path
