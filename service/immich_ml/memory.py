@@ -1,5 +1,5 @@
-"""The process's memory: resident-size readings, and giving freed heap back to the operating system (glibc
-keeps it otherwise, so RSS stays high after a burst of large images, a session build or a model unload)."""
+"""The process's memory: resident-size readings, and glibc's heap kept close to what is in use (it keeps freed
+memory otherwise, so RSS stays high after a burst of large images, a session build or a model unload)."""
 
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ def _mallopt(parameter: int, value: int) -> bool:
 
 def cap_heap_arenas(arenas: int) -> bool:
     """At most `arenas` malloc arenas. glibc gives every thread that allocates while another does an arena of
-    its own, up to 8 per core, and each keeps what was freed in it: model loading in worker threads left
-    about 80 MiB more resident on 2 cores (docs/benchmarks.md). Call before starting threads. Returns whether
+    its own, up to 8 per core, and each keeps what was freed in it: with six models on 2 cores the peak at
+    start was 80–150 MiB higher without the cap (docs/benchmarks.md). Call before starting threads. Returns whether
     glibc took it (False elsewhere)."""
     return _mallopt(_M_ARENA_MAX, arenas)
 
@@ -62,8 +62,8 @@ def large_blocks_mapped() -> Iterator[None]:
     they are freed: building a session parses the whole model file and copies its weights, and glibc would
     otherwise keep the freed copy in its heap (the peak at start was about 230 MiB lower with six models).
     Afterwards the threshold is `SERVING_MAPPED_BYTES`, so decoded images and batches are reused from the
-    heap instead of mapped and faulted in anew by every request (3 % of CLIP throughput when mapped). Process-
-    wide: wrap one session build at a time. A no-op without glibc."""
+    heap instead of mapped and faulted in anew by every request (1–5 % of CLIP throughput when mapped).
+    Process-wide: wrap one session build at a time. A no-op without glibc."""
     _mallopt(_M_MMAP_THRESHOLD, LOADING_MAPPED_BYTES)
     try:
         yield
