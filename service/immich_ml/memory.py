@@ -8,7 +8,7 @@ import ctypes
 import ctypes.util
 import functools
 import gc
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
@@ -25,10 +25,6 @@ __all__ = [
 def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     return ctypes.CDLL(name) if name is not None else None
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    return getattr(_libc(), "malloc_trim", None)  # glibc only; musl and others have no such call
 
 
 _M_TRIM_THRESHOLD = -1
@@ -75,7 +71,7 @@ def large_blocks_mapped() -> Iterator[None]:
 def return_heap() -> None:
     """Release free pages of every malloc arena (glibc's `malloc_trim(0)`); a no-op elsewhere. Blocking
     for a few milliseconds: call it from a worker thread."""
-    if (trim := _malloc_trim()) is not None:
+    if (trim := getattr(_libc(), "malloc_trim", None)) is not None:  # glibc only
         trim(0)
 
 

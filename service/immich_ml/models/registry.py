@@ -97,8 +97,8 @@ class ModelRegistry:
         ]
         for key in idle:
             await self._unload(key, now)
-        if idle:
-            self._give_memory_back()  # the unloaded models are unreachable now: nothing here holds them
+        if idle:  # the unloaded models are unreachable now: nothing here holds them
+            await asyncio.get_running_loop().run_in_executor(self.runtime.pool, self._give_memory_back)
         return idle
 
     async def _unload(self, key: ModelKey, now: float) -> None:
@@ -108,7 +108,8 @@ class ModelRegistry:
         log.info("unloaded %s after %.0f s idle", key, now - entry.last_used)
 
     def _give_memory_back(self) -> None:
-        """After unloading: the unloaded sessions' memory in the shared arena and freed heap go back to the OS."""
+        """After unloading: the unloaded sessions' memory in the shared arena and freed heap go back to the OS.
+        Blocking (a collection, a run, `malloc_trim`): run it in a worker thread."""
         gc.collect()  # a session caught in a reference cycle frees its memory only now
         if self.runtime.sessions.uses_shared_arena:
             release_shared_arena()  # their activations (and weights), kept for the other models otherwise
