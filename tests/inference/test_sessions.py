@@ -220,6 +220,19 @@ def test_run_rows_gives_every_input_its_own_rows_in_shared_runs(tmp_path: Path) 
     assert runs == {(1, 2): 4, (3, 2): 4, (4, 2): 4, (2, 3): 3, (1, 3): 3}
 
 
+def test_wide_rows_run_fewer_at_a_time_under_an_element_limit(tmp_path: Path) -> None:
+    """With `max_run_elements`, rows of an input wider than the limit allows are spread over several runs (an
+    input too may span runs); every input still gets its own rows, in order."""
+    session = _doubling_session(tmp_path)
+    session.max_run_elements = 12
+    rng = np.random.default_rng(1)
+    inputs = [{"x": rng.standard_normal((rows, width)).astype(np.float32)} for rows, width in [(6, 2), (5, 4), (1, 13)]]
+    outputs = session.run_rows(inputs, max_rows=6)
+    for feeds, (doubled, _) in zip(inputs, outputs, strict=True):
+        np.testing.assert_array_equal(doubled, 2 * feeds["x"])
+    assert [run[:, 0].tolist() for _, run in outputs] == [[6] * 6, [3, 3, 3, 2, 2], [1]]
+
+
 def test_run_rows_without_split_runs_each_input_alone_and_returns_its_whole_outputs(tmp_path: Path) -> None:
     session = _doubling_session(tmp_path)
     inputs = [{"x": np.ones((rows, 2), dtype=np.float32)} for rows in (2, 3)]

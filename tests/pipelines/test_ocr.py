@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from immich_ml.errors import DownloadFailed
+from immich_ml.http.appkeys import REGISTRY
 from immich_ml.models.downloads import fetch_verified, pinned_file
 from immich_ml.models.tasks import ModelKey, ModelType, Task
 from immich_ml.pipelines.ocr.boxes import (
@@ -120,6 +121,27 @@ async def test_concurrent_requests_read_the_same_as_one_alone(make_client: Clien
         assert ocr["text"] == alone["text"] == ["photos", "Immich"]
         assert ocr["box"] == alone["box"]
         assert ocr["textScore"] == pytest.approx(alone["textScore"], abs=1e-4)
+
+
+async def test_wide_lines_run_a_few_at_a_time_with_the_same_results(
+    make_client: ClientFactory, ocr_cache: Path
+) -> None:
+    """On the CPU a run of the recogniser never takes more pixels than a chunk of the narrowest lines (6 × 320 px
+    wide by default): wider lines run fewer at a time, which costs less memory and time per line. Results stay
+    upstream's because the real model reads every row alone: split runs give the very bits one run gives."""
+    client = await make_client()
+    await post(client, OCR, render([("Immich", (40, 40))], size=(400, 160))[0])
+    assert client.app is not None
+    recogniser = client.app[REGISTRY].loaded()[ModelKey(Task.OCR, ModelType.RECOGNITION, "PP-OCRv5_mobile")]
+    session = recogniser.session
+    assert session is not None
+    assert session.max_run_elements == 6 * 3 * 48 * 320  # MACHINE_LEARNING_MAX_BATCH_SIZE__OCR lines of 320 px
+    lines = np.random.default_rng(2).uniform(-1, 1, (6, 3, 48, 960)).astype(np.float32)
+    (name,) = session.input_names
+    assert session.rows_per_run({name: lines}) == 2
+    split = session.run({name: lines})
+    session.max_run_elements = None
+    np.testing.assert_array_equal(split[0], session.run({name: lines})[0])
 
 
 def _detection_at(max_resolution: float) -> str:

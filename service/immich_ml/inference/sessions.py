@@ -59,20 +59,36 @@ class OnnxSession:
         self.metadata: dict[str, str] = session.get_modelmeta().custom_metadata_map
         self.intra_op_threads: int = session.get_session_options().intra_op_num_threads
         """ONNX Runtime intra-op threads (0: ONNX Runtime's own choice, as on a GPU)."""
+        self.max_run_elements: int | None = None
+        """The most input elements (rows × a row's elements) one run takes, for a graph whose rows never
+        affect one another and whose input size varies: wider rows then run fewer at a time. None: no limit."""
 
     def output_shape(self, index: int = 0) -> list[int | str | None]:
         """The declared shape of an output (symbolic dims are strings or None)."""
         return list(self._session.get_outputs()[index].shape)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run the graph; a graph with a fixed batch of 1 is run row by row and the rows stacked."""
+        """Run the graph; rows beyond what one run may take (`rows_per_run`) go in further runs, and the
+        outputs are stacked."""
         batch = _rows(feeds)
-        if self.fixed_batch != 1 or batch == 1:
+        step = self.rows_per_run(feeds)
+        if step >= batch:
             return list(self._session.run(None, feeds))
-        rows = [
-            self._session.run(None, {name: value[i : i + 1] for name, value in feeds.items()}) for i in range(batch)
+        parts = [
+            self._session.run(None, {name: value[i : i + step] for name, value in feeds.items()})
+            for i in range(0, batch, step)
         ]
-        return [np.concatenate(parts) for parts in zip(*rows, strict=True)]
+        return [np.concatenate(outputs) for outputs in zip(*parts, strict=True)]
+
+    def rows_per_run(self, feeds: Feeds) -> int:
+        """How many of these feeds' rows one run takes: 1 for a graph with a fixed batch of 1; as many as fit
+        in `max_run_elements` (at least 1); else all."""
+        if self.fixed_batch == 1:
+            return 1
+        if self.max_run_elements is None:
+            return _rows(feeds)
+        row_elements = sum(int(value[0].size) for value in feeds.values())
+        return max(1, self.max_run_elements // max(1, row_elements))
 
     def run_rows(self, inputs: Sequence[Feeds], *, max_rows: int, split: bool = True) -> list[list[np.ndarray]]:
         """Run several callers' inputs, each a feeds dict whose arrays carry a leading axis of rows, and

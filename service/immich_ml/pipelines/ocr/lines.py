@@ -22,6 +22,7 @@ from rapidocr.ch_ppocr_rec import TextRecognizer as RapidTextRecognizer
 from rapidocr.ch_ppocr_rec.utils import CTCLabelDecode
 
 __all__ = [
+    "NARROW_LINE_ELEMENTS",
     "REC_HEIGHT",
     "Recognised",
     "crop_line",
@@ -33,6 +34,8 @@ __all__ = [
 
 REC_HEIGHT = 48
 _REC_SHAPE = (3, REC_HEIGHT, 320)
+NARROW_LINE_ELEMENTS = math.prod(_REC_SHAPE)
+"""Input elements of one line padded to the recogniser's narrowest width (320 px)."""
 _MIN_WIDTH_RATIO = _REC_SHAPE[2] / REC_HEIGHT
 _TALL_RATIO = 1.5
 # `resize_norm_img` reads nothing from its recogniser but the input shape; this stands in for one, so the

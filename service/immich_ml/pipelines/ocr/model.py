@@ -11,9 +11,11 @@ import numpy as np
 from PIL import Image
 
 from immich_ml.errors import InvalidEntries
+from immich_ml.inference.sessions import CPU
 from immich_ml.pipelines.base import InferenceModel, Outputs, Payload
 from immich_ml.pipelines.ocr.boxes import MIN_SIDE, DetectionParams, boxes_from_probability, detection_input
 from immich_ml.pipelines.ocr.lines import (
+    NARROW_LINE_ELEMENTS,
     Recognised,
     crop_line,
     ctc_decode,
@@ -112,6 +114,11 @@ class TextRecognizer(InferenceModel):
         session = self._require_session()
         self.decoder = text_decoder(session.metadata, self.model_dir / "charset.txt")
         self.input_name = session.input_names[0]
+        if session.providers[0] == CPU:
+            # A run holds at most one chunk of the narrowest lines' pixels: wide lines run fewer at a time.
+            # On the CPU that costs less memory and less time per line (docs/benchmarks.md), and the model
+            # reads each row alone, so results are the same bits (tests/pipelines/test_ocr.py).
+            session.max_run_elements = self.batch_size * NARROW_LINE_ELEMENTS
         self.batcher = self.add_batcher()
 
     def _chunks(self, image: Image.Image, boxes: np.ndarray) -> list[_Chunk]:
