@@ -107,7 +107,8 @@ class TextRecognizer(InferenceModel):
 
     Crops are sorted by aspect ratio and cut into chunks of `max_batch_ocr`, each padded to its own width
     as upstream does, so a request's results never depend on other requests. A whole chunk is one batcher
-    item: chunks of equal width (most short lines pad to 320 px) from concurrent requests share a run.
+    item: chunks of equal width (most short lines pad to 320 px) from concurrent requests share a run, and on
+    the CPU a chunk of wider lines runs a few rows at a time (`configure`).
     """
 
     def configure(self) -> None:
