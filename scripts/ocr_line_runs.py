@@ -23,10 +23,14 @@ import numpy as np
 
 WIDTHS = (320, 640, 960, 1280, 1920)
 LINES = 6
+HEADER = (
+    "| line width (px) | rows per run, split | arena growth MiB, whole / split | ms per line, whole / split "
+    "| same bits |\n|---|---|---|---|---|"
+)
 
 
 def measure(model: Path, width: int, split: bool) -> str:
-    """One way at one width in this (fresh) process: `growth_MiB ms_per_line checksum`."""
+    """One way at one width in this (fresh) process: `rows_per_run growth_MiB ms_per_line checksum`."""
     from immich_ml.cpus import CpuBudget
     from immich_ml.inference.sessions import SessionFactory
     from immich_ml.memory import resident_bytes
@@ -47,23 +51,20 @@ def measure(model: Path, width: int, split: bool) -> str:
         started = time.perf_counter()
         session.run(feeds)
         best = min(best, time.perf_counter() - started)
-    return f"{growth:.0f} {best * 1000 / LINES:.1f} {hashlib.sha256(output.tobytes()).hexdigest()}"
+    rows = session.rows_per_run(feeds)
+    return f"{rows} {growth:.0f} {best * 1000 / LINES:.1f} {hashlib.sha256(output.tobytes()).hexdigest()}"
 
 
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "--one":
         print(measure(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "split"))
         return
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: tests.modelgen
     from tests import modelgen
 
     with tempfile.TemporaryDirectory() as folder:
         model = modelgen.write_ocr(folder) / "recognition" / "model.onnx"
-        print(
-            "| line width (px) | rows per run, split | arena growth MiB, whole / split | ms per line, whole / split |",
-            end="",
-        )
-        print(" same bits |")
-        print("|---|---|---|---|---|")
+        print(HEADER)
         for width in WIDTHS:
             results = {
                 way: subprocess.run(
@@ -74,8 +75,7 @@ def main() -> None:
                 ).stdout.split()
                 for way in ("whole", "split")
             }
-            (grow_w, ms_w, sum_w), (grow_s, ms_s, sum_s) = results["whole"], results["split"]
-            rows = max(1, LINES * 320 // width)
+            (_, grow_w, ms_w, sum_w), (rows, grow_s, ms_s, sum_s) = results["whole"], results["split"]
             print(f"| {width} | {rows} | {grow_w} / {grow_s} | {ms_w} / {ms_s} | {'yes' if sum_w == sum_s else 'NO'} |")
 
 
