@@ -114,13 +114,18 @@ async def test_concurrent_requests_read_the_same_as_one_alone(make_client: Clien
     client = await make_client()
     alone = (await post(client, OCR, image))["ocr"]
     together = await asyncio.gather(*(post(client, OCR, image) for _ in range(4)))
-    assert isinstance(alone, dict)
+    assert isinstance(alone, dict) and client.app is not None
     for body in together:
         ocr = body["ocr"]
         assert isinstance(ocr, dict)
         assert ocr["text"] == alone["text"] == ["photos", "Immich"]
         assert ocr["box"] == alone["box"]
         assert ocr["textScore"] == pytest.approx(alone["textScore"], abs=1e-4)
+
+    detector = client.app[REGISTRY].loaded()[ModelKey(Task.OCR, ModelType.DETECTION, "PP-OCRv5_mobile")]
+    (batcher,) = detector.batchers
+    assert batcher.max_batch == 1  # on the CPU one image per detector run, however many requests wait
+    assert set(batcher.snapshot().sizes) == {1}
 
 
 async def test_wide_lines_run_a_few_at_a_time_with_the_same_results(

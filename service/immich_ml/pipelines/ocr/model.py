@@ -75,9 +75,16 @@ class TextDetector(InferenceModel):
 
     input_size_varies = True
 
+    @property
+    def max_batch(self) -> int:
+        """One image per run on the CPU, where stacking saves no work: the shared arena's regions then fit one
+        image's feature maps, which concurrent requests reuse, instead of also one stacked run's twice as large
+        (docs/benchmarks.md "Memory"). A GPU stacks inputs of equal size (previews with one aspect ratio)."""
+        return 1 if self._require_session().providers[0] == CPU else super().max_batch
+
     def configure(self) -> None:
         self.input_name = self._require_session().input_names[0]
-        self.batcher = self.add_batcher()  # inputs vary in size: requests whose resized images match share runs
+        self.batcher = self.add_batcher()
 
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> TextDetections:
         image = self.image_of(payload)
