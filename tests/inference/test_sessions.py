@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -211,13 +212,33 @@ def test_run_rows_gives_every_input_its_own_rows_in_shared_runs(tmp_path: Path) 
         {"x": rng.standard_normal((rows, width)).astype(np.float32)}
         for rows, width in [(1, 2), (2, 3), (3, 2), (1, 3), (4, 2)]
     ]
-    outputs = session.run_rows(inputs, max_rows=4)
+    outputs = session.run_rows(inputs, list, max_rows=4)
     for feeds, (doubled, rows_in_run) in zip(inputs, outputs, strict=True):
         np.testing.assert_array_equal(doubled, 2 * feeds["x"])
         assert rows_in_run.shape == (len(feeds["x"]), 1)
     # equal widths share runs of at most 4 rows; an input of 4 rows fills a run of its own
     runs = {feeds["x"].shape: int(run[0, 0]) for feeds, (_, run) in zip(inputs, outputs, strict=True)}
     assert runs == {(1, 2): 4, (3, 2): 4, (4, 2): 4, (2, 3): 3, (1, 3): 3}
+
+
+def test_run_rows_reads_each_run_before_the_next_one_is_made(tmp_path: Path) -> None:
+    """`read` gets a run's outputs right after that run: with a `read` that keeps only a sum, no run's output
+    arrays are alive when the next run's are read (a request's large outputs never pile up)."""
+    session = _doubling_session(tmp_path)
+    runs: list[weakref.ref[np.ndarray]] = []
+    alive_at_reads: list[int] = []
+
+    def read(outputs: list[np.ndarray]) -> float:
+        doubled, _ = outputs
+        if not any(run() is doubled.base for run in runs):
+            runs.append(weakref.ref(doubled.base))
+        alive_at_reads.append(sum(run() is not None for run in runs))
+        return float(doubled.sum())
+
+    inputs = [{"x": np.ones((2, width), dtype=np.float32)} for width in (1, 2, 3, 1, 2, 3)]
+    assert session.run_rows(inputs, read, max_rows=4) == [4.0, 8.0, 12.0, 4.0, 8.0, 12.0]
+    assert len(runs) == 3  # equal widths share a run
+    assert alive_at_reads == [1] * 6
 
 
 def test_wide_rows_run_fewer_at_a_time_under_an_element_limit(tmp_path: Path) -> None:
@@ -227,7 +248,7 @@ def test_wide_rows_run_fewer_at_a_time_under_an_element_limit(tmp_path: Path) ->
     session.max_run_elements = 12
     rng = np.random.default_rng(1)
     inputs = [{"x": rng.standard_normal((rows, width)).astype(np.float32)} for rows, width in [(6, 2), (5, 4), (1, 13)]]
-    outputs = session.run_rows(inputs, max_rows=6)
+    outputs = session.run_rows(inputs, list, max_rows=6)
     for feeds, (doubled, _) in zip(inputs, outputs, strict=True):
         np.testing.assert_array_equal(doubled, 2 * feeds["x"])
     assert [run[:, 0].tolist() for _, run in outputs] == [[6] * 6, [3, 3, 3, 2, 2], [1]]
@@ -236,7 +257,7 @@ def test_wide_rows_run_fewer_at_a_time_under_an_element_limit(tmp_path: Path) ->
 def test_run_rows_without_split_runs_each_input_alone_and_returns_its_whole_outputs(tmp_path: Path) -> None:
     session = _doubling_session(tmp_path)
     inputs = [{"x": np.ones((rows, 2), dtype=np.float32)} for rows in (2, 3)]
-    outputs = session.run_rows(inputs, max_rows=1, split=False)
+    outputs = session.run_rows(inputs, list, max_rows=1, split=False)
     assert [[array.tolist() for array in per_input] for per_input in outputs] == [
         [[[2.0, 2.0]] * 2, [[2]] * 2],
         [[[2.0, 2.0]] * 3, [[3]] * 3],

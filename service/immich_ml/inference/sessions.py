@@ -7,7 +7,7 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -37,6 +37,8 @@ TENSORRT = "TensorrtExecutionProvider"
 
 Feeds = Mapping[str, np.ndarray]
 """A graph's inputs by name."""
+
+T = TypeVar("T")
 
 _WANTED: dict[Provider, tuple[str, ...]] = {
     Provider.AUTO: (CUDA, CPU),
@@ -90,26 +92,35 @@ class OnnxSession:
         row_elements = sum(int(value[0].size) for value in feeds.values())
         return max(1, self.max_run_elements // max(1, row_elements))
 
-    def run_rows(self, inputs: Sequence[Feeds], *, max_rows: int, split: bool = True) -> list[list[np.ndarray]]:
+    def run_rows(
+        self, inputs: Sequence[Feeds], read: Callable[[list[np.ndarray]], T], *, max_rows: int, split: bool = True
+    ) -> list[T]:
         """Run several callers' inputs, each a feeds dict whose arrays carry a leading axis of rows, and
-        return every input's own outputs (rows kept): the batcher's one way to run a session.
+        return `read` of every input's own outputs (rows kept): the batcher's one way to run a session.
 
+        `read` runs right after the input's run, before the next run starts, so a run's outputs (ONNX
+        Runtime's memory) are gone before the next one's are made unless `read` keeps them.
         Inputs of equal shape share runs of up to `max_rows` rows and get their rows back, so results never
         depend on which other inputs were queued alongside. With `split` false (a graph whose outputs are not
         per row, like insightface's SCRFD exports) each input runs alone and gets the whole outputs.
         """
         if not split:
-            return [self.run(dict(feeds)) for feeds in inputs]
-        outputs: list[list[np.ndarray]] = [[] for _ in inputs]
+            return [read(self.run(dict(feeds))) for feeds in inputs]
+        outputs: dict[int, T] = {}
         for members in _runs(inputs, max_rows):
-            names = inputs[members[0]].keys()
-            results = self.run({name: np.concatenate([inputs[i][name] for i in members]) for name in names})
-            offset = 0
-            for index in members:
-                rows = _rows(inputs[index])
-                outputs[index] = [result[offset : offset + rows] for result in results]
-                offset += rows
-        return outputs
+            outputs.update(self._run_together([inputs[i] for i in members], members, read))
+        return [outputs[index] for index in range(len(inputs))]
+
+    def _run_together(
+        self, inputs: Sequence[Feeds], indices: Sequence[int], read: Callable[[list[np.ndarray]], T]
+    ) -> dict[int, T]:
+        """One run of equal-shape inputs stacked; `read` of each one's rows, by its index."""
+        results = self.run({name: np.concatenate([feeds[name] for feeds in inputs]) for name in inputs[0]})
+        bounds = np.cumsum([0, *(_rows(feeds) for feeds in inputs)])
+        return {
+            index: read([result[start:end] for result in results])
+            for index, start, end in zip(indices, bounds[:-1], bounds[1:], strict=True)
+        }
 
 
 def _rows(feeds: Feeds) -> int:

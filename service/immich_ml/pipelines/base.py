@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -35,6 +35,11 @@ SessionBatcher = Batcher[Feeds, Outputs]
 """A batcher that runs one session on the feeds of concurrent calls (`OnnxSession.run_rows`)."""
 
 
+def _as_run(outputs: Outputs) -> Outputs:
+    """A caller's outputs as its run made them."""
+    return outputs
+
+
 @dataclass
 class Runtime:
     """Shared services a model uses: settings, session creation, the thread pool, batchers."""
@@ -54,17 +59,26 @@ class Runtime:
         return self.image_pool or self.pool
 
     def batcher(
-        self, name: str, session: OnnxSession, *, max_batch: int, split: bool, concurrency: int, niceness: int
-    ) -> SessionBatcher:
+        self,
+        name: str,
+        session: OnnxSession,
+        read: Callable[[Outputs], T],
+        *,
+        max_batch: int,
+        split: bool,
+        concurrency: int,
+        niceness: int,
+    ) -> Batcher[Feeds, T]:
         """A batcher that runs `session` on up to `max_batch` inputs at once (`OnnxSession.run_rows`, in the
-        batcher's own threads), with the configured delay, queue size and metrics.
+        batcher's own threads) and gives each caller `read` of its outputs, with the configured delay, queue
+        size and metrics.
 
         With batching turned off (MACHINE_LEARNING_BATCHING=false) a batch holds one call's inputs only (a
         photo's faces still run together, as upstream runs them), never inputs of different requests.
         """
         return Batcher(
             name,
-            functools.partial(session.run_rows, max_rows=max_batch, split=split),
+            functools.partial(session.run_rows, read=read, max_rows=max_batch, split=split),
             max_batch=max_batch,
             max_delay_s=self.settings.batch_delay_ms / 1000,
             gather_s=self.settings.batch_gather_ms / 1000,
@@ -103,7 +117,7 @@ class InferenceModel(ABC):
         self.model_dir = model_dir
         self.runtime = runtime
         self.session: OnnxSession | None = None
-        self.batchers: list[SessionBatcher] = []
+        self.batchers: list[Batcher[Feeds, Any]] = []
         self.pool: ThreadPool = runtime.pool if self.interactive else runtime.images
         """The thread pool for this model's pre- and post-processing: the normal one for interactive models,
         the image pool for bulk ones. Steps go in with `loop.run_in_executor(self.pool, …)`."""
@@ -149,9 +163,16 @@ class InferenceModel(ABC):
 
     def add_batcher(self) -> SessionBatcher:
         """A batcher of up to `max_batch` inputs for this model's session; closed with the model."""
+        return self.add_reading_batcher(_as_run)
+
+    def add_reading_batcher(self, read: Callable[[Outputs], T]) -> Batcher[Feeds, T]:
+        """`add_batcher` whose callers get `read` of their outputs, computed in the batcher's thread right
+        after their run: large outputs are then gone before the next run, instead of waiting in ONNX Runtime's
+        memory until a request's last input is done."""
         batcher = self.runtime.batcher(
             str(self.key),
             self._require_session(),
+            read,
             max_batch=self.max_batch,
             split=self.stacks_inputs(),
             concurrency=self.concurrent_batches,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,7 +127,14 @@ class TextRecognizer(InferenceModel):
             # On the CPU that costs less memory and less time per line (docs/benchmarks.md), and the model
             # reads each row alone, so results are the same bits (tests/pipelines/test_ocr.py).
             session.max_run_elements = self.batch_size * NARROW_LINE_ELEMENTS
-        self.batcher = self.add_batcher()
+        self.batcher = self.add_reading_batcher(self._read)
+
+    def _read(self, outputs: Outputs) -> list[Recognised]:
+        """A chunk's lines, decoded right after its run: the output (a probability per character of the
+        alphabet per step, 6 MiB per chunk of 320-px lines) is freed at once, not held until a document's
+        last chunk is read."""
+        (probabilities, *_) = outputs
+        return ctc_decode(probabilities, self.decoder)
 
     def _chunks(self, image: Image.Image, boxes: np.ndarray) -> list[_Chunk]:
         crops = [crop_line(image, corners) for corners in boxes]
@@ -138,13 +145,6 @@ class TextRecognizer(InferenceModel):
             for members in (order[start : start + self.batch_size],)
         ]
 
-    def _decode(self, chunks: Sequence[_Chunk], outputs: Sequence[Outputs]) -> dict[int, Recognised]:
-        return {
-            index: line
-            for chunk, (output, *_) in zip(chunks, outputs, strict=True)
-            for index, line in zip(chunk.members, ctc_decode(output, self.decoder), strict=True)
-        }
-
     async def predict(self, payload: Payload, options: Mapping[str, Any], dependency: Any = None) -> dict[str, Any]:
         image = self.image_of(payload)
         min_score = _number(options, "minScore", 0.9)
@@ -154,8 +154,12 @@ class TextRecognizer(InferenceModel):
         boxes = np.asarray(detections.boxes, dtype=np.float64)
         loop = asyncio.get_running_loop()
         chunks = await loop.run_in_executor(self.pool, self._chunks, image, boxes)
-        outputs = await self.batcher.submit_many([{self.input_name: chunk.pixels} for chunk in chunks])
-        lines = await loop.run_in_executor(self.pool, self._decode, chunks, outputs)
+        read = await self.batcher.submit_many([{self.input_name: chunk.pixels} for chunk in chunks])
+        lines = {
+            index: line
+            for chunk, chunk_lines in zip(chunks, read, strict=True)
+            for index, line in zip(chunk.members, chunk_lines, strict=True)
+        }
         kept = [i for i in range(len(boxes)) if lines[i].score > min_score]
         normalised = boxes[kept] / np.array([image.width, image.height], dtype=np.float64)
         return {
