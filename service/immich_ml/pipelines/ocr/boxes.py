@@ -77,8 +77,8 @@ def detection_input(image: Image.Image, max_resolution: int, preprocessing: Prep
     reciprocal, not dividing, is what makes the input bit-identical to upstream's); the newest feeds
     `x / 127.5 − 1`.
 
-    Written into one array in place (the same float32 operations in the same order, so the same bits): two
-    concurrent requests' temporaries were the OCR scenario's largest heap growth.
+    Written into one array and normalised in place, the same float32 operations in the same order (so the same
+    bits), holding one float array at a time instead of two.
     """
     width, height = detection_size(image.width, image.height, max_resolution)
     rgb = np.asarray(image.resize((width, height), resample=Image.Resampling.LANCZOS))
