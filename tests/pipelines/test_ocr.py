@@ -26,7 +26,7 @@ from immich_ml.pipelines.ocr.boxes import (
     detection_size,
     reading_order,
 )
-from immich_ml.pipelines.ocr.lines import ctc_decode, text_decoder
+from immich_ml.pipelines.ocr.ctc import ctc_decode, text_decoder
 from immich_ml.settings import Preprocessing
 from tests import modelgen
 from tests.conftest import ClientFactory, predict_form, predict_ok

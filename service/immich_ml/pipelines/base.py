@@ -35,11 +35,6 @@ SessionBatcher = Batcher[Feeds, Outputs]
 """A batcher that runs one session on the feeds of concurrent calls (`OnnxSession.run_rows`)."""
 
 
-def _as_run(outputs: Outputs) -> Outputs:
-    """A caller's outputs as its run made them."""
-    return outputs
-
-
 @dataclass
 class Runtime:
     """Shared services a model uses: settings, session creation, the thread pool, batchers."""
@@ -163,7 +158,7 @@ class InferenceModel(ABC):
 
     def add_batcher(self) -> SessionBatcher:
         """A batcher of up to `max_batch` inputs for this model's session; closed with the model."""
-        return self.add_reading_batcher(_as_run)
+        return self.add_reading_batcher(list)  # each caller's outputs as its run made them
 
     def add_reading_batcher(self, read: Callable[[Outputs], T]) -> Batcher[Feeds, T]:
         """`add_batcher` whose callers get `read` of their outputs, computed in the batcher's thread right

@@ -1,17 +1,15 @@
-"""Text recognition maths (PP-OCR CTC recogniser): line crops, padded batch inputs, greedy CTC decoding.
+"""Text recognition inputs (PP-OCR CTC recogniser): line crops and padded batch inputs.
 
-Resizing, normalising and decoding are rapidocr's own (`TextRecognizer.resize_norm_img`, `CTCLabelDecode`),
-applied exactly as its `TextRecognizer` applies them, so texts and scores are identical to upstream Immich's;
-only the batching is ours (`pipelines/ocr/model.py`). The crop is upstream Immich's own (a Pillow warp), not
-rapidocr's. Everything here is pure and blocking; the model runs it in worker threads.
+Resizing and normalising are rapidocr's own (`TextRecognizer.resize_norm_img`), applied exactly as its
+`TextRecognizer` applies them, so inputs are identical to upstream Immich's; only the batching is ours
+(`pipelines/ocr/model.py`); the decoding of the output is in `ctc.py`. The crop is upstream Immich's own (a Pillow
+warp), not rapidocr's. Everything here is pure and blocking; the model runs it in worker threads.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
@@ -19,17 +17,13 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 from rapidocr.ch_ppocr_rec import TextRecognizer as RapidTextRecognizer
-from rapidocr.ch_ppocr_rec.utils import CTCLabelDecode
 
 __all__ = [
     "NARROW_LINE_ELEMENTS",
     "REC_HEIGHT",
-    "Recognised",
     "crop_line",
-    "ctc_decode",
     "recognition_batch",
     "recognition_order",
-    "text_decoder",
 ]
 
 REC_HEIGHT = 48
@@ -45,24 +39,6 @@ _RESIZER = SimpleNamespace(rec_image_shape=_REC_SHAPE)
 FloatArray = NDArray[np.float32]
 Crop = NDArray[np.uint8]
 """One line as an upright BGR uint8 [h,w,3] array."""
-
-
-@dataclass(frozen=True)
-class Recognised:
-    """One line's text and its score (mean confidence of the kept CTC steps; 0 when nothing was read)."""
-
-    text: str
-    score: float
-
-
-def text_decoder(metadata: dict[str, str], charset_file: Path) -> CTCLabelDecode:
-    """rapidocr's CTC decoder for the model's alphabet: the ONNX metadata key `character`, else `charset_file`
-    (one character per line); the decoder adds the blank (index 0) and the space (last)."""
-    if characters := metadata.get("character"):
-        return CTCLabelDecode(character=characters.splitlines())
-    if charset_file.is_file():
-        return CTCLabelDecode(character_path=charset_file)
-    raise ValueError(f"the recognition model has no 'character' metadata and there is no {charset_file}")
 
 
 def _perspective_coefficients(source: NDArray[np.float32], width: int, height: int) -> list[float]:
@@ -115,21 +91,3 @@ def recognition_batch(crops: Sequence[Crop]) -> FloatArray:
     max_ratio = max(_MIN_WIDTH_RATIO, *(_ratio(crop) for crop in crops))
     rows = [RapidTextRecognizer.resize_norm_img(cast(RapidTextRecognizer, _RESIZER), crop, max_ratio) for crop in crops]
     return np.stack(rows).astype(np.float32)
-
-
-def _as_probabilities(output: NDArray[np.floating]) -> FloatArray:
-    """The output as float32 probabilities: a softmax is applied when rows are not already distributions."""
-    values = np.asarray(output, dtype=np.float32)
-    sums = values.sum(axis=-1)
-    if values.min(initial=0.0) >= 0 and np.allclose(sums, 1.0, atol=1e-2):
-        return values
-    shifted = np.exp(values - values.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)  # type: ignore[no-any-return]
-
-
-def ctc_decode(output: NDArray[np.floating], decoder: CTCLabelDecode) -> list[Recognised]:
-    """Greedy CTC over an [n,T,C] output (probabilities in any float dtype, or raw logits) by rapidocr's
-    decoder: repeats collapse, then blanks go; the score is the mean of the kept steps' probabilities
-    (each rounded to 5 decimals, as rapidocr does). A non-finite score becomes 0, so the line is dropped."""
-    lines, _ = decoder(_as_probabilities(output))
-    return [Recognised(str(text), float(score) if math.isfinite(score) else 0.0) for text, score in lines]

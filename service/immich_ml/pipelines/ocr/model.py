@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -12,17 +13,10 @@ from PIL import Image
 
 from immich_ml.errors import InvalidEntries
 from immich_ml.inference.sessions import CPU
-from immich_ml.pipelines.base import InferenceModel, Outputs, Payload
+from immich_ml.pipelines.base import InferenceModel, Payload
 from immich_ml.pipelines.ocr.boxes import MIN_SIDE, DetectionParams, boxes_from_probability, detection_input
-from immich_ml.pipelines.ocr.lines import (
-    NARROW_LINE_ELEMENTS,
-    Recognised,
-    crop_line,
-    ctc_decode,
-    recognition_batch,
-    recognition_order,
-    text_decoder,
-)
+from immich_ml.pipelines.ocr.ctc import read_lines, text_decoder
+from immich_ml.pipelines.ocr.lines import NARROW_LINE_ELEMENTS, crop_line, recognition_batch, recognition_order
 
 __all__ = ["TextDetections", "TextDetector", "TextRecognizer"]
 
@@ -127,14 +121,9 @@ class TextRecognizer(InferenceModel):
             # On the CPU that costs less memory and less time per line (docs/benchmarks.md), and the model
             # reads each row alone, so results are the same bits (tests/pipelines/test_ocr.py).
             session.max_run_elements = self.batch_size * NARROW_LINE_ELEMENTS
-        self.batcher = self.add_reading_batcher(self._read)
-
-    def _read(self, outputs: Outputs) -> list[Recognised]:
-        """A chunk's lines, decoded right after its run: the output (a probability per character of the
-        alphabet per step, 6 MiB per chunk of 320-px lines) is freed at once, not held until a document's
-        last chunk is read."""
-        (probabilities, *_) = outputs
-        return ctc_decode(probabilities, self.decoder)
+        # Each chunk is decoded right after its run: its output (6 MiB for six 320-px lines) is freed at once,
+        # not held until a document's last chunk is read (docs/benchmarks.md "Memory").
+        self.batcher = self.add_reading_batcher(functools.partial(read_lines, self.decoder))
 
     def _chunks(self, image: Image.Image, boxes: np.ndarray) -> list[_Chunk]:
         crops = [crop_line(image, corners) for corners in boxes]
