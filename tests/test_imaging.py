@@ -20,7 +20,9 @@ from tests.daemonproc import Daemon, multipart, write_slow_clip
 
 CLIP = "ViT-B-32__openai"
 VISUAL = json.dumps({"clip": {"visual": {"modelName": CLIP}}})
-RSS_SLACK = 100 * 1024**2
+RSS_SLACK = 48 * 1024**2
+"""What may stay after a burst: less than the 55–64 MiB a thread arena's heap kept when only `malloc_trim` returned
+memory (its top is never trimmed there), more than the 0–3 MiB left once that top goes back on free."""
 
 
 def _noise_jpeg(width: int, height: int, seed: int) -> bytes:
@@ -61,7 +63,36 @@ async def test_images_beyond_the_pixel_budget_wait_for_room_instead_of_failing(
     assert [status for status, _ in replies] == [200] * 6, replies
 
 
+def _large_image_burst(daemon: Daemon, entries: dict[str, object]) -> list[int]:
+    """4 clients × 3 requests of 15-MP JPEGs (46 MB each as RGB) at once; the statuses."""
+    images = [_noise_jpeg(4800, 3200, seed) for seed in range(4)]
+    statuses: list[int] = []
+
+    def client(image: bytes) -> None:
+        for _ in range(3):
+            body, content_type = multipart(entries, image=image)
+            statuses.append(daemon.request("POST", "/predict", body, {"Content-Type": content_type})[0])
+
+    threads = [threading.Thread(target=client, args=(image,)) for image in images]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses
+
+
+def _rss_once_returned(daemon: Daemon, before: int) -> int:
+    """RSS once within `RSS_SLACK` of `before` (the heap is handed back in a worker thread), or after 10 s."""
+    deadline = time.monotonic() + 10
+    after = daemon.rss_bytes()
+    while after - before > RSS_SLACK and time.monotonic() < deadline:
+        time.sleep(0.1)
+        after = daemon.rss_bytes()
+    return after
+
+
 def test_rss_returns_near_its_value_before_a_burst_of_large_images(tmp_path: Path) -> None:
+    """Two bursts: where the last frees of a burst land in the heap varies from run to run."""
     modelgen.write_clip(tmp_path / "cache", CLIP)
     daemon = Daemon(
         tmp_path,
@@ -74,30 +105,14 @@ def test_rss_returns_near_its_value_before_a_burst_of_large_images(tmp_path: Pat
         entries = {"clip": {"visual": {"modelName": CLIP}}}
         assert daemon.predict(entries, image=small)[0] == 200
         before = daemon.rss_bytes()
-        images = [_noise_jpeg(4800, 3200, seed) for seed in range(4)]  # 15 MP each, 46 MB as RGB
-        statuses: list[int] = []
-
-        def client(image: bytes) -> None:
-            for _ in range(3):
-                body, content_type = multipart(entries, image=image)
-                statuses.append(daemon.request("POST", "/predict", body, {"Content-Type": content_type})[0])
-
-        threads = [threading.Thread(target=client, args=(image,)) for image in images]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        peak = daemon.peak_rss_bytes()
-        assert statuses and set(statuses) <= {200, 503}, statuses
-        deadline = time.monotonic() + 10
-        after = daemon.rss_bytes()
-        while after - before > RSS_SLACK and time.monotonic() < deadline:  # the heap is returned after the burst
-            time.sleep(0.1)
-            after = daemon.rss_bytes()
-        print(
-            f"\nRSS before burst {before / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB, "
-            f"after {after / 2**20:.0f} MiB ({statuses.count(200)} × 200, {statuses.count(503)} × 503)"
-        )
-        assert after - before <= RSS_SLACK
+        for burst in (1, 2):
+            statuses = _large_image_burst(daemon, entries)
+            assert statuses and set(statuses) <= {200, 503}, statuses
+            after = _rss_once_returned(daemon, before)
+            print(
+                f"\nRSS before burst {burst} {before / 2**20:.0f} MiB, peak {daemon.peak_rss_bytes() / 2**20:.0f} MiB, "
+                f"after {after / 2**20:.0f} MiB ({statuses.count(200)} × 200, {statuses.count(503)} × 503)"
+            )
+            assert after - before <= RSS_SLACK
     finally:
         assert daemon.stop() == 0, daemon.log()

@@ -37,6 +37,10 @@ LOADING_MAPPED_BYTES = _MiB
 """While sessions are built, blocks this large or larger get a mapping of their own."""
 SERVING_MAPPED_BYTES = 32 * _MiB
 """Afterwards, where glibc's own threshold ends once large blocks have been freed (its maximum on 64 bits)."""
+SERVING_TRIM_BYTES = 16 * _MiB
+"""Afterwards, free memory at the top of a heap beyond this goes back to the OS when a block next to it is freed.
+`malloc_trim` never shrinks the top of a thread's arena (a heap of at most 64 MiB), so glibc's own threshold
+(twice the mapping threshold, 64 MiB) would keep up to a whole heap per arena after a burst of large images."""
 
 
 def _mallopt(parameter: int, value: int) -> bool:
@@ -65,12 +69,12 @@ def large_blocks_mapped() -> Iterator[None]:
         yield
     finally:
         _mallopt(_M_MMAP_THRESHOLD, SERVING_MAPPED_BYTES)
-        _mallopt(_M_TRIM_THRESHOLD, 2 * SERVING_MAPPED_BYTES)  # as glibc's moving threshold would set it
+        _mallopt(_M_TRIM_THRESHOLD, SERVING_TRIM_BYTES)
 
 
 def return_heap() -> None:
-    """Release free pages of every malloc arena (glibc's `malloc_trim(0)`); a no-op elsewhere. Blocking
-    for a few milliseconds: call it from a worker thread."""
+    """Release free pages of every malloc arena (glibc's `malloc_trim(0)`; a thread arena's top is left to
+    `SERVING_TRIM_BYTES`); a no-op elsewhere. Blocking for a few milliseconds: call it from a worker thread."""
     if (trim := getattr(_libc(), "malloc_trim", None)) is not None:  # glibc only
         trim(0)
 
