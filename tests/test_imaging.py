@@ -21,8 +21,8 @@ from tests.daemonproc import Daemon, multipart, write_slow_clip
 CLIP = "ViT-B-32__openai"
 VISUAL = json.dumps({"clip": {"visual": {"modelName": CLIP}}})
 RSS_SLACK = 48 * 1024**2
-"""What may stay after a burst: less than the 55–64 MiB a thread arena's heap kept when only `malloc_trim` returned
-memory (its top is never trimmed there), more than the 0–3 MiB left once that top goes back on free."""
+"""What may stay after a burst: less than the 55–60 MiB a thread arena's heap kept when only `malloc_trim` returned
+memory (its top is never trimmed there), more than the −4 to +3 MiB left once that top goes back on free."""
 
 
 def _noise_jpeg(width: int, height: int, seed: int) -> bytes:
