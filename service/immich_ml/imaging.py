@@ -4,7 +4,7 @@ bombs) and a budget of decoded pixels in flight across all requests (memory admi
 An image's pixel count is known from its header, before it is decoded; a request whose image would take the
 pixels in flight over MACHINE_LEARNING_MAX_PIXELS_IN_FLIGHT gets 503 with `Retry-After` instead of decoding.
 Its pixels stay reserved until the request is answered (the decoded image lives that long). When the last
-reservation of a burst ends, its holder is told to hand the heap back to the OS.
+reservation of a burst ends, its holder is told, and claims the heap's return once the budget has stayed empty.
 """
 
 from __future__ import annotations
@@ -55,13 +55,21 @@ class PixelBudget:
             self.in_use += pixels
             self._since_trim += pixels
 
+    def claim_heap_return(self) -> bool:
+        """True, once per burst, when the budget is empty after a burst: the caller hands the heap back."""
+        with self._lock:
+            if not self._idle_after_burst():
+                return False
+            self._since_trim = 0
+            return True
+
+    def _idle_after_burst(self) -> bool:
+        return self.in_use == 0 and self._since_trim >= _TRIM_AFTER_PIXELS
+
     def _give_back(self, pixels: int) -> bool:
         with self._lock:
             self.in_use -= pixels
-            idle_after_burst = self.in_use == 0 and self._since_trim >= _TRIM_AFTER_PIXELS
-            if idle_after_burst:
-                self._since_trim = 0
-        return idle_after_burst
+            return self._idle_after_burst()
 
 
 class Reservation:
@@ -77,7 +85,8 @@ class Reservation:
         self.pixels += width * height
 
     def release(self) -> bool:
-        """Give the pixels back; True when this emptied the budget after a burst (time to return the heap)."""
+        """Give the pixels back; True when this emptied the budget after a burst (time to claim the heap's
+        return, once the burst's requests have freed their images)."""
         pixels, self.pixels = self.pixels, 0
         return bool(pixels) and self.budget._give_back(pixels)
 

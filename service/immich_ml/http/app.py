@@ -136,6 +136,7 @@ def create_app(settings: Settings, *, sessions: SessionFactory | None = None) ->
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        app[PREDICTOR].close()
         await registry.close()
         runtime.images.shutdown()
         runtime.pool.shutdown()

@@ -19,6 +19,10 @@ from immich_ml.predict.entries import Entry, TaskPlan
 
 __all__ = ["PredictInput", "Predictor"]
 
+HEAP_RETURN_QUIET_S = 0.5
+"""How long the pixel budget stays empty after a burst before the heap goes back to the OS: a request frees its
+image and buffers only after giving its pixels back, and what is freed after `malloc_trim` stays resident."""
+
 
 @dataclass(frozen=True)
 class PredictInput:
@@ -57,6 +61,7 @@ class Predictor:
         """Set (and replaced) whenever a request gives its pixels back: a request that found the budget full
         tries again."""
         self.jpeg_draft = jpeg_draft
+        self._heap_return: asyncio.TimerHandle | None = None
 
     async def predict(self, request: PredictInput) -> dict[str, Any]:
         """The response body: one key per task, plus the image size for image input (whose pixels count
@@ -68,12 +73,28 @@ class Predictor:
             image, size = await self._decode(request.image, request.plans, reservation)
             response = await self._run_plans(request.plans, image)
         finally:
-            if reservation.release():  # the last image of a burst is done: hand its heap back to the OS
-                self.pool.submit(return_heap)
+            if reservation.release():  # the last image of a burst is done: its heap goes back once all is freed
+                self._return_heap_when_quiet()
             self._pixels_freed.set()
             self._pixels_freed = asyncio.Event()
         response["imageWidth"], response["imageHeight"] = size
         return response
+
+    def close(self) -> None:
+        """Cancel a pending return of the heap: before the thread pools shut down, and when a later image
+        restarts the quiet period."""
+        if self._heap_return is not None:
+            self._heap_return.cancel()
+
+    def _return_heap_when_quiet(self) -> None:
+        """Hand the heap back `HEAP_RETURN_QUIET_S` from now, unless another image comes meanwhile."""
+        self.close()
+        self._heap_return = asyncio.get_running_loop().call_later(HEAP_RETURN_QUIET_S, self._return_heap_if_idle)
+
+    def _return_heap_if_idle(self) -> None:
+        self._heap_return = None
+        if self.pixels.claim_heap_return():
+            self.pool.submit(return_heap)
 
     async def _decode(self, data: bytes, plans: list[TaskPlan], reservation: Reservation) -> tuple[Image.Image, Size]:
         draft_size = await self._draft_size(plans) if self.jpeg_draft else None
